@@ -1,0 +1,157 @@
+"""The cupy backend: real CUDA streams and events through CuPy on one device."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from typing import Any
+
+import cupy
+
+__all__ = ["CupyBackend", "hardware_queues_from_env"]
+
+_MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
+_CUDA_STREAM_NON_BLOCKING = 1
+
+
+def hardware_queues_from_env() -> int:
+    """The device's hardware work queues as ``CUDA_DEVICE_MAX_CONNECTIONS`` sets them."""
+    raw = os.environ.get(_MAX_CONNECTIONS_VAR, "8")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 32:
+        raise ValueError(
+            f"{_MAX_CONNECTIONS_VAR}={raw!r} is not a whole number in [1, 32]; "
+            "unset it (CUDA's default is 8) or set it to at most 32"
+        )
+    return value
+
+
+def _driver_priority_range() -> tuple[int, int]:
+    # CuPy does not expose cudaDeviceGetStreamPriorityRange. The driver call is
+    # always there where CuPy runs, needs no extra package, and answers for the
+    # context the runtime made current on this thread.
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    least, greatest = ctypes.c_int(), ctypes.c_int()
+    status = libcuda.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest))
+    if status != 0:
+        raise RuntimeError(f"cuCtxGetStreamPriorityRange failed with CUresult {status}")
+    return least.value, greatest.value
+
+
+class CupyBackend:
+    """CuPy streams and events bound to one device; see ``Backend``."""
+
+    name = "cupy"
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        self._device = cupy.cuda.Device(device)
+        with self._device:
+            cupy.cuda.runtime.free(0)  # make the primary context current
+            self._priority_range = _driver_priority_range()
+
+    def priority_range(self) -> tuple[int, int]:
+        return self._priority_range
+
+    def hardware_queues(self) -> int | None:
+        return hardware_queues_from_env()
+
+    def create_stream(self, priority: int, non_blocking: bool) -> Any:
+        with self._device:
+            return cupy.cuda.Stream(non_blocking=non_blocking, priority=priority)
+
+    def destroy_stream(self, stream: Any) -> None:
+        with self._device:
+            stream.synchronize()
+            # CuPy's pool keeps one arena per stream; without this the blocks
+            # cached for a destroyed stream stay reserved for ever.
+            pool: Any = cupy.get_default_memory_pool()
+            if getattr(cupy.cuda.get_allocator(), "__self__", None) is pool:
+                pool.free_all_blocks(stream=stream)
+        # The handle is destroyed when its last reference goes: a user still
+        # holding ``lease.cupy_stream`` keeps a valid stream, never a dangling one.
+
+    def stream_ptr(self, stream: Any) -> int:
+        return int(stream.ptr)
+
+    def create_event(self, timing: bool) -> Any:
+        with self._device:
+            return cupy.cuda.Event(block=False, disable_timing=not timing)
+
+    def destroy_event(self, event: Any) -> None:
+        pass  # freed with its last reference, like streams
+
+    def record(self, event: Any, stream: Any) -> None:
+        event.record(stream)
+
+    def wait_event(self, stream: Any, event: Any) -> None:
+        stream.wait_event(event)
+
+    def query_stream(self, stream: Any) -> bool:
+        return bool(stream.done)
+
+    def synchronize_stream(self, stream: Any) -> None:
+        stream.synchronize()
+
+    def query_event(self, event: Any) -> bool:
+        return bool(event.done)
+
+    def synchronize_event(self, event: Any) -> None:
+        event.synchronize()
+
+    def elapsed_time(self, start: Any, end: Any) -> float:
+        return float(cupy.cuda.get_elapsed_time(start, end))
+
+    def launch_host_func(self, stream: Any, fn: Callable[[], None]) -> None:
+        stream.launch_host_func(lambda _arg: fn(), None)
+
+    def is_capturing(self, stream: Any) -> bool:
+        return bool(stream.is_capturing())
+
+    def current_stream(self) -> Any:
+        return cupy.cuda.get_current_stream(self.device)
+
+    def enter(self, stream: Any) -> Any:
+        previous_device = cupy.cuda.runtime.getDevice()
+        if previous_device != self.device:
+            cupy.cuda.runtime.setDevice(self.device)
+        previous_stream = cupy.cuda.get_current_stream(self.device)
+        stream.use()
+        return previous_device, previous_stream
+
+    def exit(self, token: Any) -> None:
+        previous_device, previous_stream = token
+        previous_stream.use()
+        if previous_device != self.device:
+            cupy.cuda.runtime.setDevice(previous_device)
+
+    def as_stream(self, obj: object) -> Any:
+        if isinstance(obj, cupy.cuda.stream.BaseStream):
+            return obj
+        if isinstance(obj, int):
+            if obj == 0:
+                return cupy.cuda.Stream.null
+            return cupy.cuda.ExternalStream(obj, self.device)
+        protocol = getattr(obj, "__cuda_stream__", None)
+        if protocol is None:
+            raise TypeError(f"{obj!r} is not a stream")
+        result = protocol()
+        if not (
+            isinstance(result, tuple)
+            and len(result) == 2
+            and all(isinstance(item, int) for item in result)
+        ):
+            raise TypeError(
+                f"{type(obj).__name__}.__cuda_stream__() returned {result!r}; "
+                "the protocol requires a tuple (version, pointer) of two ints"
+            )
+        version, ptr = result
+        if version != 0:
+            raise TypeError(
+                f"{type(obj).__name__}.__cuda_stream__() has version {version}; only 0 is known"
+            )
+        return cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, self.device)

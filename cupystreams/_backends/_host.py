@@ -1,0 +1,181 @@
+"""The host backend: CUDA's stream semantics simulated with host threads.
+
+Each stream is a FIFO run by its own worker thread; an event marks a position
+in a stream, and ``wait_event`` enqueues a task that blocks the waiting stream
+until that position has run. It exists so that pool logic and users' pipeline
+code can be tested without a GPU, and never passes itself off as CUDA: its
+streams have no device pointer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["HostBackend", "HostEvent", "HostStream"]
+
+_Task = Callable[[], None]
+
+
+class _Mark:
+    """One recorded position: set when the stream's worker reaches it."""
+
+    __slots__ = ("done", "timestamp")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.timestamp = 0.0
+
+    def reached(self) -> None:
+        """Block until the mark fires (run by a waiting stream's worker)."""
+        self.done.wait()
+
+    def fire(self) -> None:
+        self.timestamp = time.perf_counter()
+        self.done.set()
+
+
+class HostStream:
+    """A FIFO of host callables executed in order by one daemon thread."""
+
+    def __init__(self, priority: int, name: str) -> None:
+        self.priority = priority
+        self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._submitted = 0
+        self._completed = 0
+        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
+        self._worker.start()
+
+    def submit(self, task: _Task) -> None:
+        with self._lock:
+            self._submitted += 1
+            self._tasks.put(task)
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            # Tasks are the pool's own wrappers and never raise; a user's host
+            # function is wrapped by the pool, which keeps its exception.
+            task()
+            self._completed += 1
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._completed == self._submitted
+
+    def synchronize(self) -> None:
+        mark = _Mark()
+        self.submit(mark.fire)
+        mark.done.wait()
+
+    def stop(self) -> None:
+        self._tasks.put(None)
+        self._worker.join()
+
+    def __repr__(self) -> str:
+        return f"<HostStream priority={self.priority} thread={self._worker.name}>"
+
+
+class HostEvent:
+    """An event: the most recent mark recorded into it (None until recorded)."""
+
+    __slots__ = ("mark", "timing")
+
+    def __init__(self, timing: bool) -> None:
+        self.timing = timing
+        self.mark: _Mark | None = None
+
+
+class HostBackend:
+    """Streams and events on host threads; see the module docstring."""
+
+    name = "host"
+
+    def __init__(self, device: int | None = None) -> None:
+        self.device = 0 if device is None else device
+        self._current = threading.local()
+        self._serial = 0
+
+    def priority_range(self) -> tuple[int, int]:
+        # The range of current NVIDIA GPUs, so code written against the host
+        # backend sees realistic numbers.
+        return (0, -5)
+
+    def hardware_queues(self) -> int | None:
+        return None
+
+    def create_stream(self, priority: int, non_blocking: bool) -> HostStream:
+        self._serial += 1
+        return HostStream(priority, name=f"cupystreams-host-{self._serial}")
+
+    def destroy_stream(self, stream: HostStream) -> None:
+        stream.synchronize()
+        stream.stop()
+
+    def stream_ptr(self, stream: HostStream) -> int:
+        raise TypeError(
+            "host-backend streams are simulated on host threads and have no CUDA "
+            "stream pointer; use backend='cupy' for work that needs one"
+        )
+
+    def create_event(self, timing: bool) -> HostEvent:
+        return HostEvent(timing)
+
+    def destroy_event(self, event: HostEvent) -> None:
+        event.mark = None
+
+    def record(self, event: HostEvent, stream: HostStream) -> None:
+        mark = _Mark()
+        event.mark = mark
+        stream.submit(mark.fire)
+
+    def wait_event(self, stream: HostStream, event: HostEvent) -> None:
+        mark = event.mark
+        if mark is not None:  # as in CUDA, an unrecorded event is complete
+            stream.submit(mark.reached)
+
+    def query_stream(self, stream: HostStream) -> bool:
+        return stream.idle()
+
+    def synchronize_stream(self, stream: HostStream) -> None:
+        stream.synchronize()
+
+    def query_event(self, event: HostEvent) -> bool:
+        return event.mark is None or event.mark.done.is_set()
+
+    def synchronize_event(self, event: HostEvent) -> None:
+        if event.mark is not None:
+            event.mark.done.wait()
+
+    def elapsed_time(self, start: HostEvent, end: HostEvent) -> float:
+        if start.mark is None or end.mark is None:
+            raise ValueError("elapsed_time needs both events recorded first")
+        if not (start.mark.done.is_set() and end.mark.done.is_set()):
+            raise ValueError("elapsed_time needs both events completed: synchronize first")
+        return (end.mark.timestamp - start.mark.timestamp) * 1e3
+
+    def launch_host_func(self, stream: HostStream, fn: Callable[[], None]) -> None:
+        stream.submit(fn)
+
+    def is_capturing(self, stream: HostStream) -> bool:
+        return False
+
+    def current_stream(self) -> HostStream | None:
+        return getattr(self._current, "stream", None)
+
+    def enter(self, stream: HostStream) -> Any:
+        previous = getattr(self._current, "stream", None)
+        self._current.stream = stream
+        return previous
+
+    def exit(self, token: Any) -> None:
+        self._current.stream = token
+
+    def as_stream(self, obj: object) -> Any:
+        raise TypeError(
+            f"the host backend cannot order work against a CUDA stream ({obj!r}); "
+            "pass a lease or pooled stream of the same pool, or use backend='cupy'"
+        )

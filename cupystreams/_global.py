@@ -1,0 +1,87 @@
+"""One pool per device for code that wants a shared default."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Hashable, Iterator
+
+from ._backends import current_device
+from ._lease import StreamLease
+from ._pool import CudaStreamPool
+
+__all__ = [
+    "comm_stream",
+    "compute_stream",
+    "get_global_stream_pool",
+    "high_priority_stream",
+    "reset_global_pool",
+]
+
+_pools: dict[int, CudaStreamPool] = {}
+_lock = threading.Lock()
+
+
+def get_global_stream_pool(compute_streams: int = 4, comm_streams: int = 2) -> CudaStreamPool:
+    """The shared pool of the current device, created on first use.
+
+    Thread-safe: concurrent first calls create one pool. A later call that
+    asks for other sizes raises ``ValueError`` instead of silently returning a
+    pool shaped differently from what it asked for.
+    """
+    device = current_device()
+    with _lock:
+        pool = _pools.get(device)
+        if pool is None or pool.closed:
+            pool = CudaStreamPool(compute_streams, comm_streams, device=device)
+            _pools[device] = pool
+            return pool
+    stats = pool.stats()
+    if (stats.compute.capacity, stats.comm.capacity) != (compute_streams, comm_streams):
+        raise ValueError(
+            f"the global pool of device {device} exists with compute_streams="
+            f"{stats.compute.capacity}, comm_streams={stats.comm.capacity}; call "
+            "reset_global_pool() before asking for other sizes"
+        )
+    return pool
+
+
+def reset_global_pool() -> None:
+    """Close every global pool and forget it; the next call creates fresh ones."""
+    with _lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.close()
+
+
+@contextlib.contextmanager
+def compute_stream(affinity_key: Hashable | None = None) -> Iterator[StreamLease]:
+    """A compute lease of the global pool, current for the ``with`` block."""
+    with get_global_stream_pool().compute_context(affinity_key) as lease:
+        yield lease
+
+
+@contextlib.contextmanager
+def comm_stream(affinity_key: Hashable | None = None) -> Iterator[StreamLease]:
+    """A comm lease of the global pool, current for the ``with`` block."""
+    with get_global_stream_pool().comm_context(affinity_key) as lease:
+        yield lease
+
+
+@contextlib.contextmanager
+def high_priority_stream() -> Iterator[StreamLease]:
+    """A high-priority lease of the global pool, current for the ``with`` block."""
+    with get_global_stream_pool().high_priority_context() as lease:
+        yield lease
+
+
+def _forget_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()  # the parent's pools are unusable here; start afresh
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,154 @@
+"""PooledStream: one long-lived stream owned by a pool."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._errors import PoolClosedError
+from ._stats import StreamStats
+from ._types import StreamKind, StreamState
+
+if TYPE_CHECKING:
+    from ._backends import Backend
+    from ._events import PooledEvent
+
+__all__ = ["PooledStream"]
+
+
+class PooledStream:
+    """A stream that belongs to a ``CudaStreamPool`` for the pool's whole life.
+
+    Users meet it as ``lease.stream``; it has no public constructor. Its
+    counters are written only by the lease that holds it, which is exclusive,
+    so they need no lock; ``stats`` reads them as a frozen snapshot.
+    """
+
+    __slots__ = (
+        "_acquisitions",
+        "_active_ns",
+        "_affinity_hits",
+        "_backend",
+        "_handle",
+        "_host_errors",
+        "_lease_start",
+        "_waits",
+        "kind",
+        "priority",
+        "state",
+        "stream_id",
+    )
+
+    _acquisitions: int
+    _active_ns: int
+    _affinity_hits: int
+    _backend: Backend
+    _handle: Any
+    _host_errors: deque[BaseException]
+    _lease_start: int
+    _waits: int
+    kind: StreamKind
+    priority: int
+    state: StreamState
+    stream_id: int
+
+    def __init__(self, *_: object) -> None:
+        raise TypeError("PooledStream has no public constructor; lease one with pool.acquire_*()")
+
+    @classmethod
+    def _create(
+        cls, backend: Backend, stream_id: int, kind: StreamKind, priority: int, non_blocking: bool
+    ) -> PooledStream:
+        self = object.__new__(cls)
+        self._backend = backend
+        self._handle = backend.create_stream(priority, non_blocking)
+        self.stream_id = stream_id
+        self.kind = kind
+        self.priority = priority
+        self.state = StreamState.IDLE
+        self._acquisitions = 0
+        self._active_ns = 0
+        self._affinity_hits = 0
+        self._waits = 0
+        self._lease_start = 0
+        self._host_errors = deque()
+        return self
+
+    @property
+    def stream(self) -> Any:
+        """The backend's stream: a ``cupy.cuda.Stream`` on the cupy backend."""
+        return self._handle
+
+    @property
+    def ptr(self) -> int:
+        """The raw ``cudaStream_t`` (``TypeError`` on the host backend)."""
+        return self._backend.stream_ptr(self._handle)
+
+    @property
+    def stats(self) -> StreamStats:
+        """A frozen snapshot of this stream's counters."""
+        active_ns = self._active_ns
+        if self.state is StreamState.LEASED:
+            active_ns += time.perf_counter_ns() - self._lease_start
+        return StreamStats(
+            stream_id=self.stream_id,
+            kind=self.kind.value,
+            priority=self.priority,
+            acquisitions=self._acquisitions,
+            total_active_ms=active_ns / 1e6,
+            affinity_hits=self._affinity_hits,
+            waits=self._waits,
+        )
+
+    def _check_open(self) -> None:
+        if self.state is StreamState.CLOSED:
+            raise PoolClosedError(f"stream {self.stream_id} belongs to a closed pool")
+
+    def synchronize(self) -> None:
+        """Block until all work queued on the stream is done.
+
+        Re-raises the first exception a host function launched on this stream
+        raised since the last synchronize.
+        """
+        self._check_open()
+        self._backend.synchronize_stream(self._handle)
+        if self._host_errors:
+            first = self._host_errors.popleft()
+            self._host_errors.clear()
+            raise first
+
+    def query(self) -> bool:
+        """True when all work queued on the stream has finished."""
+        self._check_open()
+        return self._backend.query_stream(self._handle)
+
+    def wait_event(self, event: PooledEvent) -> None:
+        """Make later work on this stream wait, on the device, for ``event``."""
+        self._check_open()
+        self._backend.wait_event(self._handle, event._live_handle())
+        self._waits += 1
+
+    def launch_host_func(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on a host thread after the stream's earlier work.
+
+        ``fn`` must not call CUDA. An exception it raises is kept and raised by
+        the stream's next ``synchronize()``.
+        """
+        self._check_open()
+        errors = self._host_errors
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # kept for synchronize(), never lost
+                errors.append(exc)
+
+        self._backend.launch_host_func(self._handle, run)
+
+    def __repr__(self) -> str:
+        return (
+            f"<PooledStream {self.kind.value}#{self.stream_id} "
+            f"priority={self.priority} {self.state.value}>"
+        )

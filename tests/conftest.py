@@ -1,0 +1,88 @@
+"""Shared fixtures and markers.
+
+``gpu`` tests skip without a CUDA device, and fail instead when
+``CUPYSTREAMS_REQUIRE_GPU`` is set (1: one GPU required; 2: two GPUs, for the
+multi-device tests). ``requires_module("torch")`` skips when a framework is
+missing, and also fails under ``CUPYSTREAMS_REQUIRE_GPU``: the GPU machine has
+every framework, so a skip there would hide a broken adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from cupystreams import CudaStreamPool, reset_global_pool
+
+REQUIRED_GPUS = int(os.environ.get("CUPYSTREAMS_REQUIRE_GPU", "0") or "0")
+
+
+def _gpu_count() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+GPU_COUNT = _gpu_count()
+
+
+def _skip_or_fail(item: pytest.Item, reason: str) -> None:
+    if REQUIRED_GPUS:
+        pytest.fail(f"CUPYSTREAMS_REQUIRE_GPU={REQUIRED_GPUS} but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    gpu = item.get_closest_marker("gpu")
+    if gpu is not None:
+        needed = int(gpu.kwargs.get("count", 1))
+        if needed > GPU_COUNT:
+            if needed > 1 and needed > REQUIRED_GPUS:
+                pytest.skip(f"needs {needed} GPUs, {GPU_COUNT} visible")
+            _skip_or_fail(item, f"needs {needed} GPU(s), {GPU_COUNT} visible")
+    for marker in item.iter_markers("requires_module"):
+        for name in marker.args:
+            if importlib.util.find_spec(name) is None:
+                _skip_or_fail(item, f"module {name!r} is not installed")
+
+
+def backend_params() -> list[object]:
+    """``host`` always; ``cupy`` marked ``gpu``."""
+    return ["host", pytest.param("cupy", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=backend_params())
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def pool(backend: str) -> Iterator[CudaStreamPool]:
+    """A small pool (2 compute, 1 comm, 1 high) on each backend, closed afterwards."""
+    p = CudaStreamPool(compute_streams=2, comm_streams=1, high_priority_streams=1, backend=backend)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture(autouse=True)
+def _restore_cuda_state() -> Iterator[None]:
+    """Restore the current device and CuPy stream, and forget global pools."""
+    if GPU_COUNT:
+        import cupy
+
+        device = cupy.cuda.runtime.getDevice()
+        stream = cupy.cuda.get_current_stream()
+        yield
+        cupy.cuda.runtime.setDevice(device)
+        stream.use()
+    else:
+        yield
+    reset_global_pool()
