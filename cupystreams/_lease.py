@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import warnings
 from collections.abc import Callable, Hashable
 from types import TracebackType
@@ -15,14 +16,32 @@ from ._stream_args import resolve_stream
 from ._types import StreamState
 
 if TYPE_CHECKING:
-    from ._pool import CudaStreamPool
+    from ._backends import Backend
     from ._stream import PooledStream
 
-__all__ = ["StreamLease"]
+__all__ = ["StreamLease", "new_lease"]
 
 # Bound early, as CuPy does, so a lease collected at interpreter shutdown does
 # not touch half-torn-down modules.
 _is_finalizing = sys.is_finalizing
+_now_ns = time.perf_counter_ns
+_LEASED = StreamState.LEASED
+_IDLE = StreamState.IDLE
+
+
+def new_lease(stream: PooledStream, key: Hashable | None) -> StreamLease:
+    """Hand ``stream`` (just taken from its lane) to a fresh lease."""
+    stream.state = _LEASED
+    stream._acquisitions += 1
+    stream._lease_start = _now_ns()
+    lease = _new_object(StreamLease)
+    lease._slot = [stream]  # one-element hold; list.pop() is the atomic release
+    lease._key = key
+    lease._token = None
+    return lease
+
+
+_new_object = object.__new__
 
 
 class StreamLease:
@@ -36,31 +55,17 @@ class StreamLease:
     is collected, with a ``ResourceWarning``.
     """
 
-    __slots__ = ("__weakref__", "_key", "_pool", "_slot", "_token")
+    __slots__ = ("__weakref__", "_key", "_slot", "_token")
 
     _key: Hashable | None
-    _pool: CudaStreamPool
     _slot: list[PooledStream]
-    _token: tuple[Any] | None
+    _token: tuple[Backend, Any] | None
 
     def __init__(self, *_: object) -> None:
         raise TypeError(
             "StreamLease has no public constructor; use pool.acquire_compute() "
             "or another pool.acquire_*() method"
         )
-
-    @classmethod
-    def _create(
-        cls, pool: CudaStreamPool, stream: PooledStream, key: Hashable | None
-    ) -> StreamLease:
-        self = object.__new__(cls)
-        self._pool = pool
-        # The hold is a one-element list: list.pop() is atomic, so of two racing
-        # releases exactly one gets the stream back.
-        self._slot = [stream]
-        self._key = key
-        self._token = None
-        return self
 
     def _live(self) -> PooledStream:
         try:
@@ -127,13 +132,13 @@ class StreamLease:
         if isinstance(other, PooledEvent):
             stream.wait_event(other)
             return
-        handle = resolve_stream(self._pool._backend, other, "other")
+        handle = resolve_stream(stream._backend, other, "other")
         if handle is stream._handle:
             return  # a stream is already ordered after its own work
-        events = self._pool.events
+        events = stream._pool.events
         event = events.acquire()
         try:
-            event.record(handle)
+            stream._backend.record(event._handle, handle)
             stream.wait_event(event)
         finally:
             # CUDA captures the event's state at the wait, so it can go back now.
@@ -144,7 +149,7 @@ class StreamLease:
 
         Release the event (``event.release()``) when done with it.
         """
-        return self._pool.record_event(self)
+        return self._live()._pool.record_event(self)
 
     def launch_host_func(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` on a host thread after the work queued so far on this lease."""
@@ -153,14 +158,44 @@ class StreamLease:
     # -- ending the lease --------------------------------------------------
 
     def release(self) -> None:
-        """Return the stream to the pool; a second call raises ``LeaseError``."""
-        self._pool.release(self)
+        """Return the stream to the pool; a second call raises ``LeaseError``.
+
+        Raises:
+            LeaseError: Released already, or the stream is still capturing a
+                CUDA graph (end the capture first).
+        """
+        # The uncontended path is the library's hot loop: no lock, no call
+        # that can be avoided. Anything unusual goes to the pool's slow path.
+        slot = self._slot
+        try:
+            stream = slot[0]
+        except IndexError:
+            raise LeaseError("this lease was already released") from None
+        capturing = stream._capturing
+        if (
+            self._key is not None
+            or stream.state is not _LEASED
+            or (capturing is not None and capturing())
+        ):
+            stream._pool._release_slow(self, stream)
+            return
+        try:
+            slot.pop()  # atomic: of two racing releases, one gets here
+        except IndexError:
+            raise LeaseError("this lease was already released") from None
+        stream._active_ns += _now_ns() - stream._lease_start
+        stream.state = _IDLE
+        lane = stream._lane
+        lane.idle.append(stream)
+        if lane.waiters:
+            stream._pool._hand_off_locked(lane)
 
     def __enter__(self) -> StreamLease:
         stream = self._live()
         if self._token is not None:
             raise LeaseError("this lease is already entered; a lease is entered once")
-        self._token = (self._pool._backend.enter(stream._handle),)
+        backend = stream._backend
+        self._token = (backend, backend.enter(stream._handle))
         return self
 
     def __exit__(
@@ -172,10 +207,10 @@ class StreamLease:
         token, self._token = self._token, None
         try:
             if token is not None:
-                self._pool._backend.exit(token[0])
+                token[0].exit(token[1])
         finally:
             if self._slot:
-                self._pool.release(self)
+                self.release()
 
     def __del__(self) -> None:
         if not self._slot or _is_finalizing():
@@ -191,7 +226,7 @@ class StreamLease:
         )
         # e.g. still capturing a graph: a finalizer can do no better than leave it
         with contextlib.suppress(Exception):
-            self._pool.release(self)
+            self.release()
 
     def __repr__(self) -> str:
         if not self._slot:

@@ -17,7 +17,7 @@ from ._affinity import AffinityTable
 from ._backends import make_backend
 from ._errors import LeaseError, PoolClosedError, PoolExhaustedError, PoolTimeoutError
 from ._events import EventPool, PooledEvent
-from ._lease import StreamLease
+from ._lease import StreamLease, new_lease
 from ._stats import KindStats, PoolStats, StreamStats
 from ._stream import PooledStream
 from ._types import StreamKind, StreamPriority, StreamState
@@ -172,12 +172,14 @@ class CudaStreamPool:
             priority = high if kind is StreamKind.HIGH_PRIORITY else least
             streams = [
                 PooledStream._create(
-                    self._backend, len(self._streams) + i, kind, priority, non_blocking
+                    self, self._backend, len(self._streams) + i, kind, priority, non_blocking
                 )
                 for i in range(count)
             ]
             self._streams.extend(streams)
-            self._lanes[kind] = _Lane(kind, streams)
+            self._lanes[kind] = lane = _Lane(kind, streams)
+            for stream in streams:
+                stream._lane = lane
         self._compute = self._lanes[StreamKind.COMPUTE]
         self._comm = self._lanes[StreamKind.COMM]
         self._high = self._lanes[StreamKind.HIGH_PRIORITY]
@@ -264,7 +266,7 @@ class CudaStreamPool:
         lane = self._compute
         if affinity_key is None and timeout is None and not lane.waiters and not self._closed:
             try:
-                return self._lease(lane.idle.pop(), None)
+                return new_lease(lane.idle.pop(), None)
             except IndexError:
                 pass
         return self._acquire(lane, affinity_key, blocking, timeout)
@@ -279,7 +281,7 @@ class CudaStreamPool:
         lane = self._comm
         if affinity_key is None and timeout is None and not lane.waiters and not self._closed:
             try:
-                return self._lease(lane.idle.pop(), None)
+                return new_lease(lane.idle.pop(), None)
             except IndexError:
                 pass
         return self._acquire(lane, affinity_key, blocking, timeout)
@@ -291,16 +293,10 @@ class CudaStreamPool:
         lane = self._high
         if timeout is None and not lane.waiters and not self._closed:
             try:
-                return self._lease(lane.idle.pop(), None)
+                return new_lease(lane.idle.pop(), None)
             except IndexError:
                 pass
         return self._acquire(lane, None, blocking, timeout)
-
-    def _lease(self, stream: PooledStream, key: Hashable | None) -> StreamLease:
-        stream.state = StreamState.LEASED
-        stream._acquisitions += 1
-        stream._lease_start = time.perf_counter_ns()
-        return StreamLease._create(self, stream, key)
 
     def _acquire(
         self, lane: _Lane, key: Hashable | None, blocking: object, timeout: object
@@ -322,7 +318,7 @@ class CudaStreamPool:
             )
         deadline = None if seconds is None else time.monotonic() + seconds
         if key is None:
-            return self._lease(self._take(lane, blocking, deadline, None), None)
+            return new_lease(self._take(lane, blocking, deadline, None), None)
         return self._acquire_keyed(lane, key, blocking, deadline)
 
     def _acquire_keyed(
@@ -353,7 +349,7 @@ class CudaStreamPool:
             # The key moves: its earlier work must finish before this lease's.
             self._backend.wait_event(stream._handle, state.last_event._handle)
             stream._waits += 1
-        return self._lease(stream, key)
+        return new_lease(stream, key)
 
     def _take(
         self, lane: _Lane, blocking: bool, deadline: float | None, prefer: PooledStream | None
@@ -411,11 +407,16 @@ class CudaStreamPool:
             waiter.stream = lane.idle.pop()
             waiter.ready.set()
 
+    def _hand_off_locked(self, lane: _Lane) -> None:
+        with self._lock:
+            self._hand_off(lane)
+
     def _return(self, lane: _Lane, stream: PooledStream) -> None:
+        # Append first, then look for waiters: a waiter that registered after
+        # our look re-checks the idle deque under the lock (see _take).
         lane.idle.append(stream)
         if lane.waiters:
-            with self._lock:
-                self._hand_off(lane)
+            self._hand_off_locked(lane)
 
     def _closed_error(self) -> PoolClosedError:
         if self._forked:
@@ -435,18 +436,17 @@ class CudaStreamPool:
                 stream is still capturing a CUDA graph.
         """
         if not isinstance(lease, StreamLease):
-            raise TypeError(f"lease={lease!r} must be a StreamLease")
-        if lease._pool is not self:
+            raise TypeError(f"lease={lease!r} must be a StreamLease of this pool")
+        if lease._slot and lease._slot[0]._pool is not self:
             raise LeaseError("this lease was issued by another pool; release it there")
-        slot = lease._slot
-        try:
-            stream = slot[0]
-        except IndexError:
-            raise LeaseError("this lease was already released") from None
+        lease.release()
+
+    def _release_slow(self, lease: StreamLease, stream: PooledStream) -> None:
+        """Release a lease that is keyed, capturing, or outlived its pool."""
         if stream.state is StreamState.CLOSED:
-            slot.clear()  # the pool closed under the lease: nothing to return
+            lease._slot.clear()  # the pool closed under the lease: nothing to return
             return
-        if self._backend.is_capturing(stream._handle):
+        if stream._capturing is not None and stream._capturing():
             raise LeaseError(
                 f"{stream!r} is still capturing a CUDA graph; end the capture, then release"
             )
@@ -455,18 +455,14 @@ class CudaStreamPool:
         # so the record never lands in a later holder's work or graph capture.
         event = self._end_of_work(stream) if key is not None else None
         try:
-            slot.pop()
+            lease._slot.pop()
         except IndexError:
             if event is not None:
                 self.events.release(event)
             raise LeaseError("this lease was already released") from None
         stream._active_ns += time.perf_counter_ns() - stream._lease_start
         stream.state = StreamState.IDLE
-        lane = self._lanes[stream.kind]
-        lane.idle.append(stream)
-        if lane.waiters:
-            with self._lock:
-                self._hand_off(lane)
+        self._return(stream._lane, stream)
         if event is not None:
             with self._lock:
                 stale = self._keys.finish(key, stream, event)

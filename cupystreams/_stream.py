@@ -14,6 +14,7 @@ from ._types import StreamKind, StreamState
 if TYPE_CHECKING:
     from ._backends import Backend
     from ._events import PooledEvent
+    from ._pool import CudaStreamPool
 
 __all__ = ["PooledStream"]
 
@@ -31,9 +32,12 @@ class PooledStream:
         "_active_ns",
         "_affinity_hits",
         "_backend",
+        "_capturing",
         "_handle",
         "_host_errors",
+        "_lane",
         "_lease_start",
+        "_pool",
         "_waits",
         "kind",
         "priority",
@@ -45,9 +49,12 @@ class PooledStream:
     _active_ns: int
     _affinity_hits: int
     _backend: Backend
+    _capturing: Callable[[], int] | None
     _handle: Any
     _host_errors: deque[BaseException]
+    _lane: Any  # the pool's per-kind queue (the pool sets it)
     _lease_start: int
+    _pool: CudaStreamPool
     _waits: int
     kind: StreamKind
     priority: int
@@ -59,11 +66,19 @@ class PooledStream:
 
     @classmethod
     def _create(
-        cls, backend: Backend, stream_id: int, kind: StreamKind, priority: int, non_blocking: bool
+        cls,
+        pool: CudaStreamPool,
+        backend: Backend,
+        stream_id: int,
+        kind: StreamKind,
+        priority: int,
+        non_blocking: bool,
     ) -> PooledStream:
         self = object.__new__(cls)
+        self._pool = pool
         self._backend = backend
         self._handle = backend.create_stream(priority, non_blocking)
+        self._capturing = backend.capture_probe(self._handle)
         self.stream_id = stream_id
         self.kind = kind
         self.priority = priority

@@ -60,7 +60,10 @@ class Backend(Protocol):
         """Run ``fn`` on a host thread once the stream's earlier work is done."""
         ...
 
-    def is_capturing(self, stream: Any) -> bool: ...
+    def capture_probe(self, stream: Any) -> Callable[[], int] | None:
+        """A cheap callable answering "is ``stream`` capturing a graph?" (non-zero
+        when it is), or None when the backend has no graphs."""
+        ...
 
     def current_stream(self) -> Any:
         """The calling thread's current stream on this backend's device."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -69,9 +70,10 @@ class CupyBackend:
             stream.synchronize()
             # CuPy's pool keeps one arena per stream; without this the blocks
             # cached for a destroyed stream stay reserved for ever.
-            pool: Any = cupy.get_default_memory_pool()
-            if getattr(cupy.cuda.get_allocator(), "__self__", None) is pool:
-                pool.free_all_blocks(stream=stream)
+            # Only when CuPy's own pool is the allocator (not, say, torch's).
+            allocator_owner = getattr(cupy.cuda.get_allocator(), "__self__", None)
+            if allocator_owner is cupy.get_default_memory_pool():
+                cupy.get_default_memory_pool().free_all_blocks(stream=stream)
         # The handle is destroyed when its last reference goes: a user still
         # holding ``lease.cupy_stream`` keeps a valid stream, never a dangling one.
 
@@ -109,8 +111,10 @@ class CupyBackend:
     def launch_host_func(self, stream: Any, fn: Callable[[], None]) -> None:
         stream.launch_host_func(lambda _arg: fn(), None)
 
-    def is_capturing(self, stream: Any) -> bool:
-        return bool(stream.is_capturing())
+    def capture_probe(self, stream: Any) -> Callable[[], int]:
+        # Bound once per stream: the release fast path pays one C call
+        # (cudaStreamIsCapturing; 0 means not capturing).
+        return functools.partial(cupy.cuda.runtime.streamIsCapturing, stream.ptr)
 
     def current_stream(self) -> Any:
         return cupy.cuda.get_current_stream(self.device)

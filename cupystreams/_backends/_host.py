@@ -160,8 +160,8 @@ class HostBackend:
     def launch_host_func(self, stream: HostStream, fn: Callable[[], None]) -> None:
         stream.submit(fn)
 
-    def is_capturing(self, stream: HostStream) -> bool:
-        return False
+    def capture_probe(self, stream: HostStream) -> None:
+        return None
 
     def current_stream(self) -> HostStream | None:
         return getattr(self._current, "stream", None)

@@ -1,0 +1,306 @@
+"""Hypothesis state machine over the public pool API, for any pool configuration.
+
+Run it against your own configuration::
+
+    from cupystreams import CudaStreamPool
+    from cupystreams.testing import run_pool_state_machine
+
+    def test_my_pool() -> None:
+        run_pool_state_machine(lambda: CudaStreamPool(compute_streams=3, backend="host"))
+
+After every step the machine compares the pool with a plain-Python model: no
+stream in two leases, leased + idle = capacity per kind, one live lease per
+affinity key, statistics equal to the model's, and host functions enqueued
+across waits run in the order the waits imply. Acquires are non-blocking (or
+time out at once) because the machine drives the pool from one thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from ._errors import LeaseError, PoolClosedError, PoolExhaustedError, PoolTimeoutError
+from ._events import PooledEvent
+from ._lease import StreamLease
+from ._pool import CudaStreamPool
+from ._stats import KindStats
+
+__all__ = ["PoolStateMachine", "run_pool_state_machine"]
+
+KINDS = ("compute", "comm", "high_priority")
+KEYS = ("a", "b", "c")
+
+
+@dataclass
+class _ModelLease:
+    """What the model knows about one live lease."""
+
+    lease: StreamLease
+    kind: str
+    key: str | None
+    tasks: list[int] = field(default_factory=list)  # host-function tokens, in order
+
+
+@dataclass
+class _Ordering:
+    """"Every token in ``before`` runs before every token in ``after``."""
+
+    before: list[int]
+    after: list[int]
+
+
+class PoolStateMachine(RuleBasedStateMachine):
+    """Random sequences of pool operations checked against a plain-Python model.
+
+    Args:
+        make_pool: Returns a fresh pool for each example; the machine closes it.
+    """
+
+    leases = Bundle("leases")
+    released = Bundle("released")
+
+    def __init__(self, make_pool: Callable[[], CudaStreamPool]) -> None:
+        super().__init__()
+        self.pool = make_pool()
+        start = self.pool.stats()
+        self.capacity = {kind: getattr(start, kind).capacity for kind in KINDS}
+        self.live: dict[int, _ModelLease] = {}  # id(lease) -> model
+        self.acquisitions = start.acquisitions
+        self.exhaustions = start.exhaustions
+        self.timeouts = start.timeouts
+        self.closed = False
+        self.log: list[int] = []  # host-function tokens in the order they ran
+        self.log_lock = threading.Lock()
+        self.orderings: list[_Ordering] = []
+        self.next_token = 0
+
+    # -- helpers -------------------------------------------------------------
+
+    def _leased(self, kind: str) -> int:
+        return sum(1 for m in self.live.values() if m.kind == kind)
+
+    def _acquire(self, kind: str, key: str | None, blocking: bool) -> StreamLease:
+        if kind == "high_priority":
+            return self.pool.acquire_high_priority(blocking=blocking, timeout=0)
+        method = self.pool.acquire_compute if kind == "compute" else self.pool.acquire_comm
+        return method(affinity_key=key, blocking=blocking, timeout=0 if blocking else None)
+
+    def _enqueue(self, model: _ModelLease) -> int:
+        token = self.next_token
+        self.next_token += 1
+        log, lock = self.log, self.log_lock
+
+        def append() -> None:
+            # Slow enough that a missing wait lets the consumer overtake.
+            time.sleep(0.001)
+            with lock:
+                log.append(token)
+
+        model.lease.launch_host_func(append)
+        model.tasks.append(token)
+        return token
+
+    # -- rules -----------------------------------------------------------------
+
+    @precondition(lambda self: not self.closed)
+    @rule(
+        target=leases,
+        kind=st.sampled_from(KINDS),
+        key=st.one_of(st.none(), st.sampled_from(KEYS)),
+        blocking=st.booleans(),
+    )
+    def acquire(self, kind: str, key: str | None, blocking: bool) -> Any:
+        key = None if kind == "high_priority" else key
+        if self.capacity[kind] == 0:
+            try:
+                self._acquire(kind, key, blocking)
+            except ValueError:
+                return None
+            raise AssertionError(f"acquiring a {kind} stream from a pool with none succeeded")
+        key_held = key is not None and any(m.key == key for m in self.live.values())
+        full = self._leased(kind) == self.capacity[kind]
+        try:
+            lease = self._acquire(kind, key, blocking)
+        except LeaseError:
+            assert key_held, "LeaseError although the key was free"
+            return None
+        except PoolExhaustedError:
+            assert full and not blocking, "PoolExhaustedError with an idle stream"
+            self.exhaustions += 1
+            return None
+        except PoolTimeoutError:
+            assert full and blocking, "PoolTimeoutError with an idle stream"
+            self.timeouts += 1
+            return None
+        assert not key_held, "a second live lease for one affinity key"
+        assert not full, "a lease beyond capacity"
+        model = _ModelLease(lease, kind, key)
+        self.live[id(lease)] = model
+        self.acquisitions += 1
+        return lease
+
+    @rule(lease=consumes(leases), target=released)
+    def release(self, lease: StreamLease | None) -> Any:
+        if lease is None:
+            return None
+        if self.closed:
+            lease.release()  # a no-op after close
+            return lease
+        lease.release()
+        del self.live[id(lease)]
+        assert lease.released
+        return lease
+
+    @rule(lease=released)
+    def release_twice_raises(self, lease: StreamLease | None) -> None:
+        if lease is None:
+            return
+        try:
+            lease.release()
+        except LeaseError:
+            return
+        raise AssertionError("a second release did not raise LeaseError")
+
+    @rule(lease=released)
+    def use_after_release_raises(self, lease: StreamLease | None) -> None:
+        if lease is None:
+            return
+        for use in (lease.query, lease.synchronize, lambda: lease.stream):
+            try:
+                use()
+            except LeaseError:
+                continue
+            raise AssertionError("a released lease still worked")
+
+    @precondition(lambda self: not self.closed)
+    @rule(lease=leases)
+    def enqueue_host_function(self, lease: StreamLease | None) -> None:
+        if lease is not None and id(lease) in self.live:
+            self._enqueue(self.live[id(lease)])
+
+    @precondition(lambda self: not self.closed)
+    @rule(waiter=leases, producer=leases, through_event=st.booleans())
+    def wait_between_leases(
+        self, waiter: StreamLease | None, producer: StreamLease | None, through_event: bool
+    ) -> None:
+        if waiter is None or producer is None or waiter is producer:
+            return
+        if id(waiter) not in self.live or id(producer) not in self.live:
+            return
+        produced = list(self.live[id(producer)].tasks)
+        if through_event:
+            event = producer.record_event()
+            waiter.wait(event)
+            event.release()
+        else:
+            waiter.wait(producer)
+        consumer = self.live[id(waiter)]
+        consumer.tasks = []  # tokens enqueued from now on must follow `produced`
+        ordering = _Ordering(produced, consumer.tasks)
+        self.orderings.append(ordering)
+        self._enqueue(consumer)
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def event_round_trip(self) -> None:
+        with self.pool.events.event_context() as event:
+            assert isinstance(event, PooledEvent)
+        try:
+            event.release()
+        except LeaseError:
+            return
+        raise AssertionError("releasing an event twice did not raise LeaseError")
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def sync_and_check_order(self) -> None:
+        self.pool.sync_all()
+        self._check_orderings()
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def close(self) -> None:
+        self.pool.sync_all()
+        self._check_orderings()
+        self.pool.close()
+        self.closed = True
+
+    @precondition(lambda self: self.closed)
+    @rule(kind=st.sampled_from(KINDS))
+    def acquire_after_close_raises(self, kind: str) -> None:
+        try:
+            self._acquire(kind, None, blocking=False)
+        except PoolClosedError:
+            return
+        raise AssertionError("acquire after close did not raise PoolClosedError")
+
+    # -- invariants --------------------------------------------------------------
+
+    def _check_orderings(self) -> None:
+        with self.log_lock:
+            position = {token: i for i, token in enumerate(self.log)}
+        for ordering in self.orderings:
+            ran_after = [position[t] for t in ordering.after if t in position]
+            if not ran_after:
+                continue
+            for token in ordering.before:
+                assert token in position, f"token {token} never ran but a later wait passed"
+                assert position[token] < min(ran_after), "a wait did not order host functions"
+
+    @invariant()
+    def streams_are_exclusive(self) -> None:
+        if self.closed:
+            return
+        ids = [m.lease.stream.stream_id for m in self.live.values()]
+        assert len(ids) == len(set(ids)), f"one stream in two leases: {ids}"
+
+    @invariant()
+    def one_live_lease_per_key(self) -> None:
+        keys = [m.key for m in self.live.values() if m.key is not None]
+        assert len(keys) == len(set(keys)), f"two live leases share a key: {keys}"
+
+    @invariant()
+    def stats_match_model(self) -> None:
+        stats = self.pool.stats()
+        assert stats.closed == self.closed
+        assert stats.acquisitions == self.acquisitions
+        assert stats.exhaustions == self.exhaustions
+        assert stats.timeouts == self.timeouts
+        for kind in KINDS:
+            figures: KindStats = getattr(stats, kind)
+            assert figures.capacity == self.capacity[kind]
+            assert figures.waiting == 0
+            if not self.closed:
+                assert figures.leased == self._leased(kind), (kind, figures)
+                assert figures.leased + figures.idle == figures.capacity
+
+    def teardown(self) -> None:
+        self.pool.close()
+
+
+def run_pool_state_machine(
+    make_pool: Callable[[], CudaStreamPool], *, max_examples: int = 50, stateful_step_count: int = 40
+) -> None:
+    """Run ``PoolStateMachine`` against pools from ``make_pool`` (a Hypothesis test)."""
+    run_state_machine_as_test(
+        lambda: PoolStateMachine(make_pool),
+        settings=settings(
+            max_examples=max_examples, stateful_step_count=stateful_step_count, deadline=None
+        ),
+    )
