@@ -42,7 +42,8 @@ class PooledEvent:
     _pool: EventPool
     event_id: int
 
-    def __init__(self, *_: object) -> None:
+    def __new__(cls, *_: object) -> PooledEvent:
+        # object.__new__ is how the pool makes them, bypassing this.
         raise TypeError("PooledEvent has no public constructor; use pool.events.acquire()")
 
     @property

@@ -61,7 +61,8 @@ class StreamLease:
     _slot: list[PooledStream]
     _token: tuple[Backend, Any] | None
 
-    def __init__(self, *_: object) -> None:
+    def __new__(cls, *_: object) -> StreamLease:
+        # object.__new__ is how the pool makes them, bypassing this.
         raise TypeError(
             "StreamLease has no public constructor; use pool.acquire_compute() "
             "or another pool.acquire_*() method"

@@ -61,7 +61,8 @@ class PooledStream:
     state: StreamState
     stream_id: int
 
-    def __init__(self, *_: object) -> None:
+    def __new__(cls, *_: object) -> PooledStream:
+        # object.__new__ is how the pool makes them, bypassing this.
         raise TypeError("PooledStream has no public constructor; lease one with pool.acquire_*()")
 
     @classmethod

@@ -295,11 +295,15 @@ class PoolStateMachine(RuleBasedStateMachine):
 
 
 def run_pool_state_machine(
-    make_pool: Callable[[], CudaStreamPool], *, max_examples: int = 50, stateful_step_count: int = 40
+    make_pool: Callable[[], CudaStreamPool],
+    *,
+    max_examples: int = 50,
+    stateful_step_count: int = 40,
 ) -> None:
     """Run ``PoolStateMachine`` against pools from ``make_pool`` (a Hypothesis test)."""
     run_state_machine_as_test(
-        lambda: PoolStateMachine(make_pool),
+        # Hypothesis calls any zero-argument factory; its stub says "type".
+        lambda: PoolStateMachine(make_pool),  # type: ignore[arg-type,return-value]
         settings=settings(
             max_examples=max_examples, stateful_step_count=stateful_step_count, deadline=None
         ),
