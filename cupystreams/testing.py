@@ -303,7 +303,7 @@ def run_pool_state_machine(
     """Run ``PoolStateMachine`` against pools from ``make_pool`` (a Hypothesis test)."""
     run_state_machine_as_test(
         # Hypothesis calls any zero-argument factory; its stub says "type".
-        lambda: PoolStateMachine(make_pool),  # type: ignore[arg-type,return-value]
+        lambda: PoolStateMachine(make_pool),  # type: ignore[arg-type]
         settings=settings(
             max_examples=max_examples, stateful_step_count=stateful_step_count, deadline=None
         ),
