@@ -1,0 +1,147 @@
+"""Core behaviour that only a real GPU can show: ordering, current stream, memory, graphs.
+
+Ordering tests use a deliberately slow producer (a kernel that spins on
+``clock64()`` for ~50 ms before it writes), so that a missing wait shows as
+wrong data rather than passing by luck.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cupystreams import CudaStreamPool, LeaseError, StreamState
+
+pytestmark = pytest.mark.gpu
+
+_SPIN_SOURCE = r"""
+extern "C" __global__ void spin_then_fill(float* out, long long n, long long cycles, float value) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        out[i] = value;
+    }
+}
+"""
+
+
+def slow_fill(out: Any, value: float, ms: float = 50.0) -> None:
+    """Fill ``out`` with ``value`` on the current stream after spinning ``ms`` ms."""
+    import cupy
+
+    kernel = cupy.RawKernel(_SPIN_SOURCE, "spin_then_fill")
+    rate_khz = cupy.cuda.Device().attributes["ClockRate"]
+    kernel(
+        (32,), (256,), (out, cupy.int64(out.size), cupy.int64(ms * rate_khz), cupy.float32(value))
+    )
+
+
+@pytest.fixture
+def gpu_pool() -> Any:
+    with CudaStreamPool(
+        compute_streams=2, comm_streams=1, high_priority_streams=1, backend="cupy"
+    ) as pool:
+        yield pool
+
+
+def test_lease_is_the_current_cupy_stream_and_restores(gpu_pool: CudaStreamPool) -> None:
+    import cupy
+
+    outer = cupy.cuda.get_current_stream()
+    with gpu_pool.acquire_compute() as lease:
+        assert cupy.cuda.get_current_stream().ptr == lease.ptr != outer.ptr
+        assert lease.__cuda_stream__() == (0, lease.ptr)
+        assert lease.cupy_stream is lease.stream.stream
+        data = cupy.zeros(1 << 20, dtype=cupy.float32)
+        slow_fill(data, 1.0)
+        assert not lease.query(), "the slow kernel did not run on the lease's stream"
+        lease.synchronize()
+        assert lease.query()
+        assert float(data.sum()) == data.size
+    assert cupy.cuda.get_current_stream().ptr == outer.ptr
+
+
+def test_streams_have_the_devices_priorities(gpu_pool: CudaStreamPool) -> None:
+    least, greatest = gpu_pool.priority_range
+    assert greatest < least  # every GPU this library targets has priorities
+    with gpu_pool.acquire_high_priority() as high, gpu_pool.acquire_compute() as normal:
+        assert high.cupy_stream.priority == greatest
+        assert normal.cupy_stream.priority == least
+
+
+def test_wait_orders_two_leases(gpu_pool: CudaStreamPool) -> None:
+    import cupy
+
+    producer, consumer = gpu_pool.acquire_compute(), gpu_pool.acquire_comm()
+    data = cupy.zeros(1 << 20, dtype=cupy.float32)
+    cupy.cuda.Device().synchronize()
+    with producer.cupy_stream:
+        slow_fill(data, 7.0)
+    consumer.wait(producer)
+    with consumer.cupy_stream:
+        copy = data.copy()
+    consumer.synchronize()
+    assert float(copy.min()) == 7.0, "the consumer ran before the producer's write"
+    producer.release()
+    consumer.release()
+
+
+def test_moved_affinity_key_orders_on_the_gpu() -> None:
+    import cupy
+
+    with CudaStreamPool(2, 0, 0, backend="cupy") as pool:
+        data = cupy.zeros(1 << 20, dtype=cupy.float32)
+        cupy.cuda.Device().synchronize()
+        with pool.acquire_compute(affinity_key="k") as first:
+            slow_fill(data, 3.0)
+            keyed = first.stream
+        blocker = pool.acquire_compute()
+        assert blocker.stream is keyed
+        with pool.acquire_compute(affinity_key="k") as second:
+            assert second.stream is not keyed
+            copy = data.copy()
+            second.synchronize()
+        assert float(copy.min()) == 3.0, "the moved key ran before its earlier work"
+        blocker.release()
+
+
+def test_close_frees_the_memory_pool_arenas_of_its_streams() -> None:
+    import cupy
+
+    mempool = cupy.get_default_memory_pool()
+    cupy.cuda.Device().synchronize()
+    mempool.free_all_blocks()
+    baseline = mempool.total_bytes()
+    pool = CudaStreamPool(4, 0, 0, backend="cupy")
+    leases = [pool.acquire_compute() for _ in range(4)]
+    for lease in leases:
+        with lease.cupy_stream:
+            block = cupy.empty(4 << 20, dtype=cupy.uint8)
+            del block
+    assert mempool.total_bytes() >= baseline + 4 * (4 << 20)
+    for lease in leases:
+        lease.release()
+    pool.close()
+    assert mempool.total_bytes() == baseline
+    assert all(s.state is StreamState.CLOSED for s in pool._streams)
+
+
+def test_a_capturing_stream_cannot_be_released(gpu_pool: CudaStreamPool) -> None:
+    import cupy
+
+    lease = gpu_pool.acquire_compute()
+    stream = lease.cupy_stream
+    data = cupy.zeros(16, dtype=cupy.float32)
+    with stream:
+        stream.begin_capture()
+        data += 1
+        with pytest.raises(LeaseError, match="capturing"):
+            lease.release()
+        graph = stream.end_capture()
+    assert not lease.released
+    lease.release()
+    graph.launch()
+    cupy.cuda.Device().synchronize()
+    assert float(data.sum()) == 16.0
