@@ -134,7 +134,7 @@ class CupyBackend:
             cupy.cuda.runtime.setDevice(previous_device)
 
     def as_stream(self, obj: object) -> Any:
-        if isinstance(obj, cupy.cuda.stream.BaseStream):
+        if isinstance(obj, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
             return obj
         if isinstance(obj, int):
             if obj == 0:
