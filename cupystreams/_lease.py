@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import LeaseError
 from ._events import PooledEvent
-from ._stream_args import resolve_stream
+from ._stream_args import pooled_source, resolve_stream
 from ._types import StreamState
 
 if TYPE_CHECKING:
@@ -133,13 +133,18 @@ class StreamLease:
         if isinstance(other, PooledEvent):
             stream.wait_event(other)
             return
-        handle = resolve_stream(stream._backend, other, "other")
+        # Record on the producer's own device (a pooled stream of another
+        # device brings its pool's events); CUDA lets a stream wait on an
+        # event of any device.
+        source = pooled_source(other)
+        backend = stream._backend if source is None else source._backend
+        handle = resolve_stream(backend, other, "other")
         if handle is stream._handle:
             return  # a stream is already ordered after its own work
-        events = stream._pool.events
+        events = stream._pool.events if source is None else source._pool.events
         event = events.acquire()
         try:
-            stream._backend.record(event._handle, handle)
+            backend.record(event._handle, handle)
             stream.wait_event(event)
         finally:
             # CUDA captures the event's state at the wait, so it can go back now.

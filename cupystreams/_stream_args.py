@@ -9,7 +9,7 @@ from ._stream import PooledStream
 if TYPE_CHECKING:
     from ._backends import Backend
 
-__all__ = ["ACCEPTED_STREAMS", "resolve_stream"]
+__all__ = ["ACCEPTED_STREAMS", "pooled_source", "resolve_stream"]
 
 ACCEPTED_STREAMS = (
     "a StreamLease, a PooledStream, a cupy.cuda.Stream, an object with "
@@ -17,18 +17,34 @@ ACCEPTED_STREAMS = (
 )
 
 
-def resolve_stream(backend: Backend, obj: object, argument: str) -> Any:
-    """Return the backend handle for ``obj``, or raise ``TypeError``.
-
-    ``argument`` names the caller's parameter in the error message.
-    """
+def pooled_source(obj: object) -> PooledStream | None:
+    """The live pooled stream behind a lease or pooled stream, else None."""
     from ._lease import StreamLease  # the lease module imports this one
 
     if isinstance(obj, StreamLease):
-        return obj._live()._handle
+        return obj._live()
     if isinstance(obj, PooledStream):
         obj._check_open()
-        return obj._handle
+        return obj
+    return None
+
+
+def resolve_stream(backend: Backend, obj: object, argument: str) -> Any:
+    """Return ``backend``'s handle for ``obj``, or raise ``TypeError``.
+
+    A stream of another device is a ``ValueError``: CUDA cannot record an
+    event of one device on a stream of another. ``argument`` names the
+    caller's parameter in the error message.
+    """
+    pooled = pooled_source(obj)
+    device = pooled._backend.device if pooled is not None else getattr(obj, "device_id", None)
+    if device is not None and device != backend.device:
+        raise ValueError(
+            f"{argument}={obj!r} is a stream of device {device}, but this call works on "
+            f"device {backend.device}; use a lease or event pool of device {device}"
+        )
+    if pooled is not None:
+        return pooled._handle
     if isinstance(obj, bool):
         raise TypeError(f"{argument}={obj!r} is not a stream; pass {ACCEPTED_STREAMS}")
     if isinstance(obj, int) and obj < 0:

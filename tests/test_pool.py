@@ -309,9 +309,11 @@ def test_auto_backend_never_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.conftest import GPU_COUNT
 
     if GPU_COUNT:
-        pytest.skip("a GPU is present, so auto picks cupy")  # covered by the gpu tests
-    with pytest.raises(BackendUnavailableError, match="backend='host'"):
-        CudaStreamPool()
+        with CudaStreamPool() as pool:
+            assert pool.backend == "cupy"
+    else:
+        with pytest.raises(BackendUnavailableError, match="backend='host'"):
+            CudaStreamPool()
     monkeypatch.setenv("CUPYSTREAMS_BACKEND", "host")
     with CudaStreamPool() as pool:
         assert pool.backend == "host"
