@@ -1,0 +1,86 @@
+"""Per-device pools on two GPUs (skipped with fewer; CUPYSTREAMS_REQUIRE_GPU=2 requires them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cupystreams import CudaStreamPool, get_global_stream_pool
+from tests.test_pool_gpu import slow_fill
+
+pytestmark = pytest.mark.gpu(count=2)
+
+
+@pytest.fixture
+def pools() -> Any:
+    with (
+        CudaStreamPool(2, 1, 1, backend="cupy", device=0) as zero,
+        CudaStreamPool(2, 1, 1, backend="cupy", device=1) as one,
+    ):
+        yield zero, one
+
+
+def test_a_pool_lives_on_its_device(pools: tuple[CudaStreamPool, CudaStreamPool]) -> None:
+    import cupy
+
+    zero, one = pools
+    assert (zero.device, one.device) == (0, 1)
+    cupy.cuda.Device(0).use()
+    with one.acquire_compute() as lease:
+        assert lease.cupy_stream.device_id == 1
+        assert cupy.cuda.runtime.getDevice() == 1
+        assert cupy.cuda.get_current_stream().ptr == lease.ptr
+        data = cupy.ones(1024, dtype=cupy.float32)
+        assert data.device.id == 1
+    assert cupy.cuda.runtime.getDevice() == 0
+
+
+def test_global_pools_are_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cupy
+
+    monkeypatch.delenv("CUPYSTREAMS_BACKEND", raising=False)
+    with cupy.cuda.Device(0):
+        zero = get_global_stream_pool()
+    with cupy.cuda.Device(1):
+        one = get_global_stream_pool()
+        assert get_global_stream_pool() is one
+    assert zero is not one
+    assert (zero.device, one.device) == (0, 1)
+
+
+def test_cross_device_wait_orders_a_peer_copy(
+    pools: tuple[CudaStreamPool, CudaStreamPool],
+) -> None:
+    import cupy
+
+    zero, one = pools
+    with cupy.cuda.Device(0):
+        source = cupy.zeros(1 << 20, dtype=cupy.float32)
+        cupy.cuda.Device(0).synchronize()
+    with cupy.cuda.Device(1):
+        target = cupy.zeros(1 << 20, dtype=cupy.float32)
+    with zero.acquire_compute() as producer:
+        slow_fill(source, 5.0)
+        with one.acquire_comm() as mover:
+            mover.wait(producer)  # records on device 0, waits on device 1
+            cupy.cuda.runtime.memcpyPeerAsync(
+                target.data.ptr, 1, source.data.ptr, 0, source.nbytes, mover.ptr
+            )
+            mover.synchronize()
+            assert float(target.min()) == 5.0, "the peer copy ran before the producer"
+
+
+def test_a_stream_of_another_device_is_a_clear_error(
+    pools: tuple[CudaStreamPool, CudaStreamPool],
+) -> None:
+    zero, one = pools
+    with one.acquire_compute() as lease, pytest.raises(ValueError, match="device 1"):
+        zero.record_event(lease)
+    before = zero.stats()
+    with zero.acquire_compute(), one.acquire_comm() as foreign:
+        event = zero.events.acquire()
+        with pytest.raises(ValueError, match="device 1"):
+            event.record(foreign)
+        event.release()
+    assert zero.stats().compute == before.compute
