@@ -12,19 +12,12 @@ from ._backends import make_backend
 from ._errors import LeaseError, PoolClosedError
 from ._stats import EventPoolStats
 from ._stream_args import resolve_stream
+from ._validate import check_count, check_flag
 
 if TYPE_CHECKING:
     from ._backends import Backend
 
 __all__ = ["EventPool", "PooledEvent"]
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int")
-    if value < 0:
-        raise ValueError(f"{name}={value} must be >= 0")
-    return value
 
 
 class PooledEvent:
@@ -134,12 +127,11 @@ class EventPool:
         device: int | None = None,
         backend: str | Backend = "auto",
     ) -> None:
-        _check_size("initial_size", initial_size)
-        _check_size("max_size", max_size)
+        check_count("initial_size", initial_size)
+        check_count("max_size", max_size)
         if initial_size > max_size:
             raise ValueError(f"initial_size={initial_size} exceeds max_size={max_size}")
-        if not isinstance(timing, bool):
-            raise TypeError(f"timing={timing!r} must be a bool")
+        check_flag("timing", timing)
         self._backend: Backend = (
             make_backend(backend, device) if isinstance(backend, str) else backend
         )

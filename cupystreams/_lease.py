@@ -194,7 +194,7 @@ class StreamLease:
         lane = stream._lane
         lane.idle.append(stream)
         if lane.waiters:
-            stream._pool._hand_off_locked(lane)
+            lane.hand_off_locked()
 
     def __enter__(self) -> StreamLease:
         stream = self._live()

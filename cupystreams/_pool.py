@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import time
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
@@ -17,10 +15,12 @@ from ._affinity import AffinityTable
 from ._backends import make_backend
 from ._errors import LeaseError, PoolClosedError, PoolExhaustedError, PoolTimeoutError
 from ._events import EventPool, PooledEvent
+from ._lanes import Lane
 from ._lease import StreamLease, new_lease
 from ._stats import KindStats, PoolStats, StreamStats
 from ._stream import PooledStream
 from ._types import StreamKind, StreamPriority, StreamState
+from ._validate import check_count, check_flag, check_timeout
 
 if TYPE_CHECKING:
     from ._backends import Backend
@@ -34,48 +34,6 @@ _SIZE_ARGUMENT = {
 }
 _live_pools: weakref.WeakSet[CudaStreamPool] = weakref.WeakSet()
 _queue_warning_given = False
-
-
-class _Waiter:
-    """A thread blocked in acquire; a releaser hands it a stream directly."""
-
-    __slots__ = ("closed", "ready", "stream")
-
-    def __init__(self) -> None:
-        self.stream: PooledStream | None = None
-        self.closed = False
-        self.ready = threading.Event()
-
-
-class _Lane:
-    """The streams of one kind: idle ones in a deque, waiters in FIFO order."""
-
-    __slots__ = ("capacity", "idle", "kind", "streams", "waiters")
-
-    def __init__(self, kind: StreamKind, streams: list[PooledStream]) -> None:
-        self.kind = kind
-        self.streams = streams
-        self.capacity = len(streams)
-        self.idle: deque[PooledStream] = deque(streams)
-        self.waiters: deque[_Waiter] = deque()
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int")
-    if value < 0:
-        raise ValueError(f"{name}={value} must be >= 0")
-    return value
-
-
-def _check_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout={timeout!r} must be a number of seconds or None")
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout={timeout!r} must be >= 0 seconds, or None to wait for ever")
-    return None if math.isinf(timeout) else float(timeout)
 
 
 def _destroy_streams(backend: Backend, streams: list[PooledStream]) -> None:
@@ -133,7 +91,7 @@ class CudaStreamPool:
         max_affinity_keys: int = 1024,
     ) -> None:
         sizes = {
-            kind: _check_count(name, value)
+            kind: check_count(name, value)
             for kind, name, value in (
                 (StreamKind.COMPUTE, "compute_streams", compute_streams),
                 (StreamKind.COMM, "comm_streams", comm_streams),
@@ -142,12 +100,11 @@ class CudaStreamPool:
         }
         if sum(sizes.values()) == 0:
             raise ValueError("a pool needs at least one stream; all three sizes are 0")
-        _check_count("event_pool_size", event_pool_size)
-        if _check_count("max_affinity_keys", max_affinity_keys) == 0:
+        check_count("event_pool_size", event_pool_size)
+        if check_count("max_affinity_keys", max_affinity_keys) == 0:
             raise ValueError("max_affinity_keys=0 leaves no room for keys; pass at least 1")
-        for name, flag in (("enable_affinity", enable_affinity), ("non_blocking", non_blocking)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}={flag!r} must be a bool")
+        check_flag("enable_affinity", enable_affinity)
+        check_flag("non_blocking", non_blocking)
 
         self._backend: Backend = make_backend(backend, device)
         least, greatest = self._backend.priority_range()
@@ -167,7 +124,7 @@ class CudaStreamPool:
             backend=self._backend,
         )
         self._streams: list[PooledStream] = []
-        self._lanes: dict[StreamKind, _Lane] = {}
+        self._lanes: dict[StreamKind, Lane] = {}
         for kind, count in sizes.items():
             priority = high if kind is StreamKind.HIGH_PRIORITY else least
             streams = [
@@ -177,7 +134,7 @@ class CudaStreamPool:
                 for i in range(count)
             ]
             self._streams.extend(streams)
-            self._lanes[kind] = lane = _Lane(kind, streams)
+            self._lanes[kind] = lane = Lane(kind, streams, self._lock)
             for stream in streams:
                 stream._lane = lane
         self._compute = self._lanes[StreamKind.COMPUTE]
@@ -299,18 +256,18 @@ class CudaStreamPool:
         return self._acquire(lane, None, blocking, timeout)
 
     def _acquire(
-        self, lane: _Lane, key: Hashable | None, blocking: object, timeout: object
+        self, lane: Lane, key: Hashable | None, blocking: object, timeout: object
     ) -> StreamLease:
         if not isinstance(blocking, bool):
             raise TypeError(f"blocking={blocking!r} must be a bool")
-        seconds = _check_timeout(timeout)
+        seconds = check_timeout(timeout)
         if key is not None:
             try:
                 hash(key)
             except TypeError:
                 raise TypeError(f"affinity_key={key!r} must be hashable") from None
-        if self._closed:
-            raise self._closed_error()
+        if (error := self._closed_error()) is not None:
+            raise error
         if lane.capacity == 0:
             name = _SIZE_ARGUMENT[lane.kind]
             raise ValueError(
@@ -322,7 +279,7 @@ class CudaStreamPool:
         return self._acquire_keyed(lane, key, blocking, deadline)
 
     def _acquire_keyed(
-        self, lane: _Lane, key: Hashable, blocking: bool, deadline: float | None
+        self, lane: Lane, key: Hashable, blocking: bool, deadline: float | None
     ) -> StreamLease:
         with self._lock:
             try:
@@ -352,73 +309,23 @@ class CudaStreamPool:
         return new_lease(stream, key)
 
     def _take(
-        self, lane: _Lane, blocking: bool, deadline: float | None, prefer: PooledStream | None
+        self, lane: Lane, blocking: bool, deadline: float | None, prefer: PooledStream | None
     ) -> PooledStream:
-        with self._lock:
-            if self._closed:
-                raise self._closed_error()
-            if not lane.waiters:
-                if prefer is not None:
-                    try:
-                        lane.idle.remove(prefer)
-                        return prefer
-                    except ValueError:
-                        pass
-                try:
-                    return lane.idle.pop()
-                except IndexError:
-                    pass
-            if not blocking:
-                self._exhaustions += 1
-                raise PoolExhaustedError(
-                    f"no idle {lane.kind.value} stream ({lane.capacity} all leased); "
-                    "wait with blocking=True or create the pool with more streams"
-                )
-            waiter = _Waiter()
-            lane.waiters.append(waiter)
-            self._hand_off(lane)  # a lock-free release may have raced our check
-        finished = False
         try:
-            waiter.ready.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            finished = True
-        finally:
+            return lane.take(blocking, deadline, prefer, self._closed_error)
+        except PoolExhaustedError:
             with self._lock:
-                stream = waiter.stream
-                if stream is None:
-                    with contextlib.suppress(ValueError):
-                        lane.waiters.remove(waiter)
-            if not finished and stream is not None:
-                self._return(lane, stream)  # interrupted after the hand-off
-        if stream is not None:
-            return stream
-        if waiter.closed:
-            raise self._closed_error()
-        with self._lock:
-            self._timeouts += 1
-        raise PoolTimeoutError(
-            f"no {lane.kind.value} stream became idle within the timeout "
-            f"({lane.capacity} streams, all leased); raise timeout= or the pool size"
-        )
+                self._exhaustions += 1
+            raise
+        except PoolTimeoutError:
+            with self._lock:
+                self._timeouts += 1
+            raise
 
-    def _hand_off(self, lane: _Lane) -> None:
-        """Give idle streams to waiters, oldest first; needs the lock held."""
-        while lane.waiters and lane.idle:
-            waiter = lane.waiters.popleft()
-            waiter.stream = lane.idle.pop()
-            waiter.ready.set()
-
-    def _hand_off_locked(self, lane: _Lane) -> None:
-        with self._lock:
-            self._hand_off(lane)
-
-    def _return(self, lane: _Lane, stream: PooledStream) -> None:
-        # Append first, then look for waiters: a waiter that registered after
-        # our look re-checks the idle deque under the lock (see _take).
-        lane.idle.append(stream)
-        if lane.waiters:
-            self._hand_off_locked(lane)
-
-    def _closed_error(self) -> PoolClosedError:
+    def _closed_error(self) -> PoolClosedError | None:
+        """The error an acquire should raise now, or None while the pool is open."""
+        if not self._closed:
+            return None
         if self._forked:
             return PoolClosedError(
                 "this pool was created before fork(); CUDA streams do not survive fork, "
@@ -462,7 +369,7 @@ class CudaStreamPool:
             raise LeaseError("this lease was already released") from None
         stream._active_ns += time.perf_counter_ns() - stream._lease_start
         stream.state = StreamState.IDLE
-        self._return(stream._lane, stream)
+        stream._lane.give_back(stream)
         if event is not None:
             with self._lock:
                 stale = self._keys.finish(key, stream, event)
@@ -513,8 +420,8 @@ class CudaStreamPool:
 
     def sync_all(self) -> None:
         """Block until the work on every pool stream is done."""
-        if self._closed:
-            raise self._closed_error()
+        if (error := self._closed_error()) is not None:
+            raise error
         for stream in self._streams:
             stream.synchronize()
 
@@ -557,11 +464,7 @@ class CudaStreamPool:
                 return
             self._closed = True
             for lane in self._lanes.values():
-                while lane.waiters:
-                    waiter = lane.waiters.popleft()
-                    waiter.closed = True
-                    waiter.ready.set()
-                lane.idle.clear()
+                lane.close()
             key_events = self._keys.clear()
         for event in key_events:
             self.events.release(event)
@@ -591,7 +494,11 @@ def _after_fork_in_child() -> None:
     for pool in list(_live_pools):
         pool._forked = True
         pool._closed = True
+        # A parent thread may have held the lock at fork time; never wait on it.
         pool._lock = threading.RLock()
+        for lane in pool._lanes.values():
+            lane.lock = pool._lock
+        pool._keys.changed = threading.Condition(pool._lock)
         pool._finalizer.detach()  # the parent's CUDA handles are not ours to destroy
         for stream in pool._streams:
             stream.state = StreamState.CLOSED

@@ -14,6 +14,7 @@ from ._types import StreamKind, StreamState
 if TYPE_CHECKING:
     from ._backends import Backend
     from ._events import PooledEvent
+    from ._lanes import Lane
     from ._pool import CudaStreamPool
 
 __all__ = ["PooledStream"]
@@ -52,7 +53,7 @@ class PooledStream:
     _capturing: Callable[[], int] | None
     _handle: Any
     _host_errors: deque[BaseException]
-    _lane: Any  # the pool's per-kind queue (the pool sets it)
+    _lane: Lane  # the pool's queue for this stream's kind (the pool sets it)
     _lease_start: int
     _pool: CudaStreamPool
     _waits: int
