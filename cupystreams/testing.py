@@ -59,7 +59,7 @@ class _ModelLease:
 
 @dataclass
 class _Ordering:
-    """ "Every token in ``before`` runs before every token in ``after``."""
+    """Every token in ``before`` runs before every token in ``after``."""
 
     before: list[int]
     after: list[int]
