@@ -197,7 +197,12 @@ class StreamLease:
             lane.hand_off_locked()
 
     def __enter__(self) -> StreamLease:
-        stream = self._live()
+        try:
+            stream = self._slot[0]
+        except IndexError:
+            raise LeaseError("this lease was released; acquire a new one") from None
+        if stream.state is not _LEASED:
+            stream._check_open()
         if self._token is not None:
             raise LeaseError("this lease is already entered; a lease is entered once")
         backend = stream._backend

@@ -13,7 +13,10 @@ import cupy
 __all__ = ["CupyBackend", "hardware_queues_from_env"]
 
 _MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
-_CUDA_STREAM_NON_BLOCKING = 1
+# Bound once: entering a lease is a hot path, and these lookups add up.
+_get_device = cupy.cuda.runtime.getDevice
+_set_device = cupy.cuda.runtime.setDevice
+_get_current_stream = cupy.cuda.get_current_stream
 
 
 def hardware_queues_from_env() -> int:
@@ -120,10 +123,10 @@ class CupyBackend:
         return cupy.cuda.get_current_stream(self.device)
 
     def enter(self, stream: Any) -> Any:
-        previous_device = cupy.cuda.runtime.getDevice()
+        previous_device = _get_device()
         if previous_device != self.device:
-            cupy.cuda.runtime.setDevice(self.device)
-        previous_stream = cupy.cuda.get_current_stream(self.device)
+            _set_device(self.device)
+        previous_stream = _get_current_stream(self.device)
         stream.use()
         return previous_device, previous_stream
 
@@ -131,7 +134,7 @@ class CupyBackend:
         previous_device, previous_stream = token
         previous_stream.use()
         if previous_device != self.device:
-            cupy.cuda.runtime.setDevice(previous_device)
+            _set_device(previous_device)
 
     def as_stream(self, obj: object) -> Any:
         if isinstance(obj, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
