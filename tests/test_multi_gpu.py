@@ -84,3 +84,21 @@ def test_a_stream_of_another_device_is_a_clear_error(
             event.record(foreign)
         event.release()
     assert zero.stats().compute == before.compute
+
+
+@pytest.mark.requires_module("torch")
+def test_allreduce_example_reduces_correctly_under_torchrun() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "allreduce_overlap.py"
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(example), "--check", "--buckets=4", "--bucket-mib=4", "--matmuls=1", "--size=1024"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "check passed: 4 buckets all-reduced over 2 GPUs" in result.stdout
