@@ -102,3 +102,23 @@ def test_allreduce_example_reduces_correctly_under_torchrun() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "check passed: 4 buckets all-reduced over 2 GPUs" in result.stdout
+
+
+def test_cupy_nccl_example_reduces_on_comm_leases() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cupy
+
+    if not cupy.cuda.nccl.available:
+        pytest.fail("CuPy was built without NCCL here; the GPU machine has it")
+    example = Path(__file__).resolve().parent.parent / "examples" / "cupy_nccl_overlap.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--check", "--buckets=3", "--elements=65536"],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, NCCL_NVLS_ENABLE="0"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "check passed: 3 buckets all-reduced over" in result.stdout
