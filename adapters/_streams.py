@@ -1,0 +1,176 @@
+"""What every adapter shares: stream arguments, a weak per-stream cache, GPU ordering.
+
+Adapters take the same stream arguments as the core (DESIGN semantic 0): a
+``StreamLease``, a ``PooledStream``, a ``cupy.cuda.Stream``, any object with
+``__cuda_stream__``, or a raw pointer int (0 is the legacy default stream).
+Each is turned into a CuPy stream here, because every hand-off goes through
+CuPy's notion of "the current stream".
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+try:
+    import cupy
+except ImportError as exc:
+    raise ImportError(
+        "cupystreams adapters need CuPy, which is not installed; install it with "
+        "`pip install cupystreams[cuda13]` (or `cupystreams[cuda12]`)"
+    ) from exc
+
+from cupystreams._stream_args import ACCEPTED_STREAMS, pooled_source
+
+__all__ = ["StreamCache", "device_of", "order", "stream_handle"]
+
+T = TypeVar("T")
+
+_CUPY_STREAMS = (cupy.cuda.Stream, cupy.cuda.ExternalStream)
+
+
+class _Pointer:
+    """A raw pointer dressed in the ``__cuda_stream__`` protocol for CuPy."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def stream_handle(obj: object, argument: str) -> tuple[Any, bool]:
+    """Return ``(cupy_stream, long_lived)`` for a stream argument.
+
+    ``long_lived`` is True when the CuPy stream object outlives this call (a
+    pool's stream, or a CuPy stream the caller holds), so that values built for
+    it may be cached against it. A pointer or a protocol object gets a fresh
+    CuPy wrapper on the current device, which is not worth caching.
+
+    Raises:
+        TypeError: ``obj`` is no stream, or a lease of a pool on the host backend.
+        LeaseError, PoolClosedError: a released lease, or a closed pool's stream.
+    """
+    pooled = pooled_source(obj)
+    if pooled is not None:
+        handle = pooled.stream
+        if not isinstance(handle, _CUPY_STREAMS):
+            raise TypeError(
+                f"{argument}={obj!r} belongs to a pool on the host backend, which has no "
+                "CUDA streams; framework adapters need a pool with backend='cupy'"
+            )
+        return handle, True
+    if isinstance(obj, _CUPY_STREAMS):
+        # Stream.null has no device of its own (device_id -1): not cacheable.
+        return obj, obj.device_id >= 0
+    if isinstance(obj, bool):
+        raise TypeError(f"{argument}={obj!r} is not a stream; pass {ACCEPTED_STREAMS}")
+    if isinstance(obj, int):
+        if obj < 0:
+            raise ValueError(f"{argument}={obj} is not a valid stream pointer (negative)")
+        foreign: object = _Pointer(obj)
+    elif hasattr(obj, "__cuda_stream__"):
+        foreign = obj
+    else:
+        raise TypeError(f"{argument}={obj!r} is not a stream; pass {ACCEPTED_STREAMS}")
+    try:
+        handle = cupy.cuda.Stream.from_external(foreign)
+    except TypeError as exc:
+        raise TypeError(
+            f"{argument}={obj!r} is not usable as a stream: {exc}; pass {ACCEPTED_STREAMS}"
+        ) from None
+    # CuPy wraps whatever pointer it is given; 0 is best served by its own singleton.
+    return (cupy.cuda.Stream.null if handle.ptr == 0 else handle), False
+
+
+def device_of(handle: Any) -> int:
+    """The device of a CuPy stream (the current device for ``Stream.null``)."""
+    device: int = handle.device_id
+    return device if device >= 0 else int(cupy.cuda.runtime.getDevice())
+
+
+def _dropper(entries: dict[int, tuple[Any, Any]], ident: int) -> Callable[[Any], None]:
+    # A factory, so the weakref callback holds the table and the id, never a cache.
+    def drop(ref: Any) -> None:
+        entry = entries.get(ident)
+        if entry is not None and entry[0] is ref:
+            del entries[ident]
+
+    return drop
+
+
+class StreamCache(Generic[T]):
+    """Values built once per CuPy stream object and dropped with that object.
+
+    A pool's CuPy streams live as long as the pool's ``PooledStream`` objects,
+    so a collected pool takes its entries with it; the cache never keeps a
+    stream alive. Entries are keyed by object identity, checked through a weak
+    reference, so a new stream at a recycled address never finds a stale
+    entry. Thread-safe: racing first uses may both build, one value is kept.
+    """
+
+    def __init__(self, build: Callable[[Any], T]) -> None:
+        self._build = build
+        self._entries: dict[int, tuple[Any, T]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, handle: Any, long_lived: bool) -> T:
+        """The value for ``handle``; built without caching when not ``long_lived``."""
+        if not long_lived:
+            return self._build(handle)
+        ident = id(handle)
+        entry = self._entries.get(ident)
+        if entry is not None and entry[0]() is handle:
+            return entry[1]
+        value = self._build(handle)
+        with self._lock:
+            entry = self._entries.get(ident)
+            if entry is not None and entry[0]() is handle:
+                return entry[1]
+            self._entries[ident] = (weakref.ref(handle, _dropper(self._entries, ident)), value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_local = threading.local()
+
+
+def _ordering_event(device: int) -> Any:
+    # One event per thread and device: CUDA captures an event's state when a
+    # stream is told to wait on it, so re-recording it later is safe, and a
+    # thread-local event cannot be re-recorded by another thread in between.
+    events: dict[int, Any] | None = getattr(_local, "events", None)
+    if events is None:
+        events = _local.events = {}
+    event = events.get(device)
+    if event is None:
+        with cupy.cuda.Device(device):
+            event = events[device] = cupy.cuda.Event(block=False, disable_timing=True)
+    return event
+
+
+def order(waiter: int, producer: int, device: int) -> None:
+    """Make stream ``waiter`` wait, on the GPU, for the work queued on ``producer`` so far.
+
+    Both are raw pointers of streams of ``device`` (0: that device's legacy
+    default stream). The host never blocks.
+    """
+    if waiter == producer:
+        return  # a stream is already ordered after its own work
+    event = _ordering_event(device)
+    runtime = cupy.cuda.runtime
+    previous = runtime.getDevice()
+    if previous != device:
+        runtime.setDevice(device)  # pointer 0 means the *current* device's legacy stream
+    try:
+        runtime.eventRecord(event.ptr, producer)
+        runtime.streamWaitEvent(waiter, event.ptr, 0)
+    finally:
+        if previous != device:
+            runtime.setDevice(previous)

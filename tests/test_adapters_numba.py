@@ -1,0 +1,152 @@
+"""The Numba adapter: a lease as the stream of a Numba kernel launch.
+
+Both directions race a slow producer: CuPy's spinning kernel before a Numba
+consumer, and a slow Numba kernel before a CuPy consumer. Numba reads and
+writes through ``RawCudaArray`` (no stream in its array interface), so Numba
+synchronizes nothing on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import importlib
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from gpu_helpers import RawCudaArray, raw_view, slow_fill
+
+from cupystreams import CudaStreamPool
+
+F = TypeVar("F", bound=Callable[..., Any])
+N = 1 << 16
+THREADS = 256
+BLOCKS = N // THREADS
+SLOW_ITERATIONS = 1 << 22  # a dependent integer chain: tens of ms per thread
+
+
+def gpu_numba(test: F) -> F:
+    marked: F = pytest.mark.gpu(pytest.mark.requires_module("numba")(test))
+    return marked
+
+
+@pytest.fixture
+def gpu_pool() -> Iterator[CudaStreamPool]:
+    with CudaStreamPool(
+        compute_streams=2, comm_streams=0, high_priority_streams=0, backend="cupy"
+    ) as pool:
+        yield pool
+
+
+@pytest.fixture
+def adapter() -> Any:
+    return importlib.import_module("cupystreams.adapters.numba")
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    from numba import cuda
+
+    @cuda.jit
+    def copy(src: Any, dst: Any) -> None:
+        i = cuda.grid(1)
+        if i < dst.size:
+            dst[i] = src[i]
+
+    @cuda.jit
+    def slow_fill_numba(dst: Any, sink: Any, value: float, iterations: int) -> None:
+        i = cuda.grid(1)
+        acc = i
+        for _ in range(iterations):
+            acc = (acc * 1664525 + 1013904223) & 0xFFFFFFFF
+        if i < dst.size:
+            sink[i] = acc  # kept, so the chain cannot be optimized away
+            dst[i] = value
+
+    return copy, slow_fill_numba
+
+
+def _zeros(n: int) -> Any:
+    import cupy
+
+    array = cupy.zeros(n, dtype=cupy.float32)
+    cupy.cuda.runtime.deviceSynchronize()
+    return array
+
+
+def _raw(array: Any) -> RawCudaArray:
+    return RawCudaArray(array.data.ptr, array.size, owner=array)
+
+
+def test_import_without_numba_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "cupystreams.adapters.numba", raising=False)
+    with pytest.raises(ImportError, match=r"pip install cupystreams\[numba\]"):
+        importlib.import_module("cupystreams.adapters.numba")
+
+
+@gpu_numba
+def test_numba_stream_is_built_once_per_pooled_stream(
+    gpu_pool: CudaStreamPool, adapter: Any
+) -> None:
+    with gpu_pool.acquire_compute() as lease:
+        stream = adapter.as_numba_stream(lease)
+        assert int(stream) == lease.ptr
+        assert stream.__cuda_stream__() == (0, lease.ptr)
+        assert adapter.as_numba_stream(lease) is stream
+        assert adapter.as_numba_stream(lease.stream) is stream
+        assert int(adapter.as_numba_stream(lease.ptr)) == lease.ptr
+    with pytest.raises(TypeError, match="is not a stream"):
+        adapter.as_numba_stream(1.5)
+
+
+@gpu_numba
+def test_the_cache_keeps_no_pool_stream_alive(adapter: Any) -> None:
+    pool = CudaStreamPool(1, 0, 0, backend="cupy")
+    lease = pool.acquire_compute()
+    adapter.as_numba_stream(lease)
+    stream_ref = weakref.ref(lease.cupy_stream)
+    lease.release()
+    pool.close()
+    del lease, pool
+    gc.collect()
+    assert stream_ref() is None, "the adapter's cache kept a closed pool's stream alive"
+
+
+@gpu_numba
+def test_a_numba_kernel_on_the_lease_runs_after_the_lease_work(
+    gpu_pool: CudaStreamPool, adapter: Any
+) -> None:
+    import cupy
+
+    copy, _ = _kernels()
+    x, out = _zeros(N), _zeros(N)
+    with gpu_pool.acquire_compute() as lease:
+        stream = adapter.as_numba_stream(lease)
+        copy[BLOCKS, THREADS, stream](_raw(x), _raw(out))  # compile outside the race
+        lease.synchronize()
+        slow_fill(x.data.ptr, N, 7.0, lease.cupy_stream)  # CuPy writes late on the lease
+        copy[BLOCKS, THREADS, stream](_raw(x), _raw(out))
+        lease.synchronize()
+    assert bool(cupy.all(out == 7.0)), "the Numba kernel ran before the lease's earlier work"
+
+
+@gpu_numba
+def test_the_lease_work_runs_after_a_numba_kernel_on_the_lease(
+    gpu_pool: CudaStreamPool, adapter: Any
+) -> None:
+    import cupy
+
+    _, slow_fill_numba = _kernels()
+    x, sink = _zeros(N), _zeros(N)
+    with gpu_pool.acquire_compute() as lease:
+        stream = adapter.as_numba_stream(lease)
+        slow_fill_numba[BLOCKS, THREADS, stream](_raw(x), _raw(sink), 1.0, 1)  # compile
+        lease.synchronize()
+        slow_fill_numba[BLOCKS, THREADS, stream](_raw(x), _raw(sink), 7.0, SLOW_ITERATIONS)
+        out = raw_view(x.data.ptr, N, owner=x).copy()  # CuPy on the lease (current)
+        lease.synchronize()
+    assert bool(cupy.all(out == 7.0)), "the lease's CuPy copy ran before the Numba kernel"
