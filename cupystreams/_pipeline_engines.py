@@ -1,0 +1,232 @@
+"""Where a pipeline's buffers live and how its three stages run, per backend.
+
+The pipeline's loop (``cupystreams.pipeline``) is the same on every backend;
+an engine supplies the backend-specific parts: host and device buffers, the
+copy-in, the user's compute and the copy-out, each queued on a lease's stream.
+On the cupy backend the copies are ``cudaMemcpyAsync`` calls and the compute is
+the user's callable launching kernels on the current stream. On the host
+backend every stage is a host function run by the stream's worker thread, so
+the same ordering rules (events between stages) are exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ._backends import Backend
+    from ._lease import StreamLease
+
+__all__ = ["CupyEngine", "Destination", "Engine", "HostEngine", "Pending", "RunState"]
+
+#: Given the user's result for a chunk, the host array to copy it into.
+Destination = Callable[[Any], np.ndarray]
+
+
+class RunState:
+    """What one run shares with the work it queued: the first failure wins.
+
+    On the host backend the stages run on worker threads; they record their
+    exception here instead of raising it on a thread nobody joins, and skip
+    their work once a failure is recorded.
+    """
+
+    __slots__ = ("_lock", "error")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+
+    def check(self) -> None:
+        """Raise the recorded failure, if any."""
+        if self.error is not None:
+            raise self.error
+
+
+class Pending:
+    """The user's result for one chunk: set at once (cupy) or by a worker (host)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any = None) -> None:
+        self.value = value
+
+
+class Engine(Protocol):
+    """The backend-specific half of a pipeline."""
+
+    def on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """Make the pool's device current for the block (copies and allocations)."""
+        ...
+
+    def host_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        """A host array the copies can use directly (page-locked on a GPU)."""
+        ...
+
+    def is_direct(self, array: np.ndarray) -> bool:
+        """Whether the copies can use ``array`` without a staging buffer."""
+        ...
+
+    def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any: ...
+
+    def copy_in(self, lease: StreamLease, dst: Any, src: np.ndarray, state: RunState) -> None:
+        """Queue the copy of host ``src`` into device ``dst`` on ``lease``."""
+        ...
+
+    def compute(
+        self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
+    ) -> Pending:
+        """Queue ``fn(x)`` on ``lease`` (its stream current while ``fn`` runs)."""
+        ...
+
+    def copy_out(
+        self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
+    ) -> None:
+        """Queue the copy of the result into ``destination(result)`` on ``lease``."""
+        ...
+
+
+class CupyEngine:
+    """Page-locked host buffers, CuPy device buffers, ``cudaMemcpyAsync`` copies."""
+
+    def __init__(self, backend: Backend) -> None:
+        import cupy
+
+        self._cupy = cupy
+        self._backend = backend
+        runtime = cupy.cuda.runtime
+        self._memcpy = runtime.memcpyAsync
+        self._to_device = runtime.memcpyHostToDevice
+        self._to_host = runtime.memcpyDeviceToHost
+        # Page-locked host memory: the copy engines read and write it directly.
+        self._pinned = runtime.memoryTypeHost
+
+    def on_device(self) -> contextlib.AbstractContextManager[Any]:
+        return self._cupy.cuda.Device(self._backend.device)  # type: ignore[no-any-return]
+
+    def host_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        count = math.prod(shape)
+        # CuPy's pinned-memory pool caches the block when the array dies, so
+        # repeated runs do not pay cudaHostAlloc again.
+        memory = self._cupy.cuda.alloc_pinned_memory(max(1, count * dtype.itemsize))
+        return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
+
+    def is_direct(self, array: np.ndarray) -> bool:
+        if array.nbytes == 0 or not array.flags.c_contiguous:
+            return False
+        attributes = self._cupy.cuda.runtime.pointerGetAttributes(array.ctypes.data)
+        return bool(int(attributes.type) == self._pinned)
+
+    def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        return self._cupy.empty(shape, dtype)  # within on_device()
+
+    def copy_in(self, lease: StreamLease, dst: Any, src: np.ndarray, state: RunState) -> None:
+        self._memcpy(dst.data.ptr, src.ctypes.data, src.nbytes, self._to_device, lease.ptr)
+
+    def compute(
+        self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
+    ) -> Pending:
+        cupy = self._cupy
+        token = self._backend.enter(lease.cupy_stream)
+        try:
+            y = fn(x)
+            if not (
+                isinstance(y, cupy.ndarray)
+                or hasattr(y, "__cuda_array_interface__")
+                or hasattr(y, "__dlpack__")
+            ):
+                raise TypeError(
+                    f"fn returned {type(y).__name__}; on the cupy backend fn must return a "
+                    "device array (a cupy.ndarray, or an array with __cuda_array_interface__ "
+                    "or __dlpack__)"
+                )
+            # Zero-copy for CuPy, torch, Numba results; a copy on this stream
+            # only when the result is not contiguous.
+            y = cupy.ascontiguousarray(cupy.asarray(y))
+        finally:
+            self._backend.exit(token)
+        return Pending(y)
+
+    def copy_out(
+        self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
+    ) -> None:
+        y = result.value
+        dst = destination(y)
+        self._memcpy(dst.ctypes.data, y.data.ptr, y.nbytes, self._to_host, lease.ptr)
+
+
+class HostEngine:
+    """numpy buffers; every stage is a host function on the lease's stream."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    def on_device(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def host_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def is_direct(self, array: np.ndarray) -> bool:
+        return True  # host "copies" read any numpy array
+
+    def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        return np.empty(shape, dtype)
+
+    @staticmethod
+    def _queue(lease: StreamLease, state: RunState, task: Callable[[], None]) -> None:
+        def guarded() -> None:
+            if state.error is not None:
+                return  # an earlier stage failed: nothing of this run is worth doing
+            try:
+                task()
+            except BaseException as exc:  # handed to the run's thread by RunState
+                state.fail(exc)
+
+        lease.launch_host_func(guarded)
+
+    def copy_in(self, lease: StreamLease, dst: Any, src: np.ndarray, state: RunState) -> None:
+        self._queue(lease, state, lambda: np.copyto(dst, src))
+
+    def compute(
+        self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
+    ) -> Pending:
+        result = Pending()
+        handle = lease.cupy_stream
+        backend = self._backend
+
+        def task() -> None:
+            token = backend.enter(handle)  # fn sees its stream as current, as on a GPU
+            try:
+                y = fn(x)
+            finally:
+                backend.exit(token)
+            if not isinstance(y, np.ndarray):
+                raise TypeError(
+                    f"fn returned {type(y).__name__}; on the host backend fn must return "
+                    "a numpy.ndarray"
+                )
+            result.value = y
+
+        self._queue(lease, state, task)
+        return result
+
+    def copy_out(
+        self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
+    ) -> None:
+        def task() -> None:
+            y = result.value
+            np.copyto(destination(y), y)
+
+        self._queue(lease, state, task)

@@ -1,0 +1,410 @@
+"""Overlapped, chunked host -> device -> host pipelines on a stream pool.
+
+A ``Pipeline`` cuts a host array into chunks along its first axis and moves
+each chunk through three stages, each on its own lease of the pool:
+
+1. copy-in on a comm lease (host to device),
+2. the user's ``fn`` on a compute lease (``fn`` launches CuPy, Numba or torch
+   work on the current stream, which is the lease's),
+3. copy-out on a second comm lease (device to host).
+
+Events order the stages of one chunk; different chunks overlap, so the copy
+engines and the SMs are busy at the same time. At most ``max_in_flight``
+chunks are queued at once, each with its own device buffer (and page-locked
+staging buffers where the caller's arrays are pageable), so memory stays
+bounded whatever the input size. ``run`` returns exactly what ``run_serial``
+(one stream, one chunk at a time) returns::
+
+    pool = CudaStreamPool()
+    pipe = Pipeline(pool, lambda x: cupy.sqrt(x) * 2, chunk_bytes=64 << 20)
+    data = pipe.empty_host((n,), numpy.float32)   # page-locked: the fast path
+    data[:] = ...
+    out = pipe.run(data)
+
+On the host backend the same code runs with numpy: the copies and ``fn`` run
+as host functions on the leases' simulated streams, in stream order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ._errors import PoolExhaustedError
+from ._events import EventPool, PooledEvent
+from ._lease import StreamLease
+from ._pipeline_engines import CupyEngine, Destination, Engine, HostEngine, Pending, RunState
+from ._pool import CudaStreamPool
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "Pipeline"]
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+def _positive_int(name: str, value: object, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} must be an int")
+    if value < least:
+        raise ValueError(f"{name}={value} must be >= {least}")
+    return value
+
+
+class _Slot:
+    """One chunk in flight: its buffers, the events between its stages."""
+
+    __slots__ = (
+        "busy",
+        "copy_back",
+        "ev_comp",
+        "ev_in",
+        "ev_out",
+        "last",
+        "result",
+        "stage_in",
+        "stage_out",
+        "x",
+    )
+
+    def __init__(self, events: EventPool) -> None:
+        self.ev_in: PooledEvent = events.acquire()
+        self.ev_comp: PooledEvent = events.acquire()
+        self.ev_out: PooledEvent = events.acquire()
+        self.last: PooledEvent | None = None  # the latest event recorded for this slot
+        self.busy = False
+        self.x: Any = None  # device input buffer, reused chunk after chunk
+        self.stage_in: np.ndarray | None = None
+        self.stage_out: np.ndarray | None = None
+        self.result: Pending | None = None  # kept alive until its copy-out is done
+        self.copy_back: tuple[np.ndarray, np.ndarray] | None = None  # (dst, staged)
+
+    def free(self, events: EventPool) -> None:
+        for event in (self.ev_in, self.ev_comp, self.ev_out):
+            events.release(event)
+        self.x = self.stage_in = self.stage_out = self.result = self.copy_back = None
+
+
+class _Output:
+    """The result array: the caller's ``out``, or allocated from fn's first result."""
+
+    def __init__(self, engine: Engine, rows: int, out: np.ndarray | None) -> None:
+        if out is not None:
+            if not isinstance(out, np.ndarray):
+                raise TypeError(f"out={type(out).__name__} must be a numpy.ndarray or None")
+            if out.ndim == 0 or out.shape[0] != rows:
+                raise ValueError(
+                    f"out has shape {out.shape} but data has {rows} rows; out needs "
+                    f"{rows} rows (fn returns one row per input row)"
+                )
+            if not out.flags.writeable:
+                raise ValueError("out is read-only; pass a writeable array")
+        self._engine = engine
+        self._rows = rows
+        self._lock = threading.Lock()
+        self.array = out
+        # Copy straight into out when the copy engines can; else stage it.
+        self.direct = out is None or engine.is_direct(out)
+
+    def view(self, y: Any, start: int, stop: int) -> np.ndarray:
+        """Where fn's result ``y`` for rows ``start:stop`` goes; checks its shape."""
+        rows = stop - start
+        shape = tuple(y.shape)
+        if not shape or shape[0] != rows:
+            raise ValueError(
+                f"fn returned shape {shape} for a chunk of {rows} rows; fn must return "
+                "one row per input row (the same first dimension)"
+            )
+        with self._lock:
+            if self.array is None:
+                self.array = self._engine.host_empty((self._rows, *shape[1:]), np.dtype(y.dtype))
+        out = self.array
+        if out.shape[1:] != shape[1:] or out.dtype != y.dtype:
+            raise ValueError(
+                f"fn returned {y.dtype} rows of shape {shape[1:]} for rows {start}:{stop}, but "
+                f"the output holds {out.dtype} rows of shape {out.shape[1:]}; fn must return "
+                "the same dtype and row shape for every chunk (and match out=)"
+            )
+        return out[start:stop]
+
+
+class Pipeline:
+    """Run ``fn`` over a host array chunk by chunk, overlapping copies and compute.
+
+    Args:
+        pool: The pool to lease streams from; it needs compute and comm streams.
+            Two comm streams let copy-in and copy-out overlap; with one (or when
+            another thread holds the second), both directions share it.
+        fn: Called as ``fn(x)`` with each chunk ``x`` on the device (a
+            ``cupy.ndarray``; a ``numpy.ndarray`` on the host backend), with the
+            compute lease's stream current. It must queue its work on that stream
+            and return the chunk's result: one row per input row, the same dtype
+            and row shape for every chunk, as a device array (CuPy, or anything
+            with ``__cuda_array_interface__`` / ``__dlpack__``). On the host
+            backend it runs on the stream's worker thread and returns numpy.
+        chunk_bytes: Bytes of input per chunk (whole rows; at least one row).
+        max_in_flight: Chunks queued at once; each holds a device input buffer,
+            its result, and staging buffers for pageable arrays. Four keeps three
+            stages busy with a chunk of slack.
+
+    Thread safety: ``run`` and ``run_serial`` may be called from several threads
+    at once; each call keeps its own buffers.
+    """
+
+    def __init__(
+        self,
+        pool: CudaStreamPool,
+        fn: Callable[[Any], Any],
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_in_flight: int = 4,
+    ) -> None:
+        if not isinstance(pool, CudaStreamPool):
+            raise TypeError(f"pool={pool!r} must be a CudaStreamPool")
+        if not callable(fn):
+            raise TypeError(f"fn={fn!r} must be callable as fn(chunk) -> result")
+        stats = pool.stats()
+        if stats.compute.capacity == 0 or stats.comm.capacity == 0:
+            raise ValueError(
+                "a pipeline needs a pool with compute_streams >= 1 and comm_streams >= 1; "
+                f"this one has {stats.compute.capacity} and {stats.comm.capacity}"
+            )
+        self.pool = pool
+        self.fn = fn
+        self.chunk_bytes = _positive_int("chunk_bytes", chunk_bytes, 1)
+        self.max_in_flight = _positive_int("max_in_flight", max_in_flight, 1)
+        backend = pool._backend
+        self._engine: Engine = (
+            CupyEngine(backend) if backend.name == "cupy" else HostEngine(backend)
+        )
+        self._lock = threading.Lock()
+        self._slots_in_use = 0
+
+    @property
+    def buffers_in_use(self) -> int:
+        """Chunk slots (device buffer, result, staging) held by running calls; 0 when idle."""
+        return self._slots_in_use
+
+    def empty_host(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        """A host array ``run`` copies from and into directly, without staging.
+
+        Page-locked memory from CuPy's pinned-memory pool on the cupy backend
+        (returned to that pool when the array is collected); plain numpy on the
+        host backend.
+        """
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        return self._engine.host_empty(dims, np.dtype(dtype))
+
+    # -- running -----------------------------------------------------------
+
+    def run(self, data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Apply ``fn`` to every chunk of ``data`` with the stages overlapped.
+
+        Args:
+            data: Host array, cut into chunks along its first axis.
+            out: Host array for the result (``len(data)`` rows); allocated from
+                fn's first result when None (page-locked on the cupy backend).
+
+        Returns:
+            The results of all chunks, in order: equal to ``run_serial(data)``.
+
+        Raises:
+            Whatever ``fn`` raises, once the work already queued has finished;
+            no lease, event or buffer of the call stays held.
+        """
+        return self._run(data, out, serial=False)
+
+    def run_serial(self, data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The reference: every stage of every chunk on one stream, one chunk at a time.
+
+        Each chunk's copy-out is waited for before the next chunk starts, as a
+        blocking ``.get()`` would. Arguments and result as ``run``.
+        """
+        return self._run(data, out, serial=True)
+
+    def _run(self, data: np.ndarray, out: np.ndarray | None, serial: bool) -> np.ndarray:
+        if not isinstance(data, np.ndarray):
+            hint = (
+                " (it is already on the device: call fn on it directly)"
+                if hasattr(data, "__cuda_array_interface__")
+                else ""
+            )
+            raise TypeError(f"data={type(data).__name__} must be a numpy.ndarray{hint}")
+        if data.ndim == 0 or data.shape[0] == 0:
+            raise ValueError(f"data has shape {data.shape}; it needs at least one row")
+        row_bytes = data.itemsize * math.prod(data.shape[1:])
+        rows_per_chunk = max(1, self.chunk_bytes // max(1, row_bytes))
+        output = _Output(self._engine, data.shape[0], out)
+        call = _Call(self, data, rows_per_chunk, output, serial)
+        with self._lock:
+            self._slots_in_use += call.count
+        try:
+            with self._engine.on_device():
+                call.execute()
+        finally:
+            with self._lock:
+                self._slots_in_use -= call.count
+        assert output.array is not None  # every chunk was copied out
+        return output.array
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        return (
+            f"<Pipeline fn={name} chunk_bytes={self.chunk_bytes} "
+            f"max_in_flight={self.max_in_flight} on {self.pool!r}>"
+        )
+
+
+class _Call:
+    """One ``run``/``run_serial`` call: its chunks, slots, output and failure state."""
+
+    def __init__(
+        self, pipe: Pipeline, data: np.ndarray, step: int, output: _Output, serial: bool
+    ) -> None:
+        self.pool = pipe.pool
+        self.fn = pipe.fn
+        self.engine = pipe._engine
+        self.data = data
+        self.step = step
+        rows = data.shape[0]
+        self.chunks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+        self.output = output
+        self.serial = serial
+        self.count = 1 if serial else min(pipe.max_in_flight, len(self.chunks))
+        self.slots: list[_Slot] = []
+        self.state = RunState()
+
+    def execute(self) -> None:
+        events = self.pool.events
+        try:
+            self._loop()
+        except BaseException as exc:
+            self.state.fail(exc)  # queued host-backend stages skip their work
+            for slot in self.slots:
+                if slot.last is not None:
+                    with contextlib.suppress(Exception):
+                        slot.last.synchronize()  # no buffer is freed under a copy
+            raise
+        finally:
+            for slot in self.slots:
+                slot.free(events)
+
+    def _loop(self) -> None:
+        engine, data, step = self.engine, self.data, self.step
+        row_shape = data.shape[1:]
+        direct_in = engine.is_direct(data)
+        share_comm = self.pool.stats().comm.capacity < 2
+        for index, (start, stop) in enumerate(self.chunks):
+            if len(self.slots) < self.count:
+                self.slots.append(_Slot(self.pool.events))
+            slot = self.slots[index % self.count]
+            self._retire(slot)  # bounds the chunks in flight
+            src = data[start:stop]
+            if not direct_in:
+                if slot.stage_in is None:
+                    slot.stage_in = engine.host_empty((step, *row_shape), data.dtype)
+                src = slot.stage_in[: stop - start]
+                np.copyto(src, data[start:stop])
+            if slot.x is None:
+                slot.x = engine.device_empty((step, *row_shape), data.dtype)
+            destination = self._destination(slot, start, stop)
+            if self.serial:
+                self._submit_serial(slot, src, destination)
+                self._retire(slot)
+            else:
+                self._submit(slot, src, destination, share_comm)
+        for slot in self.slots:
+            self._retire(slot)
+
+    def _destination(self, slot: _Slot, start: int, stop: int) -> Destination:
+        output = self.output
+
+        def destination(y: Any) -> np.ndarray:
+            view = output.view(y, start, stop)
+            if output.direct:
+                return view
+            if slot.stage_out is None:
+                slot.stage_out = self.engine.host_empty(
+                    (self.step, *view.shape[1:]), np.dtype(view.dtype)
+                )
+            staged = slot.stage_out[: stop - start]
+            slot.copy_back = (view, staged)
+            return staged
+
+        return destination
+
+    def _retire(self, slot: _Slot) -> None:
+        """Wait until the slot's chunk is back on the host, then free the slot."""
+        if slot.busy:
+            slot.ev_out.synchronize()
+            if slot.copy_back is not None:
+                np.copyto(*slot.copy_back)
+            slot.copy_back = None
+            slot.result = None  # the device may reuse the result's memory now
+            slot.busy = False
+        self.state.check()
+
+    def _stages(
+        self,
+        slot: _Slot,
+        src: np.ndarray,
+        destination: Destination,
+        leases: tuple[StreamLease, StreamLease, StreamLease],
+    ) -> None:
+        copy_in, compute, copy_out = leases
+        engine, state = self.engine, self.state
+        x = slot.x[: src.shape[0]]
+        engine.copy_in(copy_in, x, src, state)
+        slot.ev_in.record(copy_in)
+        slot.last = slot.ev_in
+        slot.busy = True
+        if compute is not copy_in:
+            compute.wait_event(slot.ev_in)
+        try:
+            slot.result = engine.compute(compute, self.fn, x, state)
+        finally:
+            # Also after a failure: fn may have queued work that reads x.
+            slot.ev_comp.record(compute)
+            slot.last = slot.ev_comp
+        if copy_out is not compute:
+            copy_out.wait_event(slot.ev_comp)
+        engine.copy_out(copy_out, slot.result, destination, state)
+        slot.ev_out.record(copy_out)
+        slot.last = slot.ev_out
+
+    def _submit(
+        self, slot: _Slot, src: np.ndarray, destination: Destination, share_comm: bool
+    ) -> None:
+        pool = self.pool
+        copy_in = pool.acquire_comm()
+        try:
+            copy_out = copy_in
+            # Never block for the second: two pipelines each holding one comm
+            # stream and waiting for the other would deadlock. Looking at the
+            # idle deque first keeps exhaustions out of the pool's counters.
+            if not share_comm and pool._comm.idle:
+                with contextlib.suppress(PoolExhaustedError):
+                    copy_out = pool.acquire_comm(blocking=False)
+            try:
+                compute = pool.acquire_compute()
+                try:
+                    self._stages(slot, src, destination, (copy_in, compute, copy_out))
+                finally:
+                    compute.release()
+            finally:
+                if copy_out is not copy_in:
+                    # Released before copy_in, so the pool's idle stack hands
+                    # the same two streams out in the same roles next chunk.
+                    copy_out.release()
+        finally:
+            copy_in.release()
+
+    def _submit_serial(self, slot: _Slot, src: np.ndarray, destination: Destination) -> None:
+        lease = self.pool.acquire_compute()
+        try:
+            self._stages(slot, src, destination, (lease, lease, lease))
+        finally:
+            lease.release()

@@ -1,0 +1,365 @@
+"""cupystreams.pipeline: results, ordering, bounded buffers, failures, bad input.
+
+Every behaviour runs on the host backend (simulated streams, numpy) and, with
+a GPU, on the cupy backend with real copies and kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cupystreams import CudaStreamPool
+from cupystreams.pipeline import Pipeline
+
+ROWS, COLS = 1000, 7
+ROW_BYTES = COLS * 4
+
+
+def double_plus_one(x: Any) -> Any:
+    return x * 2 + 1  # numpy on the host backend, CuPy on the GPU
+
+
+@pytest.fixture
+def big_pool(backend: str) -> Iterator[CudaStreamPool]:
+    """The default shape: 4 compute, 2 comm, 1 high-priority stream."""
+    p = CudaStreamPool(backend=backend)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def sample(rows: int = ROWS, cols: int = COLS) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((rows, cols)).astype(np.float32)
+
+
+def check_nothing_held(pool: CudaStreamPool, pipe: Pipeline) -> None:
+    stats = pool.stats()
+    assert stats.leased == 0
+    assert stats.events.in_use == 0
+    assert pipe.buffers_in_use == 0
+
+
+def test_run_equals_serial_and_reference(big_pool: CudaStreamPool) -> None:
+    data = sample()
+    pipe = Pipeline(big_pool, double_plus_one, chunk_bytes=64 * ROW_BYTES, max_in_flight=3)
+    out = pipe.run(data)
+    serial = pipe.run_serial(data)
+    assert out.shape == data.shape and out.dtype == np.float32
+    assert np.array_equal(out, serial)
+    assert np.array_equal(out, data * 2 + 1)
+    check_nothing_held(big_pool, pipe)
+
+
+def test_chunks_of_one_row_and_one_chunk(big_pool: CudaStreamPool) -> None:
+    data = sample(rows=9)
+    tiny = Pipeline(big_pool, double_plus_one, chunk_bytes=1)  # a row is the least
+    whole = Pipeline(big_pool, double_plus_one, chunk_bytes=1 << 30)
+    assert np.array_equal(tiny.run(data), data * 2 + 1)
+    assert np.array_equal(whole.run(data), data * 2 + 1)
+
+
+def test_fn_may_change_dtype_and_row_shape(big_pool: CudaStreamPool) -> None:
+    data = sample()
+
+    def first_two_columns_as_float64(x: Any) -> Any:
+        return (x[:, :2] * 3).astype(np.float64)
+
+    pipe = Pipeline(big_pool, first_two_columns_as_float64, chunk_bytes=100 * ROW_BYTES)
+    out = pipe.run(data)
+    assert out.dtype == np.float64 and out.shape == (ROWS, 2)
+    assert np.array_equal(out, (data[:, :2] * 3).astype(np.float64))
+    assert np.array_equal(out, pipe.run_serial(data))
+
+
+def test_out_is_filled_and_returned(big_pool: CudaStreamPool) -> None:
+    data = sample()
+    pipe = Pipeline(big_pool, double_plus_one, chunk_bytes=128 * ROW_BYTES)
+    out = np.full_like(data, np.nan)
+    assert pipe.run(data, out=out) is out
+    assert np.array_equal(out, data * 2 + 1)
+
+
+def test_a_pool_with_one_comm_stream_still_works(backend: str) -> None:
+    with CudaStreamPool(1, 1, 0, backend=backend) as pool:
+        pipe = Pipeline(pool, double_plus_one, chunk_bytes=50 * ROW_BYTES)
+        data = sample()
+        assert np.array_equal(pipe.run(data), data * 2 + 1)
+        check_nothing_held(pool, pipe)
+
+
+class Boom(Exception):
+    pass
+
+
+def failing_on(chunk_start: float) -> tuple[Callable[[Any], Any], Boom]:
+    error = Boom("fn failed")
+
+    def fn(x: Any) -> Any:
+        if float(x[0, 0]) >= chunk_start:
+            raise error
+        return x * 2 + 1
+
+    return fn, error
+
+
+def test_exception_in_fn_propagates_and_frees_everything(big_pool: CudaStreamPool) -> None:
+    data = np.arange(ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS)
+    fn, error = failing_on(float(data[500, 0]))
+    pipe = Pipeline(big_pool, fn, chunk_bytes=100 * ROW_BYTES)
+    for run in (pipe.run, pipe.run_serial):
+        with pytest.raises(Boom) as raised:
+            run(data)
+        assert raised.value is error
+        check_nothing_held(big_pool, pipe)
+    # The pool is intact: the next pipeline gets every stream and event.
+    again = Pipeline(big_pool, double_plus_one, chunk_bytes=100 * ROW_BYTES)
+    assert np.array_equal(again.run(data), data * 2 + 1)
+
+
+def test_wrong_number_of_rows_is_a_clear_error(big_pool: CudaStreamPool) -> None:
+    pipe = Pipeline(big_pool, lambda x: x[:-1], chunk_bytes=100 * ROW_BYTES)
+    with pytest.raises(ValueError, match="one row per input row"):
+        pipe.run(sample())
+    check_nothing_held(big_pool, pipe)
+
+
+def test_changing_result_shape_between_chunks_is_an_error(big_pool: CudaStreamPool) -> None:
+    def fn(x: Any) -> Any:
+        return x if float(x[0, 0]) < 500 else x[:, :3]
+
+    data = np.arange(ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS) / COLS
+    pipe = Pipeline(big_pool, fn, chunk_bytes=100 * ROW_BYTES)
+    with pytest.raises(ValueError, match="same dtype and row shape"):
+        pipe.run(data)
+    check_nothing_held(big_pool, pipe)
+
+
+def test_bad_arguments_name_the_argument(big_pool: CudaStreamPool, backend: str) -> None:
+    with pytest.raises(ValueError, match="chunk_bytes=0"):
+        Pipeline(big_pool, double_plus_one, chunk_bytes=0)
+    with pytest.raises(TypeError, match="chunk_bytes"):
+        Pipeline(big_pool, double_plus_one, chunk_bytes=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_in_flight=0"):
+        Pipeline(big_pool, double_plus_one, max_in_flight=0)
+    with pytest.raises(TypeError, match="fn="):
+        Pipeline(big_pool, "not callable")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pool="):
+        Pipeline(object(), double_plus_one)  # type: ignore[arg-type]
+    with (
+        CudaStreamPool(2, 0, 0, backend=backend) as no_comm,
+        pytest.raises(ValueError, match="comm_streams >= 1"),
+    ):
+        Pipeline(no_comm, double_plus_one)
+    pipe = Pipeline(big_pool, double_plus_one)
+    with pytest.raises(TypeError, match=r"numpy\.ndarray"):
+        pipe.run([1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one row"):
+        pipe.run(np.empty((0, 3), np.float32))
+    with pytest.raises(ValueError, match="out needs 1000 rows"):
+        pipe.run(sample(), out=np.empty((999, COLS), np.float32))
+    read_only = np.empty((ROWS, COLS), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        pipe.run(sample(), out=read_only)
+    check_nothing_held(big_pool, pipe)
+
+
+def test_at_most_max_in_flight_chunks_are_queued() -> None:
+    # fn blocks on the first chunk; the run may queue max_in_flight chunks
+    # (three leases each) and must then wait for the first to come back.
+    gate = threading.Event()
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        if x[0, 0] == 0:
+            gate.wait()
+        return x + 1
+
+    with CudaStreamPool(backend="host") as pool:
+        pipe = Pipeline(pool, fn, chunk_bytes=10 * ROW_BYTES, max_in_flight=2)
+        data = np.arange(ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS)
+        result: list[np.ndarray] = []
+        runner = threading.Thread(target=lambda: result.append(pipe.run(data)))
+        runner.start()
+        try:
+            deadline = time.monotonic() + 10
+            while pool.stats().acquisitions < 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # time enough to queue more, were it allowed to
+            assert pool.stats().acquisitions == 3 * 2
+            assert pipe.buffers_in_use == 2
+        finally:
+            gate.set()
+            runner.join()
+        assert np.array_equal(result[0], data + 1)
+
+
+def test_concurrent_runs_share_the_pool(big_pool: CudaStreamPool) -> None:
+    data = sample()
+    pipes = [
+        Pipeline(big_pool, lambda x, k=k: x * k, chunk_bytes=50 * ROW_BYTES) for k in range(1, 5)
+    ]
+    results: dict[int, np.ndarray] = {}
+
+    def work(k: int) -> None:
+        results[k] = pipes[k - 1].run(data)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k in range(1, 5):
+        assert np.array_equal(results[k], data * k)
+    assert big_pool.stats().leased == 0
+
+
+def test_host_fn_gets_numpy_and_must_return_it() -> None:
+    with CudaStreamPool(backend="host") as pool:
+        seen: list[type] = []
+
+        def record(x: np.ndarray) -> np.ndarray:
+            seen.append(type(x))
+            return x
+
+        Pipeline(pool, record, chunk_bytes=500 * ROW_BYTES).run(sample())
+        assert seen == [np.ndarray, np.ndarray]
+        pipe = Pipeline(pool, lambda x: [1, 2], chunk_bytes=500 * ROW_BYTES)
+        with pytest.raises(TypeError, match=r"must return a numpy\.ndarray"):
+            pipe.run(sample())
+        check_nothing_held(pool, pipe)
+
+
+# -- GPU only ------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_pool() -> Iterator[CudaStreamPool]:
+    p = CudaStreamPool(backend="cupy")
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.mark.gpu
+def test_gpu_pinned_and_pageable_arrays_give_the_same_result(gpu_pool: CudaStreamPool) -> None:
+    pipe = Pipeline(gpu_pool, double_plus_one, chunk_bytes=64 * ROW_BYTES)
+    data = sample()
+    pinned = pipe.empty_host(data.shape, data.dtype)
+    pinned[:] = data
+    pinned_out = pipe.empty_host(data.shape, data.dtype)
+    expected = data * 2 + 1
+    # pinned in and out: direct copies; pageable ones go through staging buffers
+    assert pipe._engine.is_direct(pinned) and not pipe._engine.is_direct(data)
+    for source in (pinned, data):
+        for out in (pinned_out, np.empty_like(data), None):
+            assert np.array_equal(pipe.run(source, out=out), expected)
+    assert np.array_equal(pipe.run_serial(data), expected)
+    check_nothing_held(gpu_pool, pipe)
+
+
+@pytest.mark.gpu
+def test_gpu_stages_wait_for_a_slow_compute(gpu_pool: CudaStreamPool) -> None:
+    import cupy
+
+    from cupystreams._bench.workloads import cycles_per_us, gpu_spin_kernel
+
+    spin = gpu_spin_kernel()
+    cycles = np.int64(2_000 * cycles_per_us(cupy.cuda.runtime.getDevice()))
+
+    def slow(x: Any) -> Any:
+        # 2 ms of spinning before the result exists: a copy-out that does
+        # not wait for the compute reads an unwritten array.
+        spin((1,), (32,), (cycles, None))
+        return x * 3 - 2
+
+    data = np.arange(64 * 1024, dtype=np.float32).reshape(-1, 64)
+    pipe = Pipeline(gpu_pool, slow, chunk_bytes=64 * 64 * 4, max_in_flight=2)
+    out = pipe.run(data)
+    assert np.array_equal(out, data * 3 - 2)
+
+
+@pytest.mark.gpu
+def test_gpu_fn_runs_on_a_pooled_compute_stream(gpu_pool: CudaStreamPool) -> None:
+    import cupy
+
+    compute_ptrs = {s.stream.ptr for s in gpu_pool._streams if s.kind.value == "compute"}
+    seen: list[int] = []
+
+    def fn(x: Any) -> Any:
+        seen.append(cupy.cuda.get_current_stream().ptr)
+        return x
+
+    Pipeline(gpu_pool, fn, chunk_bytes=100 * ROW_BYTES).run(sample())
+    assert len(seen) == 10 and set(seen) <= compute_ptrs
+
+
+@pytest.mark.gpu
+def test_gpu_failure_returns_device_memory(gpu_pool: CudaStreamPool) -> None:
+    import cupy
+
+    data = np.arange(ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS)
+    fn, _ = failing_on(float(data[700, 0]))
+    pipe = Pipeline(gpu_pool, fn, chunk_bytes=100 * ROW_BYTES)
+    mempool = cupy.get_default_memory_pool()
+    before = mempool.used_bytes()
+    with pytest.raises(Boom):
+        pipe.run(data)
+    assert mempool.used_bytes() == before
+    check_nothing_held(gpu_pool, pipe)
+
+
+@pytest.mark.gpu
+def test_gpu_rejects_a_host_result(gpu_pool: CudaStreamPool) -> None:
+    pipe = Pipeline(gpu_pool, lambda x: x.get(), chunk_bytes=100 * ROW_BYTES)
+    with pytest.raises(TypeError, match="device array"):
+        pipe.run(sample())
+    check_nothing_held(gpu_pool, pipe)
+
+
+@pytest.mark.gpu
+@pytest.mark.requires_module("torch")
+def test_gpu_torch_fn(gpu_pool: CudaStreamPool) -> None:
+    import cupy
+    import torch
+
+    def fn(x: Any) -> Any:
+        stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr)
+        with torch.cuda.stream(stream):
+            return torch.as_tensor(x, device="cuda") * 2 + 1
+
+    data = sample()
+    pipe = Pipeline(gpu_pool, fn, chunk_bytes=64 * ROW_BYTES)
+    assert np.array_equal(pipe.run(data), data * 2 + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.requires_module("numba")
+def test_gpu_numba_fn(gpu_pool: CudaStreamPool) -> None:
+    import cupy
+    from numba import cuda
+
+    @cuda.jit  # type: ignore[misc]
+    def double_plus_one_kernel(x: Any, y: Any) -> None:
+        i, j = cuda.grid(2)
+        if i < x.shape[0] and j < x.shape[1]:
+            y[i, j] = x[i, j] * 2 + 1
+
+    def fn(x: Any) -> Any:
+        y = cupy.empty_like(x)
+        stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+        blocks = ((x.shape[0] + 15) // 16, (x.shape[1] + 15) // 16)
+        double_plus_one_kernel[blocks, (16, 16), stream](x, y)
+        return y
+
+    data = sample()
+    pipe = Pipeline(gpu_pool, fn, chunk_bytes=64 * ROW_BYTES)
+    assert np.array_equal(pipe.run(data), data * 2 + 1)
