@@ -24,6 +24,7 @@ from ._validate import check_count, check_flag, check_timeout
 
 if TYPE_CHECKING:
     from ._backends import Backend
+    from ._trace import Trace
 
 __all__ = ["CudaStreamPool"]
 
@@ -488,6 +489,18 @@ class CudaStreamPool:
         return (
             f"<CudaStreamPool {self._backend.name}:{self.device} {parts} leased, {waiting} waiting>"
         )
+
+    def trace(self) -> contextlib.AbstractContextManager[Trace]:
+        """Record a device-timed span per lease until the ``with`` block ends.
+
+        ``with pool.trace() as t: ...``, then ``t.spans``,
+        ``t.save_chrome_trace("run.trace.json")`` (Perfetto) or
+        ``t.save_timeline("timeline.png")``. One trace at a time per pool; an
+        untraced pool pays nothing (see ``cupystreams._trace``).
+        """
+        from ._trace import trace_pool
+
+        return trace_pool(self)
 
 
 def _after_fork_in_child() -> None:

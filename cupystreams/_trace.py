@@ -1,0 +1,366 @@
+"""``pool.trace()``: a device-timed span for every lease, for Perfetto and as a PNG.
+
+While a trace is on, the pool's ``acquire_*`` methods are shadowed by
+instance attributes that record a timing event on the lease's stream and hand
+the lease out as a ``StreamLease`` subclass whose ``release`` records the end
+event first (``release``, ``with`` and ``pool.release`` all go through it).
+When the trace ends the attributes are deleted, so an untraced pool runs its
+class methods, its leases are plain ``StreamLease``, and nothing on the fast
+path even checks for tracing. The events are read
+after the fact (``elapsed_time`` against an event recorded when the trace
+began), never on the hot path. A span therefore covers the stream from the
+moment the lease got it (after the work queued before) to the end of the
+lease's work, including any device-side waits the lease queued.
+
+With the ``nvtx`` package installed each lease is also an NVTX range (domain
+``cupystreams``, named after the stream) from acquire to release, so Nsight
+Systems shows the host side next to the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import itertools
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._events import EventPool, PooledEvent
+from ._lease import StreamLease
+from ._types import StreamState
+
+if TYPE_CHECKING:
+    from ._pool import CudaStreamPool
+    from ._stream import PooledStream
+
+__all__ = ["Lane", "Span", "Trace", "render_timeline", "trace_pool"]
+
+_SHADOWED = ("acquire_compute", "acquire_comm", "acquire_high_priority")
+_COLORS = {"compute": "#4C72B0", "comm": "#55A868", "high_priority": "#C44E52"}
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One pooled stream, drawn as one row of the timeline."""
+
+    stream_id: int
+    kind: str
+    priority: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}#{self.stream_id} (prio {self.priority})"
+
+
+@dataclass(frozen=True)
+class Span:
+    """One lease, timed on the device.
+
+    Attributes:
+        index: Order of the acquire within the trace (0 is the first).
+        stream_id, kind, priority: The pooled stream the lease held.
+        start_ms: When the stream reached the lease's first work, in ms since
+            the trace began (device clock).
+        end_ms: When the lease's last work finished.
+        thread: Name of the host thread that acquired the lease.
+    """
+
+    index: int
+    stream_id: int
+    kind: str
+    priority: int
+    start_ms: float
+    end_ms: float
+    thread: str
+
+    @property
+    def duration_ms(self) -> float:
+        return self.end_ms - self.start_ms
+
+
+class _Open:
+    __slots__ = ("index", "nvtx_range", "start", "stream", "thread")
+
+    def __init__(
+        self, index: int, stream: PooledStream, start: PooledEvent, nvtx_range: Any
+    ) -> None:
+        self.index = index
+        self.stream = stream
+        self.start = start
+        self.thread = threading.current_thread().name
+        self.nvtx_range = nvtx_range
+
+
+class Trace:
+    """The spans recorded by one ``pool.trace()`` block; read them after it ends."""
+
+    def __init__(self, pool: CudaStreamPool) -> None:
+        self._backend = pool._backend
+        self.backend = pool.backend
+        self.device = pool.device
+        self.lanes = [Lane(s.stream_id, s.kind.value, s.priority) for s in pool._streams]
+        #: Leases still held when the trace ended (or whose pool closed): not spans.
+        self.unfinished = 0
+        self._events = EventPool(initial_size=0, max_size=256, timing=True, backend=self._backend)
+        self._counter = itertools.count()
+        self._open: dict[int, _Open] = {}
+        self._closed: list[tuple[_Open, PooledEvent]] = []
+        self._spans: list[Span] | None = None
+        self._nvtx = _load_nvtx()
+        # t = 0: an event on a private idle stream fires as soon as it is
+        # recorded, before any event recorded later on a pool stream.
+        self._origin_stream = self._backend.create_stream(pool.priority_range[0], True)
+        self._origin = self._events.acquire()
+        self._backend.record(self._origin._handle, self._origin_stream)
+
+    @property
+    def spans(self) -> list[Span]:
+        """The spans in acquire order; available once the ``with`` block ended."""
+        if self._spans is None:
+            raise RuntimeError("the trace is still recording; read spans after its with block")
+        return self._spans
+
+    # -- recording (called through the shadowed pool methods) ---------------
+
+    def _begin(self, lease: StreamLease) -> None:
+        stream = lease._slot[0]
+        event = self._events.acquire()
+        self._backend.record(event._handle, stream._handle)
+        nvtx_range = None
+        if self._nvtx is not None:
+            name = f"{stream.kind.value}#{stream.stream_id}"
+            nvtx_range = self._nvtx.start_range(message=name, domain="cupystreams")
+        self._open[id(lease)] = _Open(next(self._counter), stream, event, nvtx_range)
+
+    def _end(self, lease: StreamLease) -> None:
+        entry = self._open.pop(id(lease), None)
+        if entry is None:
+            return  # released already, or the trace ended first
+        stream = entry.stream
+        if stream.state is StreamState.CLOSED:
+            self._drop(entry)
+            return
+        if stream._capturing is not None and stream._capturing():
+            # The release will fail; an event recorded now would join the graph.
+            self._open[id(lease)] = entry
+            return
+        end = self._events.acquire()
+        self._backend.record(end._handle, stream._handle)
+        if self._nvtx is not None:
+            self._nvtx.end_range(entry.nvtx_range)
+        self._closed.append((entry, end))
+
+    def _drop(self, entry: _Open) -> None:
+        self.unfinished += 1
+        self._events.release(entry.start)
+        if self._nvtx is not None:
+            self._nvtx.end_range(entry.nvtx_range)
+
+    def _finish(self) -> None:
+        for entry in self._open.values():
+            self._drop(entry)
+        self._open.clear()
+        backend, origin = self._backend, self._origin
+        spans = []
+        for entry, end in sorted(self._closed, key=lambda item: item[0].index):
+            end.synchronize()
+            entry.start.synchronize()
+            spans.append(
+                Span(
+                    index=entry.index,
+                    stream_id=entry.stream.stream_id,
+                    kind=entry.stream.kind.value,
+                    priority=entry.stream.priority,
+                    start_ms=backend.elapsed_time(origin._handle, entry.start._handle),
+                    end_ms=backend.elapsed_time(origin._handle, end._handle),
+                    thread=entry.thread,
+                )
+            )
+            self._events.release(entry.start)
+            self._events.release(end)
+        self._closed.clear()
+        # Host-backend clocks are read by different worker threads and can
+        # disagree by microseconds: keep t = 0 the earliest instant seen.
+        shift = min([0.0, *(span.start_ms for span in spans)])
+        if shift < 0:
+            spans = [
+                dataclasses.replace(s, start_ms=s.start_ms - shift, end_ms=s.end_ms - shift)
+                for s in spans
+            ]
+        self._events.release(origin)
+        self._events._close()
+        backend.destroy_stream(self._origin_stream)
+        self._spans = spans
+
+    # -- export ------------------------------------------------------------
+
+    def to_chrome(self) -> dict[str, Any]:
+        """The trace in Chrome's Trace Event format (opens in Perfetto)."""
+        pid = self.device
+        events: list[dict[str, Any]] = [
+            {
+                "name": "process_name",
+                "ph": "M",
+                "pid": pid,
+                "args": {"name": f"cupystreams {self.backend} device {self.device}"},
+            }
+        ]
+        for lane in self.lanes:
+            events.append(
+                {
+                    "name": "thread_name",
+                    "ph": "M",
+                    "pid": pid,
+                    "tid": lane.stream_id,
+                    "args": {"name": lane.label},
+                }
+            )
+            events.append(
+                {
+                    "name": "thread_sort_index",
+                    "ph": "M",
+                    "pid": pid,
+                    "tid": lane.stream_id,
+                    "args": {"sort_index": lane.stream_id},
+                }
+            )
+        for span in self.spans:
+            events.append(
+                {
+                    "name": f"{span.kind}#{span.stream_id} lease {span.index}",
+                    "cat": span.kind,
+                    "ph": "X",
+                    "ts": span.start_ms * 1e3,
+                    "dur": span.duration_ms * 1e3,
+                    "pid": pid,
+                    "tid": span.stream_id,
+                    "args": {"priority": span.priority, "host_thread": span.thread},
+                }
+            )
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def save_chrome_trace(self, path: str | os.PathLike[str]) -> None:
+        """Write ``to_chrome()`` as JSON (open it at ui.perfetto.dev)."""
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(self.to_chrome(), file)
+
+    def save_timeline(self, path: str | os.PathLike[str], title: str | None = None) -> None:
+        """Draw the spans as a PNG: one lane per pooled stream."""
+        render_timeline(path, [(title or f"{self.backend} device {self.device}", self)])
+
+    def __repr__(self) -> str:
+        if self._spans is None:
+            return f"<Trace recording, {len(self._closed)} spans so far>"
+        return f"<Trace {len(self._spans)} spans, {self.unfinished} unfinished>"
+
+
+def _load_nvtx() -> Any:
+    try:
+        return importlib.import_module("nvtx")
+    except ImportError:
+        return None
+
+
+def render_timeline(
+    path: str | os.PathLike[str], panels: Sequence[tuple[str, Trace]], xlabel: str | None = None
+) -> None:
+    """Draw several traces as stacked timelines sharing one time axis.
+
+    Args:
+        path: Where to write the PNG.
+        panels: ``(title, trace)`` pairs, drawn top to bottom.
+        xlabel: Label of the time axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    heights = [max(1, len(trace.lanes)) * 0.42 + 0.9 for _, trace in panels]
+    figure, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(12, sum(heights) + 0.6),
+        sharex=True,
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
+    for axis, (title, trace) in zip(axes[:, 0], panels, strict=True):
+        rows = {lane.stream_id: row for row, lane in enumerate(trace.lanes)}
+        for span in trace.spans:
+            row = rows[span.stream_id]
+            axis.broken_barh(
+                [(span.start_ms, max(span.duration_ms, 1e-3))],
+                (row - 0.38, 0.76),
+                facecolors=_COLORS.get(span.kind, "#888888"),
+                edgecolors="white",
+                linewidth=0.6,
+            )
+        axis.set_yticks(range(len(trace.lanes)), [lane.label for lane in trace.lanes])
+        axis.set_ylim(len(trace.lanes) - 0.5, -0.5)
+        axis.set_title(title, loc="left", fontsize=10)
+        axis.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel(xlabel or "device time since the trace began (ms)")
+    kinds = sorted({lane.kind for _, trace in panels for lane in trace.lanes})
+    figure.legend(
+        handles=[Patch(color=_COLORS.get(kind, "#888888"), label=kind) for kind in kinds],
+        loc="upper right",
+        ncols=len(kinds),
+        fontsize=8,
+    )
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+@contextlib.contextmanager
+def trace_pool(pool: CudaStreamPool) -> Iterator[Trace]:
+    """Shadow ``pool``'s acquire methods with traced ones for the ``with`` block."""
+    if any(name in vars(pool) for name in _SHADOWED):
+        raise RuntimeError("this pool is already being traced; one trace at a time per pool")
+    if (error := pool._closed_error()) is not None:
+        raise error
+    trace = Trace(pool)
+    leases = _traced_lease_class(trace)
+    for name in _SHADOWED:
+        setattr(pool, name, _traced_acquire(getattr(pool, name), trace, leases))
+    try:
+        yield trace
+    finally:
+        for name in _SHADOWED:
+            delattr(pool, name)
+        trace._finish()
+
+
+def _traced_lease_class(trace: Trace) -> type[StreamLease]:
+    class TracedLease(StreamLease):
+        """A lease of a traced pool: its end is recorded before its stream goes back."""
+
+        __slots__ = ()  # the same layout, so a lease's class can be switched
+
+        def release(self) -> None:
+            if self._slot:
+                trace._end(self)
+            StreamLease.release(self)
+
+    return TracedLease
+
+
+def _traced_acquire(
+    acquire: Callable[..., StreamLease], trace: Trace, leases: type[StreamLease]
+) -> Callable[..., StreamLease]:
+    @functools.wraps(acquire)
+    def traced(*args: Any, **kwargs: Any) -> StreamLease:
+        lease = acquire(*args, **kwargs)
+        trace._begin(lease)
+        lease.__class__ = leases
+        return lease
+
+    return traced
