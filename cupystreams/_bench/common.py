@@ -1,0 +1,63 @@
+"""Result records and the timing helpers every benchmark uses."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Result", "median_ms", "median_us_per_op"]
+
+
+@dataclass(frozen=True)
+class Result:
+    """One figure of the benchmark suite.
+
+    Attributes:
+        group: The section it belongs to ("lease", "pipeline", ...).
+        name: What was measured.
+        value: The figure (None when it could not be measured here).
+        unit: Its unit.
+        note: Context a reader needs: the peer it compares with, a goal, why
+            it is missing.
+        extra: Further machine-readable figures (JSON only).
+    """
+
+    group: str
+    name: str
+    value: float | None
+    unit: str
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def median_us_per_op(batch: Callable[[int], None], number: int, repeats: int) -> float:
+    """Median over ``repeats`` batches of ``batch(number)``, in µs per operation.
+
+    ``batch(n)`` runs the operation ``n`` times in a tight loop; one batch runs
+    first as a warm-up and is not counted.
+    """
+    batch(number)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        batch(number)
+        samples.append((time.perf_counter_ns() - start) / number / 1e3)
+    return statistics.median(samples)
+
+
+def median_ms(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``run()`` in ms over ``repeats`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)

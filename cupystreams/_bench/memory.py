@@ -1,0 +1,79 @@
+"""Device memory CuPy keeps cached: a fresh stream per task vs pooled streams.
+
+CuPy's memory pool keeps one arena per stream and never gives a stream's
+cached blocks to another stream, so work spread over many short-lived streams
+strands memory in arenas nobody will use again. A pool reuses a few streams,
+so the same work keeps a few arenas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import CudaStreamPool
+from .common import Result
+
+__all__ = ["MemoryFigures", "measure_memory", "memory_results"]
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """MiB held by CuPy's memory pool after the same allocations."""
+
+    tasks: int
+    task_mib: int
+    fresh_mib: float
+    pooled_mib: float
+    pooled_streams: int
+
+
+def measure_memory(tasks: int = 64, task_mib: int = 4, streams: int = 4) -> MemoryFigures:
+    """Allocate, use and free ``task_mib`` per task: on fresh streams, then on a pool."""
+    import cupy
+
+    mempool = cupy.get_default_memory_pool()
+    count = (task_mib << 20) // 4
+
+    def task() -> None:
+        block = cupy.empty(count, cupy.float32)
+        block.fill(1.0)  # used on the current stream, then freed into its arena
+
+    cupy.cuda.Device().synchronize()
+    mempool.free_all_blocks()
+    baseline = mempool.total_bytes()
+    for _ in range(tasks):
+        with cupy.cuda.Stream(non_blocking=True) as stream:
+            task()
+            stream.synchronize()
+    fresh = mempool.total_bytes() - baseline
+    mempool.free_all_blocks()
+
+    baseline = mempool.total_bytes()
+    with CudaStreamPool(compute_streams=streams, comm_streams=0, high_priority_streams=0) as pool:
+        # One lease per stream at a time, as concurrent tasks would hold them.
+        for start in range(0, tasks, streams):
+            leases = [pool.acquire_compute() for _ in range(min(streams, tasks - start))]
+            for lease in leases:
+                with lease:
+                    task()
+        pool.sync_all()
+        pooled = mempool.total_bytes() - baseline
+    mempool.free_all_blocks()
+    return MemoryFigures(tasks, task_mib, fresh / 2**20, pooled / 2**20, streams)
+
+
+def memory_results(figures: MemoryFigures | None, reason: str = "") -> list[Result]:
+    if figures is None:
+        return [Result("memory", "CuPy pool held after 64 x 4 MiB tasks", None, "MiB", reason)]
+    f = figures
+    what = f"after {f.tasks} tasks of {f.task_mib} MiB"
+    return [
+        Result("memory", f"held {what}, fresh stream per task", f.fresh_mib, "MiB", "CuPy alone"),
+        Result(
+            "memory",
+            f"held {what}, {f.pooled_streams} pooled streams",
+            f.pooled_mib,
+            "MiB",
+            f"{f.fresh_mib / max(f.pooled_mib, 1e-9):.0f}x less",
+        ),
+    ]

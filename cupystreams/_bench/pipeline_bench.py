@@ -1,0 +1,251 @@
+"""The overlapped pipeline against its stage bound, raw CuPy and one stream.
+
+The stage bound is the slowest of: every chunk copied in alone, every chunk
+copied out alone, both directions at once, and the compute alone on
+device-resident chunks. No schedule of the three stages can beat it, so
+``bound / time`` is how much of the machine a pipeline uses.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import CudaStreamPool
+from .._pipeline_engines import Pending, RunState
+from .._trace import Trace
+from ..pipeline import Pipeline
+from .common import Result, median_ms
+from .workloads import transform
+
+__all__ = ["PipelineFigures", "PipelineSetup", "measure_pipeline", "pipeline_results"]
+
+
+@dataclass(frozen=True)
+class PipelineSetup:
+    """What the pipeline measurement moves and computes."""
+
+    chunks: int = 16
+    chunk_mib: int = 64
+    iterations: int = 4  # multiply-adds per element in the compute
+    host_kernel_ms: float = 0.0  # simulated kernel time per chunk (host backend)
+    repeats: int = 7
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_mib << 20
+
+
+@dataclass
+class PipelineFigures:
+    """Times in ms (medians) of one pipeline measurement."""
+
+    backend: str
+    setup: PipelineSetup
+    h2d_ms: float
+    d2h_ms: float
+    both_ms: float
+    compute_ms: float
+    one_stream_ms: float
+    pipeline_ms: float
+    raw_ms: float | None = None
+    pageable_ms: float | None = None
+    identical: bool = False
+    traces: list[tuple[str, Trace]] = field(default_factory=list)
+
+    @property
+    def bound_ms(self) -> float:
+        return max(self.h2d_ms, self.d2h_ms, self.both_ms, self.compute_ms)
+
+    def efficiency(self, ms: float) -> float:
+        return self.bound_ms / ms
+
+
+def _copy_ring(pipe: Pipeline, count: int, step: int) -> list[Any]:
+    return [pipe._engine.device_empty((step,), np.dtype(np.float32)) for _ in range(count)]
+
+
+def _stage_bound(
+    pool: CudaStreamPool, pipe: Pipeline, data: np.ndarray, out: np.ndarray, setup: PipelineSetup
+) -> tuple[float, float, float, float]:
+    """(H2D alone, D2H alone, both at once, compute alone), medians in ms."""
+    engine, state = pipe._engine, RunState()
+    step = setup.chunk_bytes // 4
+    ring = _copy_ring(pipe, 2, step)
+    inputs = [data[i * step : (i + 1) * step] for i in range(setup.chunks)]
+    outputs = [out[i * step : (i + 1) * step] for i in range(setup.chunks)]
+
+    def target(view: np.ndarray) -> Callable[[Any], np.ndarray]:
+        return lambda _y: view
+
+    def copies_in(lease: Any) -> None:
+        for i, src in enumerate(inputs):
+            engine.copy_in(lease, ring[i % 2], src, state)
+
+    def copies_out(lease: Any) -> None:
+        for i, dst in enumerate(outputs):
+            engine.copy_out(lease, Pending(ring[i % 2]), target(dst), state)
+
+    def alone(queue: Callable[[Any], None]) -> Callable[[], None]:
+        def run() -> None:
+            with pool.acquire_comm() as lease:
+                queue(lease)
+                lease.synchronize()
+
+        return run
+
+    def both() -> None:
+        with pool.acquire_comm() as first, pool.acquire_comm() as second:
+            copies_in(first)
+            copies_out(second)
+            first.synchronize()
+            second.synchronize()
+
+    def compute() -> None:
+        with pool.acquire_compute() as lease:
+            for i in range(setup.chunks):
+                # Each result is dropped at once: its memory is reused in
+                # stream order by the next chunk's kernel.
+                engine.compute(lease, pipe.fn, ring[i % 2], state)
+            lease.synchronize()
+
+    figures = tuple(
+        median_ms(run, setup.repeats)
+        for run in (alone(copies_in), alone(copies_out), both, compute)
+    )
+    state.check()
+    return figures  # type: ignore[return-value]
+
+
+def _raw_cupy_three_streams(
+    fn: Callable[[Any], Any], data: np.ndarray, out: np.ndarray, step: int, depth: int
+) -> Callable[[], None]:
+    """The pipeline as one writes it by hand with CuPy: three streams, events."""
+    import cupy
+
+    s_in, s_comp, s_out = (cupy.cuda.Stream(non_blocking=True) for _ in range(3))
+    ev = [[cupy.cuda.Event(disable_timing=True) for _ in range(3)] for _ in range(depth)]
+    xs = [cupy.empty(step, cupy.float32) for _ in range(depth)]
+    chunks = len(data) // step
+
+    def run() -> None:
+        results: list[Any] = [None] * depth
+        for i in range(chunks):
+            k = i % depth
+            ev_in, ev_comp, ev_out = ev[k]
+            if i >= depth:
+                ev_out.synchronize()
+                results[k] = None
+            xs[k].set(data[i * step : (i + 1) * step], stream=s_in)
+            ev_in.record(s_in)
+            s_comp.wait_event(ev_in)
+            with s_comp:
+                results[k] = fn(xs[k])
+            ev_comp.record(s_comp)
+            s_out.wait_event(ev_comp)
+            results[k].get(stream=s_out, out=out[i * step : (i + 1) * step], blocking=False)
+            ev_out.record(s_out)
+        s_out.synchronize()
+
+    return run
+
+
+def measure_pipeline(
+    backend: str, setup: PipelineSetup, trace: bool = False, pool: CudaStreamPool | None = None
+) -> PipelineFigures:
+    """Measure the stage bound, one stream, the pipeline (and raw CuPy on a GPU)."""
+    own_pool = pool is None
+    pool = pool or CudaStreamPool(backend=backend)
+    try:
+        fn = transform(backend, setup.iterations, setup.host_kernel_ms / 1e3)
+        pipe = Pipeline(pool, fn, chunk_bytes=setup.chunk_bytes)
+        rows = setup.chunks * (setup.chunk_bytes // 4)
+        data = pipe.empty_host((rows,), np.float32)
+        data[:] = np.linspace(-1.0, 1.0, rows, dtype=np.float32)
+        out = pipe.empty_host((rows,), np.float32)
+        out[:] = 0  # touch every page before timing
+        reference = pipe.empty_host((rows,), np.float32)
+        reference[:] = 0
+
+        h2d, d2h, both, compute = _stage_bound(pool, pipe, data, out, setup)
+        one_stream = median_ms(functools.partial(pipe.run_serial, data, reference), setup.repeats)
+        piped = median_ms(functools.partial(pipe.run, data, out), setup.repeats)
+        figures = PipelineFigures(
+            backend, setup, h2d, d2h, both, compute, one_stream, piped,
+            identical=bool(np.array_equal(out, reference)),
+        )  # fmt: skip
+        if backend == "cupy":
+            raw = _raw_cupy_three_streams(fn, data, out, setup.chunk_bytes // 4, depth=4)
+            figures.raw_ms = median_ms(raw, setup.repeats)
+            pageable_in, pageable_out = np.array(data), np.zeros_like(np.asarray(out))
+            figures.pageable_ms = median_ms(
+                functools.partial(pipe.run, pageable_in, pageable_out), max(1, setup.repeats // 2)
+            )
+        if trace:
+            with pool.trace() as serial_trace:
+                pipe.run_serial(data, reference)
+            with pool.trace() as pool_trace:
+                pipe.run(data, out)
+            figures.traces = [
+                (f"one stream: {figures.one_stream_ms:.1f} ms", serial_trace),
+                (f"pipeline on the pool: {figures.pipeline_ms:.1f} ms", pool_trace),
+            ]
+        return figures
+    finally:
+        if own_pool:
+            pool.close()
+
+
+def _compute_note(setup: PipelineSetup) -> str:
+    note = f"{setup.iterations} multiply-adds per element"
+    if setup.host_kernel_ms:
+        note += f" + a simulated {setup.host_kernel_ms:g} ms kernel per chunk"
+    return note
+
+
+def pipeline_results(figures: PipelineFigures) -> list[Result]:
+    """The figures as benchmark results, with efficiency against the bound."""
+    f, setup = figures, figures.setup
+    where = f"{setup.chunks} chunks x {setup.chunk_mib} MiB, {f.backend} backend"
+    results = [
+        Result("pipeline", "H2D alone", f.h2d_ms, "ms", where),
+        Result("pipeline", "D2H alone", f.d2h_ms, "ms", where),
+        Result("pipeline", "H2D + D2H at once", f.both_ms, "ms", where),
+        Result("pipeline", "compute alone", f.compute_ms, "ms", _compute_note(setup)),
+        Result("pipeline", "stage bound", f.bound_ms, "ms", "slowest of the four above"),
+    ]
+    runs = [
+        ("one stream (Pipeline.run_serial)", f.one_stream_ms),
+        ("hand-written raw CuPy, 3 streams", f.raw_ms),
+        ("Pipeline.run on the pool", f.pipeline_ms),
+        ("Pipeline.run, pageable arrays", f.pageable_ms),
+    ]
+    for name, ms in runs:
+        if ms is None:
+            results.append(Result("pipeline", name, None, "ms", "needs a GPU"))
+            continue
+        results.append(
+            Result(
+                "pipeline",
+                name,
+                ms,
+                "ms",
+                f"{f.efficiency(ms):.3f} of the bound",
+                {"efficiency": f.efficiency(ms)},
+            )
+        )
+    results.append(
+        Result(
+            "pipeline",
+            "speedup of the pool over one stream",
+            f.one_stream_ms / f.pipeline_ms,
+            "x",
+            f"results identical to one stream: {f.identical}",
+            {"identical": f.identical},
+        )
+    )
+    return results
