@@ -39,7 +39,7 @@ except ImportError as exc:
 
 import cupy
 
-from ._streams import device_of, stream_handle
+from ._streams import CupyCurrent, device_of, stream_handle
 
 __all__ = ["from_jax", "to_jax"]
 
@@ -75,7 +75,7 @@ def from_jax(array: Any, stream: object) -> Any:
     _check_device(int(array.__dlpack_device__()[1]), device, stream)
     # CuPy hands its current stream to JAX's __dlpack__, which makes that
     # stream wait for the array: so the lease must be CuPy's current stream.
-    with cupy.cuda.Device(device), handle:
+    with CupyCurrent(handle):
         return cupy.from_dlpack(array)
 
 
@@ -103,8 +103,8 @@ def to_jax(array: Any, stream: object) -> Any:
         )
     handle, _ = stream_handle(stream, "stream")
     device = device_of(handle)
-    _check_device(int(array.device.id), device, stream)
+    _check_device(int(array.data.device_id), device, stream)
     # CuPy's __dlpack__ makes the consumer's (JAX's) stream wait for CuPy's
     # current stream: so the lease must be current while JAX imports.
-    with cupy.cuda.Device(device), handle:
+    with CupyCurrent(handle):
         return jax.dlpack.from_dlpack(array)

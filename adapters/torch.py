@@ -58,7 +58,6 @@ __all__ = [
 
 _get_device: Callable[[], int] = cupy.cuda.runtime.getDevice
 _set_device: Callable[[int], None] = cupy.cuda.runtime.setDevice
-_get_cupy_stream: Callable[[int], Any] = cupy.cuda.get_current_stream
 
 
 def _public_get_stream(device: int) -> tuple[int, int, int]:
@@ -132,7 +131,7 @@ class _Use:
     def __init__(self, cupy_stream: Any, view: _TorchStream) -> None:
         self._cupy_stream = cupy_stream
         self._view = view
-        self._saved: tuple[int, tuple[int, int, int], Any] | None = None
+        self._saved: tuple[int, tuple[int, int, int]] | None = None
 
     def __enter__(self) -> Any:
         if self._saved is not None:
@@ -142,11 +141,10 @@ class _Use:
         previous_device = _get_device()
         if previous_device != device:
             _set_device(device)  # CuPy checks the device before making a stream current
-        previous_torch = _get_torch_stream(device)
-        previous_cupy = _get_cupy_stream(device)
+        # CuPy's own `with stream:` protocol: a per-thread stack, popped on exit.
+        self._cupy_stream.__enter__()
+        self._saved = (previous_device, _get_torch_stream(device))
         _set_torch_stream(*view.ids)
-        self._cupy_stream.use()
-        self._saved = (previous_device, previous_torch, previous_cupy)
         return view.stream
 
     def __exit__(
@@ -158,9 +156,9 @@ class _Use:
         saved, self._saved = self._saved, None
         if saved is None:
             return
-        previous_device, previous_torch, previous_cupy = saved
+        previous_device, previous_torch = saved
         _set_torch_stream(*previous_torch)
-        previous_cupy.use()
+        self._cupy_stream.__exit__(None, None, None)
         if previous_device != self._view.device:
             _set_device(previous_device)
 

@@ -7,6 +7,10 @@ through ``raw_view`` (a CuPy array over unowned memory) or ``RawCudaArray``
 (a ``__cuda_array_interface__`` without a stream), so no framework
 synchronizes on the consumer's behalf.
 
+Run every consumer once before the race starts: CUDA loads a kernel on its
+first launch (lazy loading), and loading may synchronize the whole device,
+which would order the race by accident and hide a missing wait.
+
 Importing this module touches neither CuPy nor the GPU; the kernel is
 compiled on first use.
 """

@@ -126,6 +126,9 @@ def test_cupy_on_a_lease_reads_a_jax_result_only_when_it_is_ready(
     host, x, eye = _slow_jax_inputs()
     lease = gpu_pool.acquire_compute()  # not entered: from_jax alone must order
     try:
+        with lease.cupy_stream:  # load the consumer before the race
+            cupy.empty((SIDE, SIDE), dtype=cupy.float32).copy()
+        lease.synchronize()
         y = _slow_chain()(x, eye)  # queued on JAX's stream, tens of ms of work
         view = adapter.from_jax(y, lease)
         with lease.cupy_stream:
@@ -148,6 +151,7 @@ def test_jax_reads_a_lease_result_only_after_the_lease_work(
     cupy.cuda.runtime.deviceSynchronize()
     lease = gpu_pool.acquire_compute()  # not entered: to_jax alone must order
     try:
+        np.asarray(adapter.to_jax(x, lease) + 1.0)  # load the consumer before the race
         slow_fill(x.data.ptr, N, 7.0, lease.cupy_stream)  # the lease writes late
         y = adapter.to_jax(x, lease)
         result = np.asarray(y + 1.0)  # JAX computes on its own stream, then copies out

@@ -48,7 +48,14 @@ def adapter() -> Any:
 
 @functools.cache
 def _kernels() -> tuple[Any, Any]:
+    import numpy as np
     from numba import cuda
+
+    if not hasattr(np, "row_stack"):
+        # numba-cuda (0.30) registers an overload of np.row_stack while loading
+        # its typing registry, and NumPy 2.4 removed that alias of np.vstack:
+        # without it Numba cannot compile any kernel. Test-side workaround only.
+        np.row_stack = np.vstack
 
     @cuda.jit
     def copy(src: Any, dst: Any) -> None:
@@ -145,6 +152,7 @@ def test_the_lease_work_runs_after_a_numba_kernel_on_the_lease(
     with gpu_pool.acquire_compute() as lease:
         stream = adapter.as_numba_stream(lease)
         slow_fill_numba[BLOCKS, THREADS, stream](_raw(x), _raw(sink), 1.0, 1)  # compile
+        raw_view(x.data.ptr, N, owner=x).copy()  # load the consumer before the race
         lease.synchronize()
         slow_fill_numba[BLOCKS, THREADS, stream](_raw(x), _raw(sink), 7.0, SLOW_ITERATIONS)
         out = raw_view(x.data.ptr, N, owner=x).copy()  # CuPy on the lease (current)

@@ -159,11 +159,17 @@ def test_cupy_torch_cupy_pipeline_runs_in_order_on_one_lease(
     import torch
 
     x = _zeros(N)
-    with gpu_pool.acquire_compute() as lease, adapter.use(lease):
-        slow_fill(x.data.ptr, N, 7.0, lease.cupy_stream)  # CuPy writes late on the lease
+
+    def pipeline() -> Any:
         t = torch.as_tensor(RawCudaArray(x.data.ptr, N, owner=x), device="cuda")
         y = t + 1.0  # a torch op on torch's current stream, which must be the lease
-        z = cupy.from_dlpack(y) * 2.0  # and back to CuPy on the same stream
+        return cupy.from_dlpack(y) * 2.0  # and back to CuPy on the same stream
+
+    with gpu_pool.acquire_compute() as lease, adapter.use(lease):
+        pipeline()  # load its kernels before the race
+        lease.synchronize()
+        slow_fill(x.data.ptr, N, 7.0, lease.cupy_stream)  # CuPy writes late on the lease
+        z = pipeline()
         lease.synchronize()
     assert bool(cupy.all(z == 16.0)), "torch ran outside the lease's stream order"
 
@@ -175,12 +181,15 @@ def test_torch_reads_the_lease_output_after_torch_waits_for_lease(
     import torch
 
     x = _zeros(N)
+    view = torch.as_tensor(RawCudaArray(x.data.ptr, N, owner=x), device="cuda")
     lease = gpu_pool.acquire_compute()
     try:
+        with torch.cuda.stream(torch_stream):
+            view.clone()  # load the consumer before the race
+        torch.cuda.synchronize()
         slow_fill(x.data.ptr, N, 7.0, lease.cupy_stream)
         with torch.cuda.stream(torch_stream):
             adapter.torch_waits_for_lease(lease)
-            view = torch.as_tensor(RawCudaArray(x.data.ptr, N, owner=x), device="cuda")
             copy = view.clone()  # on torch's stream, reading through a raw pointer
         torch_stream.synchronize()
         assert bool(torch.all(copy == 7.0)), "torch read before the lease's write"
@@ -201,6 +210,12 @@ def test_the_lease_reads_torch_output_after_lease_waits_for_torch(
     out = _zeros(N)
     lease = gpu_pool.acquire_compute()
     try:
+        with torch.cuda.stream(torch_stream):  # load producer and consumer before the race
+            t.fill_(0.0)
+        with lease.cupy_stream:
+            out[...] = raw_view(t.data_ptr(), N, owner=t)
+        torch.cuda.synchronize()
+        lease.synchronize()
         with torch.cuda.stream(torch_stream):
             spin(torch_stream.cuda_stream)  # torch's stream is busy for tens of ms,
             t.fill_(7.0)  # so this torch write lands late

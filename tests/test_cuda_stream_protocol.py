@@ -66,8 +66,10 @@ def test_lease_waits_for_a_protocol_stream(gpu_pool: CudaStreamPool) -> None:
 
     producer = cupy.cuda.Stream(non_blocking=True)
     x = _zeros(N)
-    slow_fill(x.data.ptr, N, 5.0, producer)
     with gpu_pool.acquire_compute() as lease:
+        _read_on(lease, x.data.ptr, x)  # load the consumer before the race
+        lease.synchronize()
+        slow_fill(x.data.ptr, N, 5.0, producer)
         lease.wait(ForeignStream(producer.ptr))
         out = _read_on(lease, x.data.ptr, x)
         lease.synchronize()
@@ -80,10 +82,12 @@ def test_events_record_a_protocol_stream(gpu_pool: CudaStreamPool) -> None:
 
     producer = cupy.cuda.Stream(non_blocking=True)
     x = _zeros(N)
-    slow_fill(x.data.ptr, N, 6.0, producer)
-    event = gpu_pool.record_event(ForeignStream(producer.ptr))
-    assert not event.query(), "the event was not recorded behind the slow producer"
     with gpu_pool.acquire_compute() as lease:
+        _read_on(lease, x.data.ptr, x)  # load the consumer before the race
+        lease.synchronize()
+        slow_fill(x.data.ptr, N, 6.0, producer)
+        event = gpu_pool.record_event(ForeignStream(producer.ptr))
+        assert not event.query(), "the event was not recorded behind the slow producer"
         lease.wait_event(event)
         out = _read_on(lease, x.data.ptr, x)
         lease.synchronize()
@@ -121,11 +125,15 @@ def test_lease_waits_for_a_torch_stream_without_an_adapter(
     torch_stream = torch.cuda.default_stream() if which == "default" else torch.cuda.Stream()
     assert hasattr(torch_stream, "__cuda_stream__")
     t = torch.zeros(N, device="cuda")
-    torch.cuda.synchronize()
-    with torch.cuda.stream(torch_stream):
-        spin(torch_stream.cuda_stream)
-        t.fill_(4.0)  # torch's write lands tens of ms late
     with gpu_pool.acquire_compute() as lease:
+        with torch.cuda.stream(torch_stream):  # load producer and consumer before the race
+            t.fill_(0.0)
+        _read_on(lease, t.data_ptr(), t)
+        torch.cuda.synchronize()
+        lease.synchronize()
+        with torch.cuda.stream(torch_stream):
+            spin(torch_stream.cuda_stream)
+            t.fill_(4.0)  # torch's write lands tens of ms late
         lease.wait(torch_stream)
         out = _read_on(lease, t.data_ptr(), t)
         lease.synchronize()
