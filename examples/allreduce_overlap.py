@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from cupystreams import CudaStreamPool, StreamLease
-from cupystreams.adapters.torch import torch_stream
+from cupystreams.adapters.torch import as_torch_stream
 
 
 class Step:
@@ -63,14 +63,14 @@ class Step:
 
 
 def run_serial(step: Step, lease: StreamLease) -> None:
-    with torch.cuda.stream(torch_stream(lease)):
+    with torch.cuda.stream(as_torch_stream(lease)):
         for i in range(len(step.grads)):
             step.compute(i)
             step.communicate(i)
 
 
 def run_overlapped(step: Step, compute: StreamLease, comm: StreamLease) -> None:
-    compute_stream, comm_stream = torch_stream(compute), torch_stream(comm)
+    compute_stream, comm_stream = as_torch_stream(compute), as_torch_stream(comm)
     for i in range(len(step.grads)):
         with torch.cuda.stream(compute_stream):
             step.compute(i)
@@ -110,7 +110,7 @@ def check(pool: CudaStreamPool, step: Step) -> None:
 def bench(pool: CudaStreamPool, step: Step, repeats: int) -> dict[str, Any]:
     buckets = range(len(step.grads))
     with pool.acquire_compute() as compute, pool.acquire_comm() as comm:
-        compute_stream = torch_stream(compute)
+        compute_stream = as_torch_stream(compute)
 
         def compute_only() -> None:
             with torch.cuda.stream(compute_stream):
@@ -118,7 +118,7 @@ def bench(pool: CudaStreamPool, step: Step, repeats: int) -> dict[str, Any]:
                     step.compute(i)
 
         def comm_only() -> None:
-            with torch.cuda.stream(torch_stream(comm)):
+            with torch.cuda.stream(as_torch_stream(comm)):
                 for i in buckets:
                     step.communicate(i)
 
