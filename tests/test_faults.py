@@ -536,7 +536,8 @@ _ILLEGAL_ADDRESS_SCRIPT = textwrap.dedent(
     pool = CudaStreamPool(2, 1, 1, backend="cupy")
     lease = pool.acquire_compute()
     other = pool.acquire_comm()
-    poke((1,), (32,), (cupy.uint64(0x10),), stream=lease.cupy_stream)  # address 16: illegal
+    with lease.cupy_stream:
+        poke((1,), (32,), (cupy.uint64(0x10),))  # writes to address 16: illegal
     report["synchronize"] = outcome(lease.synchronize)
     report["other_stream"] = outcome(other.synchronize)
     report["release"] = outcome(lease.release)
