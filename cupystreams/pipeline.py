@@ -38,7 +38,15 @@ import numpy as np
 from ._errors import PoolExhaustedError
 from ._events import EventPool, PooledEvent
 from ._lease import StreamLease
-from ._pipeline_engines import CupyEngine, Destination, Engine, HostEngine, Pending, RunState
+from ._pipeline_engines import (
+    CupyEngine,
+    Destination,
+    Engine,
+    HostEngine,
+    Pending,
+    RunState,
+    host_copy,
+)
 from ._pool import CudaStreamPool
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Pipeline"]
@@ -307,7 +315,7 @@ class _Call:
                 if slot.stage_in is None:
                     slot.stage_in = engine.host_empty((step, *row_shape), data.dtype)
                 src = slot.stage_in[: stop - start]
-                np.copyto(src, data[start:stop])
+                host_copy(src, data[start:stop])
             if slot.x is None:
                 slot.x = engine.device_empty((step, *row_shape), data.dtype)
             destination = self._destination(slot, start, stop)
@@ -341,7 +349,7 @@ class _Call:
         if slot.busy:
             slot.ev_out.synchronize()
             if slot.copy_back is not None:
-                np.copyto(*slot.copy_back)
+                host_copy(*slot.copy_back)
             slot.copy_back = None
             slot.result = None  # the device may reuse the result's memory now
             slot.busy = False

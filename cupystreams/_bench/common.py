@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Result", "median_ms", "median_us_per_op"]
+__all__ = ["Result", "interleaved_medians", "median_ms", "median_us_per_op"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,19 @@ def median_ms(run: Callable[[], object], repeats: int, warmup: int = 1) -> float
         run()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time in ms of each run, the runs taken in turn ``repeats`` times.
+
+    Every run is called once first as a warm-up.
+    """
+    for run in runs.values():
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -48,6 +48,16 @@ def lease_overhead(backend: str, quick: bool) -> list[Result]:
             ("with pool.acquire_compute():", with_block, "goal < 1.5 µs"),
             ("events.acquire() + release", event_cycle, "goal < 0.4 µs"),
         ]
+        probe = pool._streams[0]._capturing
+        if probe is not None:
+
+            def capture_probe(n: int) -> None:
+                for _ in range(n):
+                    probe()
+
+            measured.append(
+                ("  of which: the capture check in release", capture_probe, "one call per release")
+            )
         for name, batch, note in measured:
             value = median_us_per_op(batch, number, repeats)
             results.append(Result("lease", name, value, "µs", f"{backend} backend; {note}"))
@@ -137,43 +147,49 @@ def _threads_ops_per_s(threads: int, per_thread: int, body: Callable[[int], None
     return threads * per_thread / (time.perf_counter() - start)
 
 
+def _lease_loop(pool: CudaStreamPool) -> Callable[[int], None]:
+    acquire = pool.acquire_compute
+
+    def leases(n: int) -> None:
+        for _ in range(n):
+            acquire().release()
+
+    return leases
+
+
 def thread_scaling(backend: str, quick: bool) -> list[Result]:
-    """Lease throughput from 1 and 8 threads on a 4-stream pool (8 threads contend)."""
+    """Lease throughput from 1 and 8 threads: on 4 streams (8 threads wait), and on 8."""
     per_thread = 2_000 if quick else 20_000
     results = []
-    with CudaStreamPool(compute_streams=4, backend=backend) as pool:
-        acquire = pool.acquire_compute
-
-        def leases(n: int) -> None:
-            for _ in range(n):
-                acquire().release()
-
-        for threads in (1, 8):
+    for threads, streams in ((1, 4), (8, 4), (8, 8)):
+        with CudaStreamPool(streams, 0, 0, backend=backend) as pool:
+            leases = _lease_loop(pool)
             leases(per_thread // 10)  # warm-up
             rate = _threads_ops_per_s(threads, per_thread, leases)
-            results.append(
-                Result(
-                    "threads",
-                    f"acquire+release, {threads} thread(s)",
-                    rate / 1e6,
-                    "M ops/s",
-                    f"{backend} backend, 4 compute streams; {1e6 / rate:.2f} µs per op overall",
-                )
+        waiting = "; threads wait for streams" if threads > streams else ""
+        results.append(
+            Result(
+                "threads",
+                f"acquire+release, {threads} thread(s), {streams} streams",
+                rate / 1e6,
+                "M ops/s",
+                f"{backend} backend; {1e6 / rate:.2f} µs per op overall{waiting}",
             )
+        )
     if backend == "cupy":
         import cupy
 
         stream_type = cupy.cuda.Stream
         device = cupy.cuda.runtime.getDevice()
 
-        def streams(n: int) -> None:
+        def new_streams(n: int) -> None:
             cupy.cuda.runtime.setDevice(device)  # new threads start on device 0
             for _ in range(n):
                 stream_type(non_blocking=True)
 
         count = 200 if quick else 2_000
         for threads in (1, 8):
-            rate = _threads_ops_per_s(threads, count, streams)
+            rate = _threads_ops_per_s(threads, count, new_streams)
             results.append(
                 Result(
                     "threads",

@@ -19,7 +19,7 @@ from .. import CudaStreamPool
 from .._pipeline_engines import Pending, RunState
 from .._trace import Trace
 from ..pipeline import Pipeline
-from .common import Result, median_ms
+from .common import Result, interleaved_medians, median_ms
 from .workloads import transform
 
 __all__ = ["PipelineFigures", "PipelineSetup", "measure_pipeline", "pipeline_results"]
@@ -34,6 +34,7 @@ class PipelineSetup:
     iterations: int = 4  # multiply-adds per element in the compute
     host_kernel_ms: float = 0.0  # simulated kernel time per chunk (host backend)
     repeats: int = 7
+    max_in_flight: int = 4
 
     @property
     def chunk_bytes(self) -> int:
@@ -69,10 +70,10 @@ def _copy_ring(pipe: Pipeline, count: int, step: int) -> list[Any]:
     return [pipe._engine.device_empty((step,), np.dtype(np.float32)) for _ in range(count)]
 
 
-def _stage_bound(
+def _stage_runs(
     pool: CudaStreamPool, pipe: Pipeline, data: np.ndarray, out: np.ndarray, setup: PipelineSetup
-) -> tuple[float, float, float, float]:
-    """(H2D alone, D2H alone, both at once, compute alone), medians in ms."""
+) -> tuple[dict[str, Callable[[], object]], RunState]:
+    """Runs for H2D alone, D2H alone, both directions at once, compute alone."""
     engine, state = pipe._engine, RunState()
     step = setup.chunk_bytes // 4
     ring = _copy_ring(pipe, 2, step)
@@ -113,12 +114,13 @@ def _stage_bound(
                 engine.compute(lease, pipe.fn, ring[i % 2], state)
             lease.synchronize()
 
-    figures = tuple(
-        median_ms(run, setup.repeats)
-        for run in (alone(copies_in), alone(copies_out), both, compute)
-    )
-    state.check()
-    return figures  # type: ignore[return-value]
+    runs: dict[str, Callable[[], object]] = {
+        "h2d": alone(copies_in),
+        "d2h": alone(copies_out),
+        "both": both,
+        "compute": compute,
+    }
+    return runs, state
 
 
 def _raw_cupy_three_streams(
@@ -162,7 +164,7 @@ def measure_pipeline(
     pool = pool or CudaStreamPool(backend=backend)
     try:
         fn = transform(backend, setup.iterations, setup.host_kernel_ms / 1e3)
-        pipe = Pipeline(pool, fn, chunk_bytes=setup.chunk_bytes)
+        pipe = Pipeline(pool, fn, chunk_bytes=setup.chunk_bytes, max_in_flight=setup.max_in_flight)
         rows = setup.chunks * (setup.chunk_bytes // 4)
         data = pipe.empty_host((rows,), np.float32)
         data[:] = np.linspace(-1.0, 1.0, rows, dtype=np.float32)
@@ -171,19 +173,30 @@ def measure_pipeline(
         reference = pipe.empty_host((rows,), np.float32)
         reference[:] = 0
 
-        h2d, d2h, both, compute = _stage_bound(pool, pipe, data, out, setup)
-        one_stream = median_ms(functools.partial(pipe.run_serial, data, reference), setup.repeats)
-        piped = median_ms(functools.partial(pipe.run, data, out), setup.repeats)
+        runs, state = _stage_runs(pool, pipe, data, out, setup)
+        runs["one_stream"] = functools.partial(pipe.run_serial, data, reference)
+        runs["pipeline"] = functools.partial(pipe.run, data, out)
+        raw_out = None
+        if backend == "cupy":
+            raw_out = pipe.empty_host((rows,), np.float32)
+            raw_out[:] = 0
+            runs["raw"] = _raw_cupy_three_streams(
+                fn, data, raw_out, setup.chunk_bytes // 4, depth=setup.max_in_flight
+            )
+        # Round-robin, so a drift of the machine (clocks, PCIe) hits every
+        # figure alike instead of biasing the ones measured last.
+        ms = interleaved_medians(runs, setup.repeats)
+        state.check()
         figures = PipelineFigures(
-            backend, setup, h2d, d2h, both, compute, one_stream, piped,
-            identical=bool(np.array_equal(out, reference)),
+            backend, setup, ms["h2d"], ms["d2h"], ms["both"], ms["compute"],
+            ms["one_stream"], ms["pipeline"], raw_ms=ms.get("raw"),
+            identical=bool(np.array_equal(out, reference))
+            and (raw_out is None or bool(np.array_equal(raw_out, reference))),
         )  # fmt: skip
         if backend == "cupy":
-            raw = _raw_cupy_three_streams(fn, data, out, setup.chunk_bytes // 4, depth=4)
-            figures.raw_ms = median_ms(raw, setup.repeats)
             pageable_in, pageable_out = np.array(data), np.zeros_like(np.asarray(out))
             figures.pageable_ms = median_ms(
-                functools.partial(pipe.run, pageable_in, pageable_out), max(1, setup.repeats // 2)
+                functools.partial(pipe.run, pageable_in, pageable_out), max(1, setup.repeats // 3)
             )
         if trace:
             with pool.trace() as serial_trace:
@@ -244,7 +257,7 @@ def pipeline_results(figures: PipelineFigures) -> list[Result]:
             "speedup of the pool over one stream",
             f.one_stream_ms / f.pipeline_ms,
             "x",
-            f"results identical to one stream: {f.identical}",
+            f"results identical to one stream (and raw CuPy): {f.identical}",
             {"identical": f.identical},
         )
     )

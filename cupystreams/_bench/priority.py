@@ -1,8 +1,10 @@
 """How long one short request takes inside a flood of normal-priority work.
 
-Three compute leases are flooded with kernels whose blocks fill every SM;
-then one tiny kernel is launched on a fourth, idle lease at normal priority,
-or on the pool's high-priority lease. Its latency is timed on the device, from
+Three compute leases are flooded with big kernels (many waves of blocks that
+fill every SM); then one tiny kernel is launched on a fourth, idle lease at
+normal priority, or on the pool's high-priority lease. At equal priority the
+block scheduler hands out the flood's queued blocks first; at high priority
+the request's block goes to the next SM that frees up. Its latency is timed on the device, from
 an event recorded just before it to one recorded just after it.
 """
 
@@ -26,6 +28,7 @@ from .workloads import cycles_per_us, gpu_spin_kernel
 __all__ = ["PriorityFigures", "measure_priority", "priority_results"]
 
 FLOOD_STREAMS = 3
+WAVES = 16
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,10 @@ class _GpuWork:
         cycles = np.int64(self._cycles)
         with lease.cupy_stream:  # current for the launches; the lease stays held
             for _ in range(self._flood_kernels):
-                # 8 blocks of 256 threads per SM: every SM full at once.
-                self._kernel((self._sms * 8,), (256,), (cycles, None))
+                # 8 blocks of 256 threads fill an SM; WAVES times that many
+                # blocks keep every SM busy for WAVES block times, as a big
+                # kernel does.
+                self._kernel((self._sms * 8 * WAVES,), (256,), (cycles, None))
 
     def request(self, lease: StreamLease) -> None:
         with lease.cupy_stream:
@@ -128,7 +133,7 @@ def measure_priority(backend: str, repeats: int, trace: bool = False) -> Priorit
     With ``trace``, the last normal and high rounds are traced (``figures.trace``).
     """
     work: Any = (
-        _GpuWork(block_us=200, flood_kernels=40)
+        _GpuWork(block_us=100, flood_kernels=6)
         if backend == "cupy"
         else _HostWork(block_ms=4, flood_kernels=6)
     )

@@ -28,7 +28,7 @@ __all__ = ["bench_setup", "run_bench", "write_json"]
 def bench_setup(backend: str, quick: bool) -> PipelineSetup:
     """16 x 64 MiB on a GPU (the figure BENCHMARKS.md quotes); small simulated on the host."""
     if backend == "cupy":
-        return PipelineSetup(chunks=16, chunk_mib=64, repeats=3 if quick else 9)
+        return PipelineSetup(chunks=16, chunk_mib=64, repeats=3 if quick else 15)
     return PipelineSetup(
         chunks=8, chunk_mib=8, iterations=0, host_kernel_ms=1.0, repeats=2 if quick else 5
     )
