@@ -566,13 +566,15 @@ def test_illegal_address_kernel_is_reported_and_close_does_not_hang() -> None:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no report (rc {done.returncode}):\n{done.stdout}\n{done.stderr[-3000:]}"
     report = json.loads(lines[-1])
-    assert "hang" not in report, f"hung after: {report}"
-    assert "illegal" in report["synchronize"].lower(), report
-    assert report["close"] == "ok" or "illegal" in report["close"].lower(), report
-    assert report["close_again"] == "ok", report
-    assert report["closed"] is True
-    assert report["acquire_after_close"].startswith("PoolClosedError"), report
-    assert report["events_after_close"].startswith("PoolClosedError"), report
+    shown = json.dumps(report, indent=1)
+    assert "hang" not in report, f"hung after: {shown}"
+    assert "illegal" in report["synchronize"].lower(), shown
+    assert report["close"] == "ok" or "illegal" in report["close"].lower(), shown
+    assert report["close_again"] == "ok", shown
+    assert report["closed"] is True, shown
+    assert report["acquire_after_close"].startswith("PoolClosedError"), shown
+    # close() must finish closing even when the device reports the fault.
+    assert report["events_after_close"].startswith("PoolClosedError"), shown
     assert done.returncode == 0, f"the interpreter did not exit cleanly: {done.stderr[-3000:]}"
     record_figures("illegal-address", **report)
 
