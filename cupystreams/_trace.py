@@ -167,6 +167,7 @@ class Trace:
             self._drop(entry)
         self._open.clear()
         backend, origin = self._backend, self._origin
+        origin.synchronize()  # a host-backend stream may not have reached it yet
         spans = []
         for entry, end in sorted(self._closed, key=lambda item: item[0].index):
             end.synchronize()
@@ -292,17 +293,28 @@ def render_timeline(
         gridspec_kw={"height_ratios": heights},
         squeeze=False,
     )
+    end_ms = max([1e-3, *(s.end_ms for _, trace in panels for s in trace.spans)])
+    thin = end_ms / 150  # narrower spans are widened to stay visible, and labelled
     for axis, (title, trace) in zip(axes[:, 0], panels, strict=True):
         rows = {lane.stream_id: row for row, lane in enumerate(trace.lanes)}
         for span in trace.spans:
             row = rows[span.stream_id]
             axis.broken_barh(
-                [(span.start_ms, max(span.duration_ms, 1e-3))],
+                [(span.start_ms, max(span.duration_ms, thin))],
                 (row - 0.38, 0.76),
                 facecolors=_COLORS.get(span.kind, "#888888"),
                 edgecolors="white",
                 linewidth=0.6,
             )
+            if span.duration_ms < thin:
+                axis.annotate(
+                    f"{span.duration_ms:.2f} ms",
+                    (span.start_ms + thin, row),
+                    xytext=(3, 0),
+                    textcoords="offset points",
+                    va="center",
+                    fontsize=7,
+                )
         axis.set_yticks(range(len(trace.lanes)), [lane.label for lane in trace.lanes])
         axis.set_ylim(len(trace.lanes) - 0.5, -0.5)
         axis.set_title(title, loc="left", fontsize=10)
