@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
@@ -12,6 +12,7 @@ from ._errors import LeaseError, PoolClosedError, PoolExhaustedError, PoolTimeou
 
 if TYPE_CHECKING:
     from ._events import PooledEvent
+    from ._lanes import Lane
     from ._stream import PooledStream
 
 __all__ = ["AffinityTable", "KeyState"]
@@ -20,21 +21,25 @@ __all__ = ["AffinityTable", "KeyState"]
 class KeyState:
     """What the pool remembers about one affinity key."""
 
-    __slots__ = ("holder", "last_event", "last_stream")
+    __slots__ = ("holder", "last_event", "last_stream", "queue")
 
     def __init__(self) -> None:
         self.holder: int | None = None  # thread ident of the live lease's acquirer
         self.last_stream: PooledStream | None = None
         self.last_event: PooledEvent | None = None  # recorded when the last lease ended
+        self.queue: deque[object] = deque()  # tickets of threads waiting, oldest first
+
+    def idle(self) -> bool:
+        return self.holder is None and not self.queue
 
 
 class AffinityTable:
     """Bounded LRU table of affinity keys; every method needs ``lock`` held.
 
-    At most one live lease per key: ``reserve`` waits on the pool's condition
-    until the key is free. Forgetting a key (LRU eviction) is safe because its
-    last event is released only after the pool made any new stream wait on it
-    — a forgotten key simply starts afresh.
+    At most one live lease per key: ``reserve`` queues the caller and waits on
+    the pool's condition until the key is free and the caller is first in
+    line. Only idle keys are forgotten (least recently used first); a
+    forgotten key starts afresh, without ordering against its old leases.
     """
 
     def __init__(self, max_keys: int, lock: threading.RLock) -> None:
@@ -45,57 +50,81 @@ class AffinityTable:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def held(self) -> int:
-        return sum(1 for state in self._keys.values() if state.holder is not None)
-
     def reserve(
         self,
         key: Hashable,
         thread: int,
         blocking: bool,
         deadline: float | None,
-        is_closed: Callable[[], bool],
+        closed_error: Callable[[], PoolClosedError | None],
+        lane: Lane,
     ) -> KeyState:
-        """Mark ``key`` held by ``thread``, waiting while another lease holds it."""
+        """Mark ``key`` held by ``thread``; wait first come, first served while it is held.
+
+        ``lane.key_waiting`` counts this thread while it waits, so the pool's
+        statistics show threads blocked on a key as waiting.
+        """
         state = self._keys.get(key)
-        if state is not None and state.holder == thread:
+        if state is None:
+            state = self._keys[key] = KeyState()
+        elif state.holder == thread:
             raise LeaseError(
                 f"this thread already holds a lease with affinity_key={key!r}; "
                 "release it first (waiting here would deadlock)"
             )
-        while state is not None and state.holder is not None:
+        if not state.idle():
             if not blocking:
-                raise PoolExhaustedError(f"affinity_key={key!r} is held by a live lease")
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise PoolTimeoutError(
-                    f"affinity_key={key!r} stayed held by another lease past the timeout"
+                raise PoolExhaustedError(
+                    f"affinity_key={key!r} is held by a live lease; wait with blocking=True"
                 )
-            self.changed.wait(remaining)
-            if is_closed():
-                raise PoolClosedError("the pool was closed while waiting for an affinity key")
-            state = self._keys.get(key)
-        if state is None:
-            state = self._keys[key] = KeyState()
+            self._wait_turn(key, state, deadline, closed_error, lane)
         self._keys.move_to_end(key)
         state.holder = thread
         return state
 
+    def _wait_turn(
+        self,
+        key: Hashable,
+        state: KeyState,
+        deadline: float | None,
+        closed_error: Callable[[], PoolClosedError | None],
+        lane: Lane,
+    ) -> None:
+        ticket = object()
+        state.queue.append(ticket)
+        lane.key_waiting += 1
+        try:
+            while state.holder is not None or state.queue[0] is not ticket:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise PoolTimeoutError(
+                        f"affinity_key={key!r} stayed held by another lease past the timeout"
+                    )
+                self.changed.wait(remaining)
+                if (error := closed_error()) is not None:
+                    raise error
+        finally:
+            state.queue.remove(ticket)
+            lane.key_waiting -= 1
+            self.changed.notify_all()  # the next ticket may be first now
+
     def unreserve(self, key: Hashable, state: KeyState) -> None:
         """Undo ``reserve`` after a failed acquire."""
         state.holder = None
-        if state.last_stream is None:
-            self._keys.pop(key, None)
+        if state.last_stream is None and state.idle() and self._keys.get(key) is state:
+            del self._keys[key]
         self.changed.notify_all()
 
     def finish(self, key: Hashable, stream: PooledStream, event: PooledEvent) -> list[PooledEvent]:
         """Record the end of the key's live lease; return events no longer needed."""
-        state = self._keys[key]  # held keys are never evicted
+        state = self._keys.get(key)  # held keys are never evicted, only cleared by close()
+        if state is None:
+            return [event]
         stale = [] if state.last_event is None else [state.last_event]
         state.last_stream, state.last_event, state.holder = stream, event, None
         while len(self._keys) > self.max_keys:
             oldest_key, oldest = next(iter(self._keys.items()))
-            if oldest.holder is not None:
+            if not oldest.idle():
                 break  # the oldest key is in use; the bound is re-checked later
             del self._keys[oldest_key]
             if oldest.last_event is not None:

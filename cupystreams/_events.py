@@ -52,6 +52,8 @@ class PooledEvent:
     def _live_handle(self) -> Any:
         if not self._held:
             raise LeaseError(f"event {self.event_id} was released to its pool; acquire a new one")
+        if (reason := self._pool._closed_reason) is not None:
+            raise PoolClosedError(reason)
         return self._handle
 
     def record(self, stream: object = None) -> None:
@@ -62,17 +64,20 @@ class PooledEvent:
                 ``cupy.cuda.Stream``, an object with ``__cuda_stream__``, a raw
                 pointer), or None for the calling thread's current stream.
         """
+        self._record(stream, "stream")
+
+    def _record(self, stream: object, argument: str) -> None:
         handle = self._live_handle()
         backend = self._pool._backend
         if stream is None:
             target = backend.current_stream()
             if target is None:
                 raise ValueError(
-                    "stream=None needs a current stream, and this thread has none "
-                    "on the host backend; enter a lease or pass stream="
+                    f"{argument}=None needs a current stream, and this thread has none "
+                    f"on the host backend; enter a lease or pass {argument}="
                 )
         else:
-            target = resolve_stream(backend, stream, "stream")
+            target = resolve_stream(backend, stream, argument)
         backend.record(handle, target)
 
     def synchronize(self) -> None:
@@ -141,7 +146,7 @@ class EventPool:
         self._idle: deque[PooledEvent] = deque()
         self._created = 0
         self._destroyed = 0
-        self._closed = False
+        self._closed_reason: str | None = None  # why the pool stopped serving, once it has
         for _ in range(initial_size):
             self._idle.append(self._create())
 
@@ -157,8 +162,8 @@ class EventPool:
 
     def acquire(self) -> PooledEvent:
         """Take an idle event, creating one if none is idle."""
-        if self._closed:
-            raise PoolClosedError("this EventPool was cleared by its pool's close()")
+        if self._closed_reason is not None:
+            raise PoolClosedError(self._closed_reason)
         try:
             event = self._idle.pop()
         except IndexError:
@@ -178,7 +183,7 @@ class EventPool:
             event._held.pop()
         except IndexError:
             raise LeaseError(f"event {event.event_id} was already released") from None
-        if self._closed or len(self._idle) >= self.max_size:
+        if self._closed_reason is not None or len(self._idle) >= self.max_size:
             self._destroy(event)
         else:
             self._idle.append(event)
@@ -207,7 +212,7 @@ class EventPool:
             self._destroy(event)
 
     def _close(self) -> None:
-        self._closed = True
+        self._closed_reason = "the pool that owns this EventPool was closed"
         self.clear()
 
     def stats(self) -> EventPoolStats:

@@ -37,7 +37,7 @@ class _Waiter:
 class Lane:
     """One kind's streams. ``lock`` is the pool's; counters change under it."""
 
-    __slots__ = ("capacity", "idle", "kind", "lock", "streams", "waiters")
+    __slots__ = ("capacity", "idle", "key_waiting", "kind", "lock", "streams", "waiters")
 
     def __init__(self, kind: StreamKind, streams: list[PooledStream], lock: threading.RLock):
         self.kind = kind
@@ -45,7 +45,13 @@ class Lane:
         self.capacity = len(streams)
         self.idle: deque[PooledStream] = deque(streams)
         self.waiters: deque[_Waiter] = deque()
+        self.key_waiting = 0  # threads queued for an affinity key of this kind
         self.lock = lock
+
+    @property
+    def waiting(self) -> int:
+        """Threads blocked in an acquire of this kind, for a stream or a key."""
+        return len(self.waiters) + self.key_waiting
 
     def take(
         self,
@@ -93,6 +99,9 @@ class Lane:
             if not finished and stream is not None:
                 self.give_back(stream)  # interrupted after the hand-off
         if stream is not None:
+            # Handed over just before close(): the stream is dead, so is this acquire.
+            if (error := closed_error()) is not None:
+                raise error
             return stream
         if waiter.closed:
             raise closed_error() or PoolClosedError("the pool was closed")

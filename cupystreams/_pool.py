@@ -9,7 +9,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Hashable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._affinity import AffinityTable
 from ._backends import make_backend
@@ -35,15 +35,18 @@ _SIZE_ARGUMENT = {
 }
 _live_pools: weakref.WeakSet[CudaStreamPool] = weakref.WeakSet()
 _queue_warning_given = False
+_FORKED = (
+    "this pool was created before fork(); CUDA streams do not survive fork, "
+    "so create a new pool in the child process"
+)
 
 
-def _destroy_streams(backend: Backend, streams: list[PooledStream]) -> None:
-    # A factory-free finalizer target: it captures the backend and the
-    # streams, never the pool, so the pool can be collected.
-    for stream in streams:
-        if stream.state is not StreamState.CLOSED:
-            stream.state = StreamState.CLOSED
-            backend.destroy_stream(stream._handle)
+def _destroy_handles(backend: Backend, handles: list[Any]) -> None:
+    # The finalizer's target captures the backend and the raw stream handles,
+    # never the pool or its PooledStreams (which point back at the pool), so
+    # a pool dropped without close() can still be collected.
+    while handles:
+        backend.destroy_stream(handles.pop())
 
 
 class CudaStreamPool:
@@ -100,7 +103,10 @@ class CudaStreamPool:
             )
         }
         if sum(sizes.values()) == 0:
-            raise ValueError("a pool needs at least one stream; all three sizes are 0")
+            raise ValueError(
+                "compute_streams, comm_streams and high_priority_streams are all 0; "
+                "a pool needs at least one stream"
+            )
         check_count("event_pool_size", event_pool_size)
         if check_count("max_affinity_keys", max_affinity_keys) == 0:
             raise ValueError("max_affinity_keys=0 leaves no room for keys; pass at least 1")
@@ -126,23 +132,30 @@ class CudaStreamPool:
         )
         self._streams: list[PooledStream] = []
         self._lanes: dict[StreamKind, Lane] = {}
-        for kind, count in sizes.items():
-            priority = high if kind is StreamKind.HIGH_PRIORITY else least
-            streams = [
-                PooledStream._create(
-                    self, self._backend, len(self._streams) + i, kind, priority, non_blocking
-                )
-                for i in range(count)
-            ]
-            self._streams.extend(streams)
-            self._lanes[kind] = lane = Lane(kind, streams, self._lock)
-            for stream in streams:
-                stream._lane = lane
+        handles: list[Any] = []
+        self._finalizer = weakref.finalize(self, _destroy_handles, self._backend, handles)
+        self._finalizer.atexit = False  # no CUDA calls while the interpreter shuts down
+        try:
+            for kind, count in sizes.items():
+                priority = high if kind is StreamKind.HIGH_PRIORITY else least
+                streams = []
+                for _ in range(count):
+                    stream = PooledStream._create(
+                        self, self._backend, len(self._streams), kind, priority, non_blocking
+                    )
+                    handles.append(stream._handle)
+                    self._streams.append(stream)
+                    streams.append(stream)
+                self._lanes[kind] = lane = Lane(kind, streams, self._lock)
+                for stream in streams:
+                    stream._lane = lane
+        except BaseException:
+            self._finalizer()  # a half-built pool leaves no stream behind
+            self.events._close()
+            raise
         self._compute = self._lanes[StreamKind.COMPUTE]
         self._comm = self._lanes[StreamKind.COMM]
         self._high = self._lanes[StreamKind.HIGH_PRIORITY]
-        self._finalizer = weakref.finalize(self, _destroy_streams, self._backend, self._streams)
-        self._finalizer.atexit = False  # no CUDA calls while the interpreter shuts down
         _live_pools.add(self)
 
     # -- construction helpers ----------------------------------------------
@@ -222,7 +235,13 @@ class CudaStreamPool:
             PoolExhaustedError, PoolTimeoutError, PoolClosedError, LeaseError.
         """
         lane = self._compute
-        if affinity_key is None and timeout is None and not lane.waiters and not self._closed:
+        if (
+            affinity_key is None
+            and timeout is None
+            and (blocking is True or blocking is False)
+            and not lane.waiters
+            and not self._closed
+        ):
             try:
                 return new_lease(lane.idle.pop(), None)
             except IndexError:
@@ -237,7 +256,13 @@ class CudaStreamPool:
     ) -> StreamLease:
         """Lease a communication stream; arguments as ``acquire_compute``."""
         lane = self._comm
-        if affinity_key is None and timeout is None and not lane.waiters and not self._closed:
+        if (
+            affinity_key is None
+            and timeout is None
+            and (blocking is True or blocking is False)
+            and not lane.waiters
+            and not self._closed
+        ):
             try:
                 return new_lease(lane.idle.pop(), None)
             except IndexError:
@@ -249,7 +274,12 @@ class CudaStreamPool:
     ) -> StreamLease:
         """Lease a high-priority stream; arguments as ``acquire_compute``."""
         lane = self._high
-        if timeout is None and not lane.waiters and not self._closed:
+        if (
+            timeout is None
+            and (blocking is True or blocking is False)
+            and not lane.waiters
+            and not self._closed
+        ):
             try:
                 return new_lease(lane.idle.pop(), None)
             except IndexError:
@@ -285,7 +315,7 @@ class CudaStreamPool:
         with self._lock:
             try:
                 state = self._keys.reserve(
-                    key, threading.get_ident(), blocking, deadline, lambda: self._closed
+                    key, threading.get_ident(), blocking, deadline, self._closed_error, lane
                 )
             except PoolTimeoutError:
                 self._timeouts += 1
@@ -301,12 +331,18 @@ class CudaStreamPool:
             with self._lock:
                 self._keys.unreserve(key, state)
             raise
-        if stream is previous:
-            stream._affinity_hits += 1  # same stream: stream order already holds
-        elif state.last_event is not None:
-            # The key moves: its earlier work must finish before this lease's.
-            self._backend.wait_event(stream._handle, state.last_event._handle)
-            stream._waits += 1
+        try:
+            if stream is previous:
+                stream._affinity_hits += 1  # same stream: stream order already holds
+            elif state.last_event is not None:
+                # The key moves: its earlier work must finish before this lease's.
+                self._backend.wait_event(stream._handle, state.last_event._handle)
+                stream._waits += 1
+        except BaseException:
+            lane.give_back(stream)
+            with self._lock:
+                self._keys.unreserve(key, state)
+            raise
         return new_lease(stream, key)
 
     def _take(
@@ -324,14 +360,11 @@ class CudaStreamPool:
             raise
 
     def _closed_error(self) -> PoolClosedError | None:
-        """The error an acquire should raise now, or None while the pool is open."""
+        """The error a use of the pool should raise now, or None while it is open."""
         if not self._closed:
             return None
         if self._forked:
-            return PoolClosedError(
-                "this pool was created before fork(); CUDA streams do not survive fork, "
-                "so create a new pool in the child process"
-            )
+            return PoolClosedError(_FORKED)
         return PoolClosedError("the pool is closed; create a new CudaStreamPool")
 
     # -- release ---------------------------------------------------------------
@@ -351,7 +384,7 @@ class CudaStreamPool:
 
     def _release_slow(self, lease: StreamLease, stream: PooledStream) -> None:
         """Release a lease that is keyed, capturing, or outlived its pool."""
-        if stream.state is StreamState.CLOSED:
+        if self._closed:
             lease._slot.clear()  # the pool closed under the lease: nothing to return
             return
         if stream._capturing is not None and stream._capturing():
@@ -379,7 +412,11 @@ class CudaStreamPool:
 
     def _end_of_work(self, stream: PooledStream) -> PooledEvent:
         event = self.events.acquire()
-        self._backend.record(event._handle, stream._handle)
+        try:
+            self._backend.record(event._handle, stream._handle)
+        except BaseException:
+            self.events.release(event)
+            raise
         return event
 
     # -- context managers --------------------------------------------------------
@@ -413,7 +450,7 @@ class CudaStreamPool:
         """
         event = self.events.acquire()
         try:
-            event.record(lease_or_stream)
+            event._record(lease_or_stream, "lease_or_stream")
         except BaseException:
             self.events.release(event)
             raise
@@ -423,8 +460,15 @@ class CudaStreamPool:
         """Block until the work on every pool stream is done."""
         if (error := self._closed_error()) is not None:
             raise error
+        # Every stream is waited for even if one reports a host-function error.
+        first_error: BaseException | None = None
         for stream in self._streams:
-            stream.synchronize()
+            try:
+                stream.synchronize()
+            except Exception as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
 
     def stats(self) -> PoolStats:
         """A consistent, frozen snapshot of the pool's occupancy and counters."""
@@ -434,7 +478,7 @@ class CudaStreamPool:
                     capacity=lane.capacity,
                     leased=0 if self._closed else lane.capacity - len(lane.idle),
                     idle=0 if self._closed else len(lane.idle),
-                    waiting=len(lane.waiters),
+                    waiting=lane.waiting,
                 )
                 for kind, lane in self._lanes.items()
             }
@@ -470,6 +514,8 @@ class CudaStreamPool:
         for event in key_events:
             self.events.release(event)
         self._finalizer()
+        for stream in self._streams:
+            stream.state = StreamState.CLOSED
         self.events._close()
 
     def __enter__(self) -> CudaStreamPool:
@@ -485,7 +531,7 @@ class CudaStreamPool:
             f"{kind.value} {lane.capacity - len(lane.idle)}/{lane.capacity}"
             for kind, lane in self._lanes.items()
         )
-        waiting = sum(len(lane.waiters) for lane in self._lanes.values())
+        waiting = sum(lane.waiting for lane in self._lanes.values())
         return (
             f"<CudaStreamPool {self._backend.name}:{self.device} {parts} leased, {waiting} waiting>"
         )
@@ -513,6 +559,7 @@ def _after_fork_in_child() -> None:
             lane.lock = pool._lock
         pool._keys.changed = threading.Condition(pool._lock)
         pool._finalizer.detach()  # the parent's CUDA handles are not ours to destroy
+        pool.events._closed_reason = _FORKED
         for stream in pool._streams:
             stream.state = StreamState.CLOSED
 

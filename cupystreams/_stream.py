@@ -7,7 +7,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._errors import PoolClosedError
 from ._stats import StreamStats
 from ._types import StreamKind, StreamState
 
@@ -120,8 +119,10 @@ class PooledStream:
         )
 
     def _check_open(self) -> None:
-        if self.state is StreamState.CLOSED:
-            raise PoolClosedError(f"stream {self.stream_id} belongs to a closed pool")
+        # The pool's flag, not this stream's state: an acquire racing close()
+        # may have stamped the state LEASED after close() stamped it CLOSED.
+        if (error := self._pool._closed_error()) is not None:
+            raise error
 
     def synchronize(self) -> None:
         """Block until all work queued on the stream is done.
@@ -136,6 +137,13 @@ class PooledStream:
             self._host_errors.clear()
             raise first
 
+    def _check_event(self, event: object) -> Any:
+        from ._events import PooledEvent
+
+        if not isinstance(event, PooledEvent):
+            raise TypeError(f"event={event!r} must be a PooledEvent (from pool.events.acquire())")
+        return event._live_handle()
+
     def query(self) -> bool:
         """True when all work queued on the stream has finished."""
         self._check_open()
@@ -144,7 +152,7 @@ class PooledStream:
     def wait_event(self, event: PooledEvent) -> None:
         """Make later work on this stream wait, on the device, for ``event``."""
         self._check_open()
-        self._backend.wait_event(self._handle, event._live_handle())
+        self._backend.wait_event(self._handle, self._check_event(event))
         self._waits += 1
 
     def launch_host_func(self, fn: Callable[[], None]) -> None:
@@ -154,6 +162,8 @@ class PooledStream:
         the stream's next ``synchronize()``.
         """
         self._check_open()
+        if not callable(fn):
+            raise TypeError(f"fn={fn!r} must be a callable taking no arguments")
         errors = self._host_errors
 
         def run() -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+import threading
 
-__all__ = ["check_count", "check_flag", "check_timeout"]
+__all__ = ["MAX_COUNT", "check_count", "check_flag", "check_timeout"]
+
+# Far beyond any useful pool (a GPU has at most 32 hardware queues), small
+# enough that a typo such as 10**9 fails at once instead of exhausting memory.
+MAX_COUNT = 4096
 
 
 def check_count(name: str, value: object) -> int:
-    """A non-negative int (bools refused: ``True`` streams is a bug, not 1)."""
+    """An int in [0, MAX_COUNT] (bools refused: ``True`` streams is a bug, not 1)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}={value!r} must be an int")
-    if value < 0:
-        raise ValueError(f"{name}={value} must be >= 0")
+    if not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{name}={value} must be in [0, {MAX_COUNT}]")
     return value
 
 
@@ -30,4 +35,5 @@ def check_timeout(timeout: object) -> float | None:
         raise TypeError(f"timeout={timeout!r} must be a number of seconds or None")
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"timeout={timeout!r} must be >= 0 seconds, or None to wait for ever")
-    return None if math.isinf(timeout) else float(timeout)
+    # Beyond what a lock can wait for, a timeout means "for ever".
+    return None if timeout >= threading.TIMEOUT_MAX else float(timeout)

@@ -175,7 +175,4 @@ class HostBackend:
         self._current.stream = token
 
     def as_stream(self, obj: object) -> Any:
-        raise TypeError(
-            f"the host backend cannot order work against a CUDA stream ({obj!r}); "
-            "pass a lease or pooled stream of the same pool, or use backend='cupy'"
-        )
+        raise TypeError("the host backend has no CUDA streams (use backend='cupy' for those)")
