@@ -147,6 +147,13 @@ class StreamCache(Generic[T]):
         self._entries: dict[int, tuple[Any, T]] = {}
         self._lock = threading.Lock()
 
+    def peek(self, handle: Any) -> T | None:
+        """The cached value for ``handle``, or None."""
+        entry = self._entries.get(id(handle))
+        if entry is not None and entry[0]() is handle:
+            return entry[1]
+        return None
+
     def get(self, handle: Any, long_lived: bool) -> T:
         """The value for ``handle``; built without caching when not ``long_lived``."""
         if not long_lived:

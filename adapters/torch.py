@@ -46,6 +46,8 @@ except ImportError as exc:
 
 import cupy
 
+from cupystreams import StreamLease
+
 from ._streams import StreamCache, device_of, order, stream_handle
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
 
 _get_device: Callable[[], int] = cupy.cuda.runtime.getDevice
 _set_device: Callable[[int], None] = cupy.cuda.runtime.setDevice
+_get_cupy_stream: Callable[[int], Any] = cupy.cuda.get_current_stream
 
 
 def _public_get_stream(device: int) -> tuple[int, int, int]:
@@ -131,7 +134,7 @@ class _Use:
     def __init__(self, cupy_stream: Any, view: _TorchStream) -> None:
         self._cupy_stream = cupy_stream
         self._view = view
-        self._saved: tuple[int, tuple[int, int, int]] | None = None
+        self._saved: tuple[int, tuple[int, int, int], Any] | None = None
 
     def __enter__(self) -> Any:
         if self._saved is not None:
@@ -141,9 +144,9 @@ class _Use:
         previous_device = _get_device()
         if previous_device != device:
             _set_device(device)  # CuPy checks the device before making a stream current
-        # CuPy's own `with stream:` protocol: a per-thread stack, popped on exit.
-        self._cupy_stream.__enter__()
-        self._saved = (previous_device, _get_torch_stream(device))
+        previous_cupy = _get_cupy_stream(device)
+        self._cupy_stream.use()
+        self._saved = (previous_device, _get_torch_stream(device), previous_cupy)
         _set_torch_stream(*view.ids)
         return view.stream
 
@@ -156,9 +159,9 @@ class _Use:
         saved, self._saved = self._saved, None
         if saved is None:
             return
-        previous_device, previous_torch = saved
+        previous_device, previous_torch, previous_cupy = saved
         _set_torch_stream(*previous_torch)
-        self._cupy_stream.__exit__(None, None, None)
+        previous_cupy.use()
         if previous_device != self._view.device:
             _set_device(previous_device)
 
@@ -170,12 +173,19 @@ def use(stream: object) -> _Use:
     block on the lease's stream. On exit torch's and CuPy's current streams on
     that device, and the current device, are restored; the lease is *not*
     released (leave its own ``with`` for that). Per thread, like both
-    frameworks' current streams. Entering costs about a microsecond: the torch
-    stream is cached and no ``torch.cuda.Stream`` object is built.
+    frameworks' current streams. Entering and leaving cost about 2 µs on an
+    H100 host, a fifth of ``with torch.cuda.stream(...)``: the torch stream is
+    cached, and torch's current stream is switched through the three ints
+    that identify it, without building ``torch.cuda.Stream`` objects.
 
     Args:
         stream: A lease or any stream argument (see the module docstring).
     """
+    if type(stream) is StreamLease:  # the hot path: a lease whose torch stream is built
+        handle = stream.cupy_stream
+        view = _cache.peek(handle)
+        if view is not None:
+            return _Use(handle, view)
     handle, long_lived = stream_handle(stream, "stream")
     return _Use(handle, _cache.get(handle, long_lived))
 
