@@ -25,7 +25,9 @@ __all__ = ["demo_setup", "run_demo"]
 def demo_setup(backend: str, quick: bool) -> PipelineSetup:
     """The pipeline the demo runs: 16 x 64 MiB on a GPU, smaller simulated on the host."""
     if backend == "cupy":
-        return PipelineSetup(chunks=8 if quick else 16, chunk_mib=16 if quick else 64, repeats=3)
+        return PipelineSetup(
+            chunks=8 if quick else 16, chunk_mib=16 if quick else 64, repeats=3 if quick else 7
+        )
     # Host "copies" are memcpys that share the CPU and its memory bandwidth
     # with the simulated kernels, so the simulated kernel time dominates.
     return PipelineSetup(
