@@ -68,8 +68,8 @@ def assert_all_idle(pool: CudaStreamPool) -> None:
         lease.release()
 
 
-def has_current_stream(pool: CudaStreamPool) -> object:
-    """What the calling thread's current stream is, as far as the pool sees it."""
+def current_stream_marker(pool: CudaStreamPool) -> object:
+    """Tells the calling thread's current stream apart, as far as the pool sees it."""
     if pool.backend == "cupy":
         import cupy
 
@@ -89,7 +89,7 @@ def has_current_stream(pool: CudaStreamPool) -> object:
 def test_error_inside_a_lease_block_releases_and_restores(
     pool: CudaStreamPool, kind: str, error: type[BaseException]
 ) -> None:
-    before = has_current_stream(pool)
+    before = current_stream_marker(pool)
     with (
         pytest.raises(error),
         acquire(pool, kind) as outer,
@@ -98,7 +98,7 @@ def test_error_inside_a_lease_block_releases_and_restores(
         inner.launch_host_func(lambda: None)
         raise error("raised inside two nested lease blocks")
     assert outer.released and inner.released
-    assert has_current_stream(pool) == before
+    assert current_stream_marker(pool) == before
     assert_all_idle(pool)
     with pool.acquire_compute(affinity_key="k", blocking=False):
         pass  # the key was freed too

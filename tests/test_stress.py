@@ -464,11 +464,6 @@ def test_random_operations_from_many_threads(backend: str, interval: float | Non
 # -- first come, first served -------------------------------------------------
 
 
-def _acquirer(pool: CudaStreamPool, kind: str) -> Callable[..., StreamLease]:
-    method: Callable[..., StreamLease] = getattr(pool, f"acquire_{kind}")
-    return method
-
-
 @pytest.mark.parametrize("interval", SWITCH_INTERVALS)
 @pytest.mark.parametrize(
     ("kind", "keyed"),
@@ -482,7 +477,7 @@ def test_waiters_are_served_in_arrival_order(
     High-priority acquires take no affinity key, so only the other kinds run keyed."""
     waiters, timeout = 8, 0.3
     with switch_interval(interval), CudaStreamPool(1, 1, 1, backend=backend) as pool:
-        acquire = _acquirer(pool, kind)
+        acquire: Callable[..., StreamLease] = getattr(pool, f"acquire_{kind}")
         holder = acquire()
         served: list[int] = []
         timed_out: list[int] = []
