@@ -23,25 +23,12 @@ except ImportError as exc:
     ) from exc
 
 from cupystreams import StreamLease
+from cupystreams._backends._cupy import CUPY_STREAMS, foreign_stream
 from cupystreams._stream_args import ACCEPTED_STREAMS, pooled_source
 
 __all__ = ["CupyCurrent", "StreamCache", "device_of", "order", "stream_handle"]
 
 T = TypeVar("T")
-
-_CUPY_STREAMS = (cupy.cuda.Stream, cupy.cuda.ExternalStream)
-
-
-class _Pointer:
-    """A raw pointer dressed in the ``__cuda_stream__`` protocol for CuPy."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int) -> None:
-        self.ptr = ptr
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self.ptr)
 
 
 def stream_handle(obj: object, argument: str) -> tuple[Any, bool]:
@@ -60,33 +47,24 @@ def stream_handle(obj: object, argument: str) -> tuple[Any, bool]:
     pooled = obj._live() if type(obj) is StreamLease else pooled_source(obj)
     if pooled is not None:
         handle = pooled.stream
-        if not isinstance(handle, _CUPY_STREAMS):
+        if not isinstance(handle, CUPY_STREAMS):
             raise TypeError(
                 f"{argument}={obj!r} belongs to a pool on the host backend, which has no "
                 "CUDA streams; framework adapters need a pool with backend='cupy'"
             )
         return handle, True
-    if isinstance(obj, _CUPY_STREAMS):
+    if isinstance(obj, CUPY_STREAMS):
         # Stream.null has no device of its own (device_id -1): not cacheable.
         return obj, obj.device_id >= 0
-    if isinstance(obj, bool):
-        raise TypeError(f"{argument}={obj!r} is not a stream; pass {ACCEPTED_STREAMS}")
-    if isinstance(obj, int):
-        if obj < 0:
-            raise ValueError(f"{argument}={obj} is not a valid stream pointer (negative)")
-        foreign: object = _Pointer(obj)
-    elif hasattr(obj, "__cuda_stream__"):
-        foreign = obj
-    else:
-        raise TypeError(f"{argument}={obj!r} is not a stream; pass {ACCEPTED_STREAMS}")
+    if isinstance(obj, int) and not isinstance(obj, bool) and obj < 0:
+        raise ValueError(f"{argument}={obj} is not a valid stream pointer (negative)")
     try:
-        handle = cupy.cuda.Stream.from_external(foreign)
+        handle = foreign_stream(obj)
     except TypeError as exc:
         raise TypeError(
             f"{argument}={obj!r} is not usable as a stream: {exc}; pass {ACCEPTED_STREAMS}"
         ) from None
-    # CuPy wraps whatever pointer it is given; 0 is best served by its own singleton.
-    return (cupy.cuda.Stream.null if handle.ptr == 0 else handle), False
+    return handle, False
 
 
 def device_of(handle: Any) -> int:

@@ -59,19 +59,9 @@ def _cycles_per_ms(device: int) -> int:
 
 def as_cupy_stream(stream: object) -> Any:
     """A CuPy stream for a CuPy stream, a ``__cuda_stream__`` object or a raw pointer."""
-    import cupy
+    from cupystreams._backends._cupy import foreign_stream
 
-    if isinstance(stream, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
-        return stream
-    ptr = stream if isinstance(stream, int) else stream.__cuda_stream__()[1]
-    if ptr == 0:
-        return cupy.cuda.Stream.null
-
-    class _Ptr:
-        def __cuda_stream__(self) -> tuple[int, int]:
-            return (0, ptr)
-
-    return cupy.cuda.Stream.from_external(_Ptr())
+    return foreign_stream(stream)
 
 
 def _launch(stream: object, dst: int, src: int, value: float, n: int, ms: float) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import cupy
 
-__all__ = ["CupyBackend", "hardware_queues_from_env"]
+__all__ = ["CUPY_STREAMS", "CupyBackend", "foreign_stream", "hardware_queues_from_env"]
 
 _MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
 # Bound once: entering a lease is a hot path, and these lookups add up.
@@ -137,28 +137,45 @@ class CupyBackend:
             _set_device(previous_device)
 
     def as_stream(self, obj: object) -> Any:
-        if isinstance(obj, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
-            return obj
-        if isinstance(obj, int):
-            if obj == 0:
-                return cupy.cuda.Stream.null
-            return cupy.cuda.ExternalStream(obj, self.device)
-        protocol = getattr(obj, "__cuda_stream__", None)
-        if protocol is None:
-            raise TypeError(f"{obj!r} is not a stream")
-        result = protocol()
-        if not (
-            isinstance(result, tuple)
-            and len(result) == 2
-            and all(isinstance(item, int) for item in result)
-        ):
-            raise TypeError(
-                f"{type(obj).__name__}.__cuda_stream__() returned {result!r}; "
-                "the protocol requires a tuple (version, pointer) of two ints"
-            )
-        version, ptr = result
-        if version != 0:
-            raise TypeError(
-                f"{type(obj).__name__}.__cuda_stream__() has version {version}; only 0 is known"
-            )
-        return cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, self.device)
+        with self._device:  # a foreign pointer is taken to be on this device
+            return foreign_stream(obj)
+
+
+CUPY_STREAMS = (cupy.cuda.Stream, cupy.cuda.ExternalStream)
+
+
+class _Pointer:
+    """A raw pointer dressed in the ``__cuda_stream__`` protocol, for CuPy."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def foreign_stream(obj: object) -> Any:
+    """A CuPy stream for a CuPy stream, an object with ``__cuda_stream__`` or a raw pointer.
+
+    Pointers and protocol objects are wrapped on the current device, through
+    ``cupy.cuda.Stream.from_external``, which checks the protocol strictly.
+    Pointer 0 is CuPy's legacy-stream singleton.
+
+    Raises:
+        TypeError: Anything else, or a malformed ``__cuda_stream__`` result.
+    """
+    if isinstance(obj, CUPY_STREAMS):
+        return obj
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        if obj == 0:
+            return cupy.cuda.Stream.null
+        obj = _Pointer(obj)
+    elif not hasattr(obj, "__cuda_stream__"):
+        raise TypeError(f"{obj!r} is not a stream")
+    try:
+        handle = cupy.cuda.Stream.from_external(obj)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{type(obj).__name__}.__cuda_stream__() is unusable: {exc}") from None
+    return cupy.cuda.Stream.null if handle.ptr == 0 else handle
