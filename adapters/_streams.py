@@ -24,7 +24,7 @@ except ImportError as exc:
 
 from cupystreams import StreamLease
 from cupystreams._backends._cupy import CUPY_STREAMS, foreign_stream
-from cupystreams._stream_args import ACCEPTED_STREAMS, pooled_source
+from cupystreams._stream_args import ACCEPTED_STREAMS, check_pointer, pooled_source
 
 __all__ = ["CupyCurrent", "StreamCache", "device_of", "order", "stream_handle"]
 
@@ -56,8 +56,7 @@ def stream_handle(obj: object, argument: str) -> tuple[Any, bool]:
     if isinstance(obj, CUPY_STREAMS):
         # Stream.null has no device of its own (device_id -1): not cacheable.
         return obj, obj.device_id >= 0
-    if isinstance(obj, int) and not isinstance(obj, bool) and obj < 0:
-        raise ValueError(f"{argument}={obj} is not a valid stream pointer (negative)")
+    check_pointer(obj, argument)
     try:
         handle = foreign_stream(obj)
     except TypeError as exc:

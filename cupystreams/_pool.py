@@ -45,8 +45,16 @@ def _destroy_handles(backend: Backend, handles: list[Any]) -> None:
     # The finalizer's target captures the backend and the raw stream handles,
     # never the pool or its PooledStreams (which point back at the pool), so
     # a pool dropped without close() can still be collected.
+    # Every stream is destroyed even if one fails (after a faulting kernel,
+    # every CUDA call reports the error); the first failure is raised last.
+    first_error: BaseException | None = None
     while handles:
-        backend.destroy_stream(handles.pop())
+        try:
+            backend.destroy_stream(handles.pop())
+        except Exception as exc:
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
 
 
 class CudaStreamPool:
@@ -511,12 +519,14 @@ class CudaStreamPool:
             for lane in self._lanes.values():
                 lane.close()
             key_events = self._keys.clear()
-        for event in key_events:
-            self.events.release(event)
-        self._finalizer()
-        for stream in self._streams:
-            stream.state = StreamState.CLOSED
-        self.events._close()
+        try:
+            for event in key_events:
+                self.events.release(event)
+            self._finalizer()
+        finally:
+            for stream in self._streams:
+                stream.state = StreamState.CLOSED
+            self.events._close()
 
     def __enter__(self) -> CudaStreamPool:
         return self

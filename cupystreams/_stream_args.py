@@ -9,7 +9,7 @@ from ._stream import PooledStream
 if TYPE_CHECKING:
     from ._backends import Backend
 
-__all__ = ["ACCEPTED_STREAMS", "pooled_source", "resolve_stream"]
+__all__ = ["ACCEPTED_STREAMS", "check_pointer", "pooled_source", "resolve_stream"]
 
 ACCEPTED_STREAMS = (
     "a StreamLease, a PooledStream, a cupy.cuda.Stream, an object with "
@@ -27,6 +27,15 @@ def pooled_source(obj: object) -> PooledStream | None:
         obj._check_open()
         return obj
     return None
+
+
+def check_pointer(obj: object, argument: str) -> None:
+    """A raw pointer int must fit a ``cudaStream_t``; other objects pass through."""
+    if isinstance(obj, int) and not isinstance(obj, bool) and not 0 <= obj < 1 << 64:
+        raise ValueError(
+            f"{argument}={obj} is not a valid stream pointer (outside [0, 2**64)); "
+            "pass lease.ptr or an object with __cuda_stream__"
+        )
 
 
 def resolve_stream(backend: Backend, obj: object, argument: str) -> Any:
@@ -47,8 +56,7 @@ def resolve_stream(backend: Backend, obj: object, argument: str) -> Any:
         return pooled._handle
     if isinstance(obj, bool):
         raise TypeError(f"{argument}={obj!r} is not a stream; pass {ACCEPTED_STREAMS}")
-    if isinstance(obj, int) and obj < 0:
-        raise ValueError(f"{argument}={obj} is not a valid stream pointer (negative)")
+    check_pointer(obj, argument)
     try:
         return backend.as_stream(obj)
     except TypeError as exc:
