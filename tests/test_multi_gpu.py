@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_pool_gpu import slow_fill
 
 from cupystreams import CudaStreamPool, get_global_stream_pool
-from tests.test_pool_gpu import slow_fill
 
 pytestmark = pytest.mark.gpu(count=2)
 
@@ -97,7 +97,7 @@ def test_allreduce_example_reduces_correctly_under_torchrun() -> None:
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(example), "--check", "--buckets=4", "--bucket-mib=4", "--matmuls=1", "--size=1024"],
+         str(example), "--check", "--buckets=4", "--bucket-mib=4", "--matmuls=8", "--size=4096"],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -306,7 +306,7 @@ def test_acquiring_a_kind_the_pool_lacks(backend: str) -> None:
 
 def test_auto_backend_never_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUPYSTREAMS_BACKEND", raising=False)
-    from tests.conftest import GPU_COUNT
+    from conftest import GPU_COUNT
 
     if GPU_COUNT:
         with CudaStreamPool() as pool:

@@ -9,33 +9,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import gpu_helpers
 import pytest
 
 from cupystreams import CudaStreamPool, LeaseError, StreamState
 
 pytestmark = pytest.mark.gpu
 
-_SPIN_SOURCE = r"""
-extern "C" __global__ void spin_then_fill(float* out, long long n, long long cycles, float value) {
-    long long start = clock64();
-    while (clock64() - start < cycles) { }
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        out[i] = value;
-    }
-}
-"""
 
-
-def slow_fill(out: Any, value: float, ms: float = 50.0) -> None:
-    """Fill ``out`` with ``value`` on the current stream after spinning ``ms`` ms."""
+def slow_fill(out: Any, value: float) -> None:
+    """Fill the float32 array ``out`` with ``value`` on the current stream, ~50 ms late."""
     import cupy
 
-    kernel = cupy.RawKernel(_SPIN_SOURCE, "spin_then_fill")
-    rate_khz = cupy.cuda.Device().attributes["ClockRate"]
-    kernel(
-        (32,), (256,), (out, cupy.int64(out.size), cupy.int64(ms * rate_khz), cupy.float32(value))
-    )
+    gpu_helpers.slow_fill(out.data.ptr, out.size, value, cupy.cuda.get_current_stream())
+
+
+def warm_copy(data: Any) -> None:
+    """Load the copy kernel before a race: a first launch may synchronize the device."""
+    import cupy
+
+    data.copy()
+    cupy.cuda.Device().synchronize()
 
 
 @pytest.fixture
@@ -76,7 +70,7 @@ def test_wait_orders_two_leases(gpu_pool: CudaStreamPool) -> None:
 
     producer, consumer = gpu_pool.acquire_compute(), gpu_pool.acquire_comm()
     data = cupy.zeros(1 << 20, dtype=cupy.float32)
-    cupy.cuda.Device().synchronize()
+    warm_copy(data)
     with producer.cupy_stream:
         slow_fill(data, 7.0)
     consumer.wait(producer)
@@ -93,7 +87,7 @@ def test_moved_affinity_key_orders_on_the_gpu() -> None:
 
     with CudaStreamPool(2, 0, 0, backend="cupy") as pool:
         data = cupy.zeros(1 << 20, dtype=cupy.float32)
-        cupy.cuda.Device().synchronize()
+        warm_copy(data)
         with pool.acquire_compute(affinity_key="k") as first:
             slow_fill(data, 3.0)
             keyed = first.stream
