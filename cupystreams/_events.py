@@ -142,7 +142,9 @@ class EventPool:
         )
         self.timing = timing
         self.max_size = max_size
-        self._lock = threading.Lock()
+        # Re-entrant: a dropped lease collected while this thread holds the lock
+        # (GC runs on any allocation) may acquire an event for its release.
+        self._lock = threading.RLock()
         self._idle: deque[PooledEvent] = deque()
         self._created = 0
         self._destroyed = 0

@@ -15,6 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
+# The suite shares each GPU between CuPy, torch, JAX and NCCL subprocesses:
+# JAX must not take 75% of the memory up front the moment it is imported.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 from cupystreams import CudaStreamPool, reset_global_pool
 
 REQUIRED_GPUS = int(os.environ.get("CUPYSTREAMS_REQUIRE_GPU", "0") or "0")

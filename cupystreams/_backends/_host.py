@@ -44,7 +44,9 @@ class HostStream:
     def __init__(self, priority: int, name: str) -> None:
         self.priority = priority
         self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        # Re-entrant: a lease collected while this thread holds the lock may
+        # record its end on this very stream.
+        self._lock = threading.RLock()
         self._submitted = 0
         self._completed = 0
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
