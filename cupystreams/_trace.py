@@ -271,12 +271,16 @@ def _load_nvtx() -> Any:
 def render_timeline(
     path: str | os.PathLike[str], panels: Sequence[tuple[str, Trace]], xlabel: str | None = None
 ) -> None:
-    """Draw several traces as stacked timelines sharing one time axis.
+    """Draw several traces as stacked timelines, each on its own time scale.
+
+    Each panel spans its own trace (a 20 ms pipeline next to a 300 ms flood
+    would otherwise be a sliver). Spans too narrow to see are widened, and
+    labelled with their duration when there are few enough to read.
 
     Args:
         path: Where to write the PNG.
         panels: ``(title, trace)`` pairs, drawn top to bottom.
-        xlabel: Label of the time axis.
+        xlabel: Label of the time axes.
     """
     import matplotlib
 
@@ -289,13 +293,13 @@ def render_timeline(
         len(panels),
         1,
         figsize=(12, sum(heights) + 0.6),
-        sharex=True,
         gridspec_kw={"height_ratios": heights},
         squeeze=False,
     )
-    end_ms = max([1e-3, *(s.end_ms for _, trace in panels for s in trace.spans)])
-    thin = end_ms / 150  # narrower spans are widened to stay visible, and labelled
     for axis, (title, trace) in zip(axes[:, 0], panels, strict=True):
+        end_ms = max([1e-3, *(s.end_ms for s in trace.spans)])
+        thin = end_ms / 150  # narrower spans are widened to stay visible
+        label_thin = sum(1 for s in trace.spans if s.duration_ms < thin) <= 3
         rows = {lane.stream_id: row for row, lane in enumerate(trace.lanes)}
         for span in trace.spans:
             row = rows[span.stream_id]
@@ -306,7 +310,7 @@ def render_timeline(
                 edgecolors="white",
                 linewidth=0.6,
             )
-            if span.duration_ms < thin:
+            if label_thin and span.duration_ms < thin:
                 axis.annotate(
                     f"{span.duration_ms:.2f} ms",
                     (span.start_ms + thin, row),
@@ -315,11 +319,13 @@ def render_timeline(
                     va="center",
                     fontsize=7,
                 )
+        axis.set_xlim(0, end_ms * 1.02)
         axis.set_yticks(range(len(trace.lanes)), [lane.label for lane in trace.lanes])
         axis.set_ylim(len(trace.lanes) - 0.5, -0.5)
         axis.set_title(title, loc="left", fontsize=10)
         axis.grid(axis="x", alpha=0.3)
-    axes[-1, 0].set_xlabel(xlabel or "device time since the trace began (ms)")
+    for axis in axes[:, 0]:
+        axis.set_xlabel(xlabel or "device time since the trace began (ms)", fontsize=8)
     kinds = sorted({lane.kind for _, trace in panels for lane in trace.lanes})
     figure.legend(
         handles=[Patch(color=_COLORS.get(kind, "#888888"), label=kind) for kind in kinds],
