@@ -76,6 +76,15 @@ def pool(backend: str) -> Iterator[CudaStreamPool]:
         p.close()
 
 
+@pytest.fixture
+def gpu_pool() -> Iterator[CudaStreamPool]:
+    """A cupy pool (2 compute, 1 comm, 1 high) for tests marked ``gpu``, closed afterwards."""
+    with CudaStreamPool(
+        compute_streams=2, comm_streams=1, high_priority_streams=1, backend="cupy"
+    ) as p:
+        yield p
+
+
 @pytest.fixture(autouse=True)
 def _restore_cuda_state() -> Iterator[None]:
     """Restore the current device and CuPy stream, and forget global pools."""

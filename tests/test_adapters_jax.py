@@ -12,7 +12,7 @@ import functools
 import importlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -33,14 +33,6 @@ STEPS = 24
 def gpu_jax(test: F) -> F:
     marked: F = pytest.mark.gpu(pytest.mark.requires_module("jax")(test))
     return marked
-
-
-@pytest.fixture
-def gpu_pool() -> Iterator[CudaStreamPool]:
-    with CudaStreamPool(
-        compute_streams=2, comm_streams=0, high_priority_streams=0, backend="cupy"
-    ) as pool:
-        yield pool
 
 
 @pytest.fixture

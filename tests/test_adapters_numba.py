@@ -13,7 +13,7 @@ import gc
 import importlib
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -31,14 +31,6 @@ SLOW_ITERATIONS = 1 << 22  # a dependent integer chain: tens of ms per thread
 def gpu_numba(test: F) -> F:
     marked: F = pytest.mark.gpu(pytest.mark.requires_module("numba")(test))
     return marked
-
-
-@pytest.fixture
-def gpu_pool() -> Iterator[CudaStreamPool]:
-    with CudaStreamPool(
-        compute_streams=2, comm_streams=0, high_priority_streams=0, backend="cupy"
-    ) as pool:
-        yield pool
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import gc
 import importlib
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -25,14 +25,6 @@ N = 1 << 16
 def gpu_torch(test: F) -> F:
     marked: F = pytest.mark.gpu(pytest.mark.requires_module("torch")(test))
     return marked
-
-
-@pytest.fixture
-def gpu_pool() -> Iterator[CudaStreamPool]:
-    with CudaStreamPool(
-        compute_streams=2, comm_streams=0, high_priority_streams=0, backend="cupy"
-    ) as pool:
-        yield pool
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ missing wait show as wrong data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,14 +35,6 @@ class BadStream:
 
     def __cuda_stream__(self) -> object:
         return self._result
-
-
-@pytest.fixture
-def gpu_pool() -> Iterator[CudaStreamPool]:
-    with CudaStreamPool(
-        compute_streams=2, comm_streams=0, high_priority_streams=0, backend="cupy"
-    ) as pool:
-        yield pool
 
 
 def _zeros(n: int) -> Any:

@@ -32,14 +32,6 @@ def warm_copy(data: Any) -> None:
     cupy.cuda.Device().synchronize()
 
 
-@pytest.fixture
-def gpu_pool() -> Any:
-    with CudaStreamPool(
-        compute_streams=2, comm_streams=1, high_priority_streams=1, backend="cupy"
-    ) as pool:
-        yield pool
-
-
 def test_lease_is_the_current_cupy_stream_and_restores(gpu_pool: CudaStreamPool) -> None:
     import cupy
 
