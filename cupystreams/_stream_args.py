@@ -47,7 +47,8 @@ def resolve_stream(backend: Backend, obj: object, argument: str) -> Any:
     """
     pooled = pooled_source(obj)
     device = pooled._backend.device if pooled is not None else getattr(obj, "device_id", None)
-    if device is not None and device != backend.device:
+    # CuPy says -1 for streams of no particular device (Stream.null, from_external).
+    if isinstance(device, int) and device >= 0 and device != backend.device:
         raise ValueError(
             f"{argument}={obj!r} is a stream of device {device}, but this call works on "
             f"device {backend.device}; use a lease or event pool of device {device}"

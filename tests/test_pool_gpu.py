@@ -74,6 +74,20 @@ def test_wait_orders_two_leases(gpu_pool: CudaStreamPool) -> None:
     consumer.release()
 
 
+def test_wait_accepts_cupy_streams_of_no_particular_device(gpu_pool: CudaStreamPool) -> None:
+    import cupy
+
+    # CuPy gives Stream.null and Stream.from_external(...) device_id -1.
+    with gpu_pool.acquire_compute() as lease, gpu_pool.acquire_comm() as other:
+        for stream in (cupy.cuda.Stream.null, cupy.cuda.Stream.from_external(other)):
+            assert stream.device_id == -1
+            lease.wait(stream)
+            event = gpu_pool.record_event(stream)
+            event.synchronize()
+            event.release()
+        lease.synchronize()
+
+
 def test_moved_affinity_key_orders_on_the_gpu() -> None:
     import cupy
 
