@@ -172,27 +172,12 @@ def foreign_stream(obj: object) -> Any:
         if obj == 0:
             return cupy.cuda.Stream.null
         obj = _Pointer(obj)
-    else:
-        _check_protocol(obj)
+    elif not hasattr(obj, "__cuda_stream__"):
+        raise TypeError(f"{obj!r} is not a stream")
     try:
         handle = cupy.cuda.Stream.from_external(obj)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{type(obj).__name__}.__cuda_stream__() is unusable: {exc}") from None
+        raise TypeError(
+            f"{type(obj).__name__}.__cuda_stream__() must return a tuple (0, ptr) of ints: {exc}"
+        ) from None
     return cupy.cuda.Stream.null if handle.ptr == 0 else handle
-
-
-def _check_protocol(obj: object) -> None:
-    # Checked here, each failure with its own message, rather than trusting
-    # every CuPy version to reject a malformed result.
-    method = getattr(obj, "__cuda_stream__", None)
-    if method is None:
-        raise TypeError(f"{obj!r} is not a stream")
-    result = method()
-    name = type(obj).__name__
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise TypeError(f"{name}.__cuda_stream__() returned {result!r}, not a tuple (version, ptr)")
-    version, ptr = result
-    if not (isinstance(version, int) and isinstance(ptr, int)):
-        raise TypeError(f"{name}.__cuda_stream__() returned {result!r}; the tuple must hold ints")
-    if version != 0:
-        raise TypeError(f"{name}.__cuda_stream__() has version {version}; only version 0 exists")
