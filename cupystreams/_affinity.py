@@ -122,13 +122,20 @@ class AffinityTable:
             return [event]
         stale = [] if state.last_event is None else [state.last_event]
         state.last_stream, state.last_event, state.holder = stream, event, None
-        while len(self._keys) > self.max_keys:
-            oldest_key, oldest = next(iter(self._keys.items()))
-            if not oldest.idle():
-                break  # the oldest key is in use; the bound is re-checked later
-            del self._keys[oldest_key]
-            if oldest.last_event is not None:
-                stale.append(oldest.last_event)
+        excess = len(self._keys) - self.max_keys
+        if excess > 0:
+            # Oldest first, skipping keys in use (held, or with threads queued);
+            # usually the very oldest is idle and the scan stops there.
+            victims: list[Hashable] = []
+            for old_key, old in self._keys.items():
+                if old.idle():
+                    victims.append(old_key)
+                    if len(victims) == excess:
+                        break
+            for old_key in victims:
+                old = self._keys.pop(old_key)
+                if old.last_event is not None:
+                    stale.append(old.last_event)
         self.changed.notify_all()
         return stale
 

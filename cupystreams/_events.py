@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EventPool", "PooledEvent"]
 
+_new_object = object.__new__
+
 
 class PooledEvent:
     """An event borrowed from an ``EventPool``; return it with ``release()``.
@@ -145,31 +147,35 @@ class EventPool:
         # Re-entrant: a dropped lease collected while this thread holds the lock
         # (GC runs on any allocation) may acquire an event for its release.
         self._lock = threading.RLock()
-        self._idle: deque[PooledEvent] = deque()
+        # Idle events are kept as (backend handle, event_id); every acquire
+        # wraps one in a fresh PooledEvent, so a released PooledEvent stays
+        # dead even after its CUDA event is handed to someone else.
+        self._idle: deque[tuple[Any, int]] = deque()
         self._created = 0
         self._destroyed = 0
         self._closed_reason: str | None = None  # why the pool stopped serving, once it has
         for _ in range(initial_size):
             self._idle.append(self._create())
 
-    def _create(self) -> PooledEvent:
-        event = object.__new__(PooledEvent)
-        event._handle = self._backend.create_event(self.timing)
-        event._pool = self
-        event._held = []
+    def _create(self) -> tuple[Any, int]:
+        handle = self._backend.create_event(self.timing)
         with self._lock:
-            event.event_id = self._created
+            event_id = self._created
             self._created += 1
-        return event
+        return handle, event_id
 
     def acquire(self) -> PooledEvent:
         """Take an idle event, creating one if none is idle."""
         if self._closed_reason is not None:
             raise PoolClosedError(self._closed_reason)
         try:
-            event = self._idle.pop()
+            handle, event_id = self._idle.pop()
         except IndexError:
-            event = self._create()
+            handle, event_id = self._create()
+        event = _new_object(PooledEvent)
+        event._pool = self
+        event._handle = handle
+        event.event_id = event_id
         # A one-element list is the hold: list.pop() is atomic, so two racing
         # releases of one event cannot both return it to the pool.
         event._held = [True]
@@ -186,12 +192,12 @@ class EventPool:
         except IndexError:
             raise LeaseError(f"event {event.event_id} was already released") from None
         if self._closed_reason is not None or len(self._idle) >= self.max_size:
-            self._destroy(event)
+            self._destroy(event._handle)
         else:
-            self._idle.append(event)
+            self._idle.append((event._handle, event.event_id))
 
-    def _destroy(self, event: PooledEvent) -> None:
-        self._backend.destroy_event(event._handle)
+    def _destroy(self, handle: Any) -> None:
+        self._backend.destroy_event(handle)
         with self._lock:
             self._destroyed += 1
 
@@ -208,10 +214,10 @@ class EventPool:
         """Destroy the idle events; events still held are destroyed on release."""
         while True:
             try:
-                event = self._idle.pop()
+                handle, _ = self._idle.pop()
             except IndexError:
                 return
-            self._destroy(event)
+            self._destroy(handle)
 
     def _close(self) -> None:
         self._closed_reason = "the pool that owns this EventPool was closed"

@@ -30,21 +30,28 @@ def get_global_stream_pool(compute_streams: int = 4, comm_streams: int = 2) -> C
     asks for other sizes raises ``ValueError`` instead of silently returning a
     pool shaped differently from what it asked for.
     """
-    device = current_device()
-    with _lock:
-        pool = _pools.get(device)
-        if pool is None or pool.closed:
-            pool = CudaStreamPool(compute_streams, comm_streams, device=device)
-            _pools[device] = pool
-            return pool
+    pool, created = _device_pool(compute_streams, comm_streams)
+    if created:
+        return pool
     stats = pool.stats()
     if (stats.compute.capacity, stats.comm.capacity) != (compute_streams, comm_streams):
         raise ValueError(
-            f"the global pool of device {device} exists with compute_streams="
+            f"the global pool of device {pool.device} exists with compute_streams="
             f"{stats.compute.capacity}, comm_streams={stats.comm.capacity}; call "
             "reset_global_pool() before asking for other sizes"
         )
     return pool
+
+
+def _device_pool(compute_streams: int = 4, comm_streams: int = 2) -> tuple[CudaStreamPool, bool]:
+    """The current device's open global pool, created with these sizes if needed."""
+    device = current_device()
+    with _lock:
+        pool = _pools.get(device)
+        if pool is not None and not pool.closed:
+            return pool, False
+        pool = _pools[device] = CudaStreamPool(compute_streams, comm_streams, device=device)
+        return pool, True
 
 
 def reset_global_pool() -> None:
@@ -58,22 +65,22 @@ def reset_global_pool() -> None:
 
 @contextlib.contextmanager
 def compute_stream(affinity_key: Hashable | None = None) -> Iterator[StreamLease]:
-    """A compute lease of the global pool, current for the ``with`` block."""
-    with get_global_stream_pool().compute_context(affinity_key) as lease:
+    """A compute lease of the global pool (whatever its sizes), current for the block."""
+    with _device_pool()[0].compute_context(affinity_key) as lease:
         yield lease
 
 
 @contextlib.contextmanager
 def comm_stream(affinity_key: Hashable | None = None) -> Iterator[StreamLease]:
-    """A comm lease of the global pool, current for the ``with`` block."""
-    with get_global_stream_pool().comm_context(affinity_key) as lease:
+    """A comm lease of the global pool (whatever its sizes), current for the block."""
+    with _device_pool()[0].comm_context(affinity_key) as lease:
         yield lease
 
 
 @contextlib.contextmanager
 def high_priority_stream() -> Iterator[StreamLease]:
-    """A high-priority lease of the global pool, current for the ``with`` block."""
-    with get_global_stream_pool().high_priority_context() as lease:
+    """A high-priority lease of the global pool (whatever its sizes), current for the block."""
+    with _device_pool()[0].high_priority_context() as lease:
         yield lease
 
 

@@ -111,7 +111,8 @@ class StreamLease:
 
     def synchronize(self) -> None:
         """Block until the work queued on the lease's stream is done."""
-        self._live().synchronize()
+        # The hold list is unique to this lease: it tags this lease's host-function errors.
+        self._live()._synchronize(self._slot)
 
     def query(self) -> bool:
         """True when the work queued on the lease's stream has finished."""
@@ -158,8 +159,13 @@ class StreamLease:
         return self._live()._pool.record_event(self)
 
     def launch_host_func(self, fn: Callable[[], None]) -> None:
-        """Run ``fn()`` on a host thread after the work queued so far on this lease."""
-        self._live().launch_host_func(fn)
+        """Run ``fn()`` on a host thread after the work queued so far on this lease.
+
+        ``fn`` must not call CUDA. An exception it raises is raised by this
+        lease's next ``synchronize()`` (or by ``pool.sync_all()``), never by a
+        later lease of the same stream.
+        """
+        self._live()._launch_host_func(fn, self._slot)
 
     # -- ending the lease --------------------------------------------------
 

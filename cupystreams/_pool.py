@@ -405,7 +405,13 @@ class CudaStreamPool:
         key = lease._key
         # A keyed lease's end is recorded before the stream can be re-leased,
         # so the record never lands in a later holder's work or graph capture.
-        event = self._end_of_work(stream) if key is not None else None
+        try:
+            event = self._end_of_work(stream) if key is not None else None
+        except PoolClosedError:
+            if not self._closed:
+                raise
+            lease._slot.clear()  # close() won the race: releasing is a no-op now
+            return
         try:
             lease._slot.pop()
         except IndexError:
@@ -522,13 +528,12 @@ class CudaStreamPool:
             for lane in self._lanes.values():
                 lane.close()
             key_events = self._keys.clear()
+            _mark_closed(self._streams)
         try:
             for event in key_events:
                 self.events.release(event)
             self._finalizer()
         finally:
-            for stream in self._streams:
-                stream.state = StreamState.CLOSED
             self.events._close()
 
     def __enter__(self) -> CudaStreamPool:
@@ -562,6 +567,11 @@ class CudaStreamPool:
         return trace_pool(self)
 
 
+def _mark_closed(streams: list[PooledStream]) -> None:
+    for stream in streams:
+        stream.state = StreamState.CLOSED
+
+
 def _after_fork_in_child() -> None:
     for pool in list(_live_pools):
         pool._forked = True
@@ -573,8 +583,10 @@ def _after_fork_in_child() -> None:
         pool._keys.changed = threading.Condition(pool._lock)
         pool._finalizer.detach()  # the parent's CUDA handles are not ours to destroy
         pool.events._closed_reason = _FORKED
-        for stream in pool._streams:
-            stream.state = StreamState.CLOSED
+        pool.events._lock = threading.RLock()
+        for lane in pool._lanes.values():
+            lane.waiters.clear()  # the parent's waiting threads do not exist here
+        _mark_closed(pool._streams)
 
 
 if hasattr(os, "register_at_fork"):

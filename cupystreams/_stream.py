@@ -51,7 +51,7 @@ class PooledStream:
     _backend: Backend
     _capturing: Callable[[], int] | None
     _handle: Any
-    _host_errors: deque[BaseException]
+    _host_errors: deque[tuple[object, BaseException]]  # (owner tag, error)
     _lane: Lane  # the pool's queue for this stream's kind (the pool sets it)
     _lease_start: int
     _pool: CudaStreamPool
@@ -127,15 +127,25 @@ class PooledStream:
     def synchronize(self) -> None:
         """Block until all work queued on the stream is done.
 
-        Re-raises the first exception a host function launched on this stream
-        raised since the last synchronize.
+        Re-raises the first exception that a host function launched on this
+        stream raised and nobody has reported yet (any lease's).
         """
+        self._synchronize(None)
+
+    def _synchronize(self, owner: object) -> None:
+        """Synchronize; report host-function errors of ``owner`` (None: of anyone)."""
         self._check_open()
         self._backend.synchronize_stream(self._handle)
-        if self._host_errors:
-            first = self._host_errors.popleft()
-            self._host_errors.clear()
-            raise first
+        errors = self._host_errors
+        if not errors:
+            return
+        # Each error is reported once, to its lease (or to a stream-wide call):
+        # a later lease of this stream never sees an earlier lease's failure.
+        mine = [entry for entry in list(errors) if owner is None or entry[0] is owner]
+        for entry in mine:
+            errors.remove(entry)  # one atomic removal each: callbacks may append meanwhile
+        if mine:
+            raise mine[0][1]
 
     def _check_event(self, event: object) -> Any:
         from ._events import PooledEvent
@@ -161,6 +171,9 @@ class PooledStream:
         ``fn`` must not call CUDA. An exception it raises is kept and raised by
         the stream's next ``synchronize()``.
         """
+        self._launch_host_func(fn, None)
+
+    def _launch_host_func(self, fn: Callable[[], None], owner: object) -> None:
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn={fn!r} must be a callable taking no arguments")
@@ -170,7 +183,7 @@ class PooledStream:
             try:
                 fn()
             except BaseException as exc:  # kept for synchronize(), never lost
-                errors.append(exc)
+                errors.append((owner, exc))
 
         self._backend.launch_host_func(self._handle, run)
 

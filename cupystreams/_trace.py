@@ -163,13 +163,16 @@ class Trace:
             self._nvtx.end_range(entry.nvtx_range)
 
     def _finish(self) -> None:
-        for entry in self._open.values():
+        # Swap the containers out first: other threads may still be releasing
+        # traced leases while the block ends.
+        still_open, self._open = self._open, {}
+        finished, self._closed = self._closed, []
+        for entry in still_open.values():
             self._drop(entry)
-        self._open.clear()
         backend, origin = self._backend, self._origin
         origin.synchronize()  # a host-backend stream may not have reached it yet
         spans = []
-        for entry, end in sorted(self._closed, key=lambda item: item[0].index):
+        for entry, end in sorted(finished, key=lambda item: item[0].index):
             end.synchronize()
             entry.start.synchronize()
             spans.append(
@@ -185,7 +188,6 @@ class Trace:
             )
             self._events.release(entry.start)
             self._events.release(end)
-        self._closed.clear()
         # Host-backend clocks are read by different worker threads and can
         # disagree by microseconds: keep t = 0 the earliest instant seen.
         shift = min([0.0, *(span.start_ms for span in spans)])

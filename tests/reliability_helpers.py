@@ -33,7 +33,8 @@ class LiveObjects:
 
     Attributes:
         streams: Pooled streams not yet closed (each holds a device stream).
-        events: Pooled events alive (idle in a pool or held by someone).
+        events: Pooled events held by someone (not yet released); idle events
+            are raw handles inside their pool, counted by its ``stats()``.
         leases: Leases not released (a lease of a closed pool counts until it
             is released or dropped).
         host_threads: Worker threads of host-backend streams.
@@ -55,7 +56,7 @@ def live_objects() -> LiveObjects:
             # A stream whose creation failed has no state yet, and nothing to close.
             streams += getattr(obj, "state", StreamState.CLOSED) is not StreamState.CLOSED
         elif kind is PooledEvent:
-            events += 1
+            events += bool(obj._held)
         elif kind is StreamLease:
             leases += not obj.released
     threads = sum(t.name.startswith(HOST_THREAD_PREFIX) for t in threading.enumerate())

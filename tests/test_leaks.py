@@ -36,19 +36,20 @@ def grown(before: LiveObjects, after: LiveObjects) -> dict[str, int]:
 def test_the_count_sees_streams_events_leases_and_threads() -> None:
     start = live_objects()
     pool = CudaStreamPool(2, 1, 1, event_pool_size=4, backend="host")
-    created = pool.stats().events.created
     assert grown(start, live_objects()) == {
         "streams": 4,
-        "events": created,
+        "events": 0,  # idle events are handles inside the pool, not PooledEvents
         "leases": 0,
         "host_threads": 4,
     }
     lease = pool.acquire_compute()
     event = pool.events.acquire()
     assert grown(start, live_objects())["leases"] == 1
+    assert grown(start, live_objects())["events"] == 1
     lease.release()
     event.release()
     assert grown(start, live_objects())["leases"] == 0
+    assert grown(start, live_objects())["events"] == 0
     pool.close()
     del event  # a released event object is still an object until dropped
     assert live_objects() == start

@@ -253,6 +253,18 @@ def test_host_function_errors_surface_at_synchronize(pool: CudaStreamPool) -> No
     assert ran == [1]
 
 
+def test_a_host_function_error_stays_with_its_lease(backend: str) -> None:
+    with CudaStreamPool(1, 0, 0, backend=backend) as pool:
+        with pool.acquire_compute() as first:
+            first.launch_host_func(lambda: 1 / 0)  # type: ignore[func-returns-value]
+        with pool.acquire_compute() as second:
+            assert second.stream is pool._streams[0]
+            second.synchronize()  # not the first lease's error
+        with pytest.raises(ZeroDivisionError):
+            pool.sync_all()  # reported once, pool-wide
+        pool.sync_all()
+
+
 def test_wait_rejects_foreign_objects(pool: CudaStreamPool) -> None:
     with pool.acquire_compute() as lease:
         for bad in ("stream", 1.5, object(), True):
@@ -396,6 +408,8 @@ def test_global_pools(monkeypatch: pytest.MonkeyPatch) -> None:
     reset_global_pool()
     assert pools[0].closed
     assert get_global_stream_pool(compute_streams=8).stats().compute.capacity == 8
+    with compute_stream() as lease:  # the helpers use the pool whatever its sizes
+        assert lease.stream._pool is get_global_stream_pool(compute_streams=8)
 
 
 def test_fork_child_sees_a_closed_pool(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -422,3 +436,26 @@ def _child_after_fork(pool: CudaStreamPool, queue: object) -> None:
         fresh = get_global_stream_pool()
         result = (type(exc).__name__, "fork" in str(exc), not fresh.closed)
     queue.put(result)  # type: ignore[attr-defined]
+
+
+def test_a_held_key_does_not_stop_the_table_from_forgetting_others(backend: str) -> None:
+    with CudaStreamPool(2, 0, 0, backend=backend, max_affinity_keys=2) as pool:
+        held = pool.acquire_compute(affinity_key="held")
+        for key in range(50):
+            pool.acquire_compute(affinity_key=key).release()
+        assert len(pool._keys) == 2
+        assert pool.events.stats().in_use == 1  # the last key's end-of-work event
+        held.release()
+
+
+def test_a_released_event_stays_dead_when_its_cuda_event_is_reused(backend: str) -> None:
+    events = EventPool(initial_size=1, max_size=1, backend=backend)
+    first = events.acquire()
+    first.release()
+    second = events.acquire()  # the same CUDA event, in a new handle
+    with pytest.raises(LeaseError, match="already released"):
+        first.release()
+    with pytest.raises(LeaseError):
+        first.query()
+    assert second.query()
+    second.release()
