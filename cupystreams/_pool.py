@@ -102,14 +102,12 @@ class CudaStreamPool:
         non_blocking: bool = True,
         max_affinity_keys: int = 1024,
     ) -> None:
-        sizes = {
-            kind: check_count(name, value)
-            for kind, name, value in (
-                (StreamKind.COMPUTE, "compute_streams", compute_streams),
-                (StreamKind.COMM, "comm_streams", comm_streams),
-                (StreamKind.HIGH_PRIORITY, "high_priority_streams", high_priority_streams),
-            )
+        given = {
+            StreamKind.COMPUTE: compute_streams,
+            StreamKind.COMM: comm_streams,
+            StreamKind.HIGH_PRIORITY: high_priority_streams,
         }
+        sizes = {kind: check_count(_SIZE_ARGUMENT[kind], value) for kind, value in given.items()}
         if sum(sizes.values()) == 0:
             raise ValueError(
                 "compute_streams, comm_streams and high_priority_streams are all 0; "
@@ -534,6 +532,10 @@ class CudaStreamPool:
                 self.events.release(event)
             self._finalizer()
         finally:
+            for stream in self._streams:
+                # Our last reference: the CUDA stream goes with it, unless a
+                # user still holds the CuPy stream object (then it is theirs).
+                stream._handle = None
             self.events._close()
 
     def __enter__(self) -> CudaStreamPool:

@@ -5,20 +5,27 @@ from __future__ import annotations
 import math
 import threading
 
-__all__ = ["MAX_COUNT", "check_count", "check_flag", "check_timeout"]
+__all__ = ["MAX_COUNT", "check_count", "check_flag", "check_int", "check_timeout"]
 
 # Far beyond any useful pool (a GPU has at most 32 hardware queues), small
 # enough that a typo such as 10**9 fails at once instead of exhausting memory.
 MAX_COUNT = 4096
 
 
-def check_count(name: str, value: object) -> int:
-    """An int in [0, MAX_COUNT] (bools refused: ``True`` streams is a bug, not 1)."""
+def check_int(name: str, value: object, least: int, most: int | None = None) -> int:
+    """An int in [least, most] (bools refused: ``True`` streams is a bug, not 1)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}={value!r} must be an int")
-    if not 0 <= value <= MAX_COUNT:
-        raise ValueError(f"{name}={value} must be in [0, {MAX_COUNT}]")
+    if most is not None and not least <= value <= most:
+        raise ValueError(f"{name}={value} must be in [{least}, {most}]")
+    if value < least:
+        raise ValueError(f"{name}={value} must be >= {least}")
     return value
+
+
+def check_count(name: str, value: object) -> int:
+    """A count of streams or events: an int in [0, MAX_COUNT]."""
+    return check_int(name, value, 0, MAX_COUNT)
 
 
 def check_flag(name: str, value: object) -> bool:

@@ -48,18 +48,11 @@ from ._pipeline_engines import (
     host_copy,
 )
 from ._pool import CudaStreamPool
+from ._validate import check_int
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Pipeline"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20
-
-
-def _positive_int(name: str, value: object, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int")
-    if value < least:
-        raise ValueError(f"{name}={value} must be >= {least}")
-    return value
 
 
 class _Slot:
@@ -182,8 +175,8 @@ class Pipeline:
             )
         self.pool = pool
         self.fn = fn
-        self.chunk_bytes = _positive_int("chunk_bytes", chunk_bytes, 1)
-        self.max_in_flight = _positive_int("max_in_flight", max_in_flight, 1)
+        self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, least=1)
+        self.max_in_flight = check_int("max_in_flight", max_in_flight, least=1)
         backend = pool._backend
         self._engine: Engine = (
             CupyEngine(backend) if backend.name == "cupy" else HostEngine(backend)
