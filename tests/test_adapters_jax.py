@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,10 +18,6 @@ import pytest
 from gpu_helpers import slow_fill
 
 from cupystreams import CudaStreamPool
-
-# JAX takes 75% of the GPU's memory at start-up by default; torch and CuPy
-# share this process.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 F = TypeVar("F", bound=Callable[..., Any])
 N = 1 << 16
