@@ -46,7 +46,7 @@ def stream_handle(obj: object, argument: str) -> tuple[Any, bool]:
     # A lease first: it is the common case and the hot path of every adapter.
     pooled = obj._live() if type(obj) is StreamLease else pooled_source(obj)
     if pooled is not None:
-        handle = pooled.stream
+        handle = pooled._handle  # already checked open by _live() / pooled_source()
         if not isinstance(handle, CUPY_STREAMS):
             raise TypeError(
                 f"{argument}={obj!r} belongs to a pool on the host backend, which has no "

@@ -94,12 +94,22 @@ class PooledStream:
 
     @property
     def stream(self) -> Any:
-        """The backend's stream: a ``cupy.cuda.Stream`` on the cupy backend."""
+        """The backend's stream: a ``cupy.cuda.Stream`` on the cupy backend.
+
+        Raises:
+            PoolClosedError: The pool was closed (its streams are gone).
+        """
+        self._check_open()
         return self._handle
 
     @property
     def ptr(self) -> int:
-        """The raw ``cudaStream_t`` (``TypeError`` on the host backend)."""
+        """The raw ``cudaStream_t`` (``TypeError`` on the host backend).
+
+        Raises:
+            PoolClosedError: The pool was closed (its streams are gone).
+        """
+        self._check_open()
         return self._backend.stream_ptr(self._handle)
 
     @property
