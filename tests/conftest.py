@@ -9,8 +9,10 @@ every framework, so a skip there would hide a broken adapter.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -42,7 +44,23 @@ def _skip_or_fail(item: pytest.Item, reason: str) -> None:
     pytest.skip(reason)
 
 
+# A framework import (torch, JAX, Numba) adds hundreds of modules and millions of
+# long-lived objects; every gc.collect() and leak scan afterwards would walk them
+# all (seconds per test). They are frozen out of the collector's sight once.
+NEW_MODULES_WORTH_A_FREEZE = 50
+_modules_at_last_freeze = 0
+
+
+def _freeze_newly_imported_objects() -> None:
+    global _modules_at_last_freeze
+    if len(sys.modules) - _modules_at_last_freeze >= NEW_MODULES_WORTH_A_FREEZE:
+        gc.collect()
+        gc.freeze()
+        _modules_at_last_freeze = len(sys.modules)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    _freeze_newly_imported_objects()
     gpu = item.get_closest_marker("gpu")
     if gpu is not None:
         needed = int(gpu.kwargs.get("count", 1))
