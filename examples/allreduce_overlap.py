@@ -16,6 +16,12 @@ on with the next bucket. Nothing blocks the host until the step ends.
 ``--bench`` times, per rank, compute alone, communication alone, both serially
 on one stream, and both overlapped through the pool, and reports the
 overlapped time as a fraction of the bound max(compute, communication).
+
+Two knobs decide how close overlap gets to that bound, because the collective's
+kernels and the matrix products share the SMs: ``--nccl-high-priority`` puts
+torch's NCCL stream at the device's greatest priority (so the collective's
+blocks are scheduled first as SMs free up), and ``NCCL_MAX_CTAS`` in the
+environment caps how many SMs a collective may hold.
 """
 
 from __future__ import annotations
@@ -144,12 +150,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--check", action="store_true", help="verify the reduced values")
     parser.add_argument("--bench", metavar="JSON", help="time serial vs overlapped")
+    parser.add_argument(
+        "--nccl-high-priority",
+        action="store_true",
+        help="run torch's NCCL stream at the device's greatest priority",
+    )
     args = parser.parse_args()
 
     local_rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local_rank)
     cupy.cuda.Device(local_rank).use()
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    # The collective runs on torch's own NCCL stream (ordered after the comm
+    # lease), so its priority is torch's option, not the lease's.
+    options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=args.nccl_high_priority)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), pg_options=options)
     try:
         with CudaStreamPool(compute_streams=2, comm_streams=1, device=local_rank) as pool:
             step = Step(args.buckets, args.bucket_mib, args.matmuls, args.size)
@@ -167,6 +181,8 @@ def main() -> None:
                         "bucket_mib": args.bucket_mib,
                         "matmuls_per_bucket": args.matmuls,
                         "matmul_size": args.size,
+                        "nccl_high_priority": args.nccl_high_priority,
+                        "nccl_max_ctas": os.environ.get("NCCL_MAX_CTAS"),
                         "per_rank": gathered,
                     }
                     with open(args.bench, "w") as f:

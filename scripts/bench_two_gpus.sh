@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The two-GPU overlap benchmark behind BENCHMARKS.md: examples/allreduce_overlap.py
+# under torchrun in several configurations, one JSON per configuration in $1.
+# Every configuration keeps NVLink multicast off.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: scripts/bench_two_gpus.sh OUTPUT_DIR}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+run() {  # name, "VAR=value ..." (or ""), example arguments...
+    local name=$1 settings=$2
+    shift 2
+    echo "== $name: $settings $*"
+    # shellcheck disable=SC2086  # the settings are words on purpose
+    env $settings python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
+        examples/allreduce_overlap.py "$@" --bench "$out/$name.json" > "$out/$name.log" 2>&1 \
+        || { echo "   failed; tail of $out/$name.log:"; tail -5 "$out/$name.log"; return 0; }
+    python3 - "$out/$name.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for rank, f in enumerate(r["per_rank"]):
+    print(f"   rank {rank}: compute {f['compute_ms']:.2f} comm {f['comm_ms']:.2f} "
+          f"serial {f['serial_ms']:.2f} overlapped {f['overlapped_ms']:.2f} ms "
+          f"-> {f['overlapped_vs_bound']:.3f} of the bound")
+PY
+}
+
+# Compute-bound (compute ~1.7x communication), then balanced; the same bytes
+# cut into 8 or 16 buckets; then the two SM-sharing knobs.
+run c8-256 "" --buckets 8 --bucket-mib 256 --matmuls 1
+run c16-128 "" --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656
+run c16-128-prio "" --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656 --nccl-high-priority
+run c16-128-ctas8 NCCL_MAX_CTAS=8 --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656
+run c16-128-ctas8-prio NCCL_MAX_CTAS=8 --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656 --nccl-high-priority
+run c16-128-ctas16-prio NCCL_MAX_CTAS=16 --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656 --nccl-high-priority
+run b16-256-ctas16-prio NCCL_MAX_CTAS=16 --buckets 16 --bucket-mib 256 --matmuls 1 --size 6656 --nccl-high-priority
