@@ -22,16 +22,19 @@ r = json.load(open(sys.argv[1]))
 for rank, f in enumerate(r["per_rank"]):
     print(f"   rank {rank}: compute {f['compute_ms']:.2f} comm {f['comm_ms']:.2f} "
           f"serial {f['serial_ms']:.2f} overlapped {f['overlapped_ms']:.2f} ms "
-          f"-> {f['overlapped_vs_bound']:.3f} of the bound")
+          f"-> {f['overlapped_vs_bound']:.3f} of the bound; two torch streams by hand "
+          f"{f['by_hand_ms']:.2f} ms -> {f['by_hand_vs_bound']:.3f}")
 PY
 }
 
-# Compute-bound (compute ~1.7x communication), then balanced; the same bytes
-# cut into 8 or 16 buckets; then the two SM-sharing knobs.
+# One 8192^3 (or 6656^3) bf16 product per bucket, or four 4096^3 ones; the same
+# bytes cut into 8 or 16 buckets; then the two SM-sharing knobs. Measured on
+# 2 x H100: high priority helps a little, NCCL_MAX_CTAS=8 halves the
+# all-reduce's bandwidth and loses overall.
 run c8-256 "" --buckets 8 --bucket-mib 256 --matmuls 1
-run c16-128 "" --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656
 run c16-128-prio "" --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656 --nccl-high-priority
-run c16-128-ctas8 NCCL_MAX_CTAS=8 --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656
-run c16-128-ctas8-prio NCCL_MAX_CTAS=8 --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656 --nccl-high-priority
 run c16-128-ctas16-prio NCCL_MAX_CTAS=16 --buckets 16 --bucket-mib 128 --matmuls 1 --size 6656 --nccl-high-priority
-run b16-256-ctas16-prio NCCL_MAX_CTAS=16 --buckets 16 --bucket-mib 256 --matmuls 1 --size 6656 --nccl-high-priority
+run s16-128 "" --buckets 16 --bucket-mib 128 --matmuls 4 --size 4096
+run s16-128-prio "" --buckets 16 --bucket-mib 128 --matmuls 4 --size 4096 --nccl-high-priority
+run s16-128-ctas16-prio NCCL_MAX_CTAS=16 --buckets 16 --bucket-mib 128 --matmuls 4 --size 4096 --nccl-high-priority
+run s16-256-prio "" --buckets 16 --bucket-mib 256 --matmuls 4 --size 4096 --nccl-high-priority

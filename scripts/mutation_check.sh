@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation check for the core's GPU race tests: remove one synchronization at a
 # time in a scratch copy of the tree, run the tests that guard it, and expect
-# them to FAIL. Prints one line per mutation; exits non-zero if a mutation
+# them to FAIL (after they passed on the untouched tree). Prints each mutation's
+# outcome with the first lines of its failure; exits non-zero if a mutation
 # survived (its tests still passed), which would mean the tests prove nothing.
 set -u
 cd "$(dirname "$0")/.."
@@ -15,12 +16,20 @@ mutate() {  # name, file, exact line to remove, tests...
     if ! grep -qxF "$line" "$scratch/tree/$file"; then
         echo "MUTATION $name: line not found in $file"; status=1; return
     fi
+    # A test that fails with the synchronization in place proves nothing when it
+    # fails without it: each mutation's tests must pass on the untouched tree first.
+    if ! (cd "$scratch/tree" && CUPYSTREAMS_REQUIRE_GPU=${CUPYSTREAMS_REQUIRE_GPU:-1} \
+            python3 -m pytest -q -p no:cacheprovider "$@" > "$scratch/$name.baseline.log" 2>&1); then
+        echo "MUTATION $name: its tests FAIL on the untouched tree; tail:"
+        tail -5 "$scratch/$name.baseline.log"; status=1; return
+    fi
     grep -vxF "$line" "$file" > "$scratch/tree/$file"
     if (cd "$scratch/tree" && CUPYSTREAMS_REQUIRE_GPU=${CUPYSTREAMS_REQUIRE_GPU:-1} \
             python3 -m pytest -q -p no:cacheprovider "$@" > "$scratch/$name.log" 2>&1); then
         echo "MUTATION $name: SURVIVED (tests passed without the synchronization)"; status=1
     else
-        echo "MUTATION $name: caught — $(grep -cE '^FAILED' "$scratch/$name.log") test(s) failed"
+        echo "MUTATION $name: caught — $(grep -cE '^FAILED' "$scratch/$name.log") test(s) failed:"
+        grep -E '^E ' "$scratch/$name.log" | head -3
     fi
 }
 

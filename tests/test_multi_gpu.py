@@ -110,9 +110,11 @@ def test_cupy_nccl_example_reduces_on_comm_leases() -> None:
     import sys
     from pathlib import Path
 
-    import cupy
-
-    if not cupy.cuda.nccl.available:
+    try:  # cupy.cuda does not import its nccl module by itself
+        from cupy.cuda import nccl
+    except ImportError as error:
+        pytest.fail(f"CuPy's NCCL bindings do not import here ({error}); the GPU machine has them")
+    if not nccl.available:
         pytest.fail("CuPy was built without NCCL here; the GPU machine has it")
     example = Path(__file__).resolve().parent.parent / "examples" / "cupy_nccl_overlap.py"
     result = subprocess.run(
