@@ -4,6 +4,7 @@
 # them to FAIL (after they passed on the untouched tree). Prints each mutation's
 # outcome with the first lines of its failure; exits non-zero if a mutation
 # survived (its tests still passed), which would mean the tests prove nothing.
+# MUTATIONS="name ..." runs only the named ones.
 set -u
 cd "$(dirname "$0")/.."
 scratch=$(mktemp -d)
@@ -12,6 +13,7 @@ status=0
 mutate() {  # name, file, exact line to remove, tests...
     local name=$1 file=$2 line=$3
     shift 3
+    if [[ -n ${MUTATIONS:-} && " $MUTATIONS " != *" $name "* ]]; then return; fi
     rm -rf "$scratch/tree" && cp -r . "$scratch/tree"
     if ! grep -qxF "$line" "$scratch/tree/$file"; then
         echo "MUTATION $name: line not found in $file"; status=1; return
@@ -23,7 +25,9 @@ mutate() {  # name, file, exact line to remove, tests...
         echo "MUTATION $name: its tests FAIL on the untouched tree; tail:"
         tail -5 "$scratch/$name.baseline.log"; status=1; return
     fi
-    grep -vxF "$line" "$file" > "$scratch/tree/$file"
+    # The line becomes `pass` at its own indentation, so a block it was alone in stays valid.
+    awk -v target="$line" '$0 == target { match($0, /^ */); print substr($0, 1, RLENGTH) "pass"; next } { print }' \
+        "$file" > "$scratch/tree/$file"
     if (cd "$scratch/tree" && CUPYSTREAMS_REQUIRE_GPU=${CUPYSTREAMS_REQUIRE_GPU:-1} \
             python3 -m pytest -q -p no:cacheprovider "$@" > "$scratch/$name.log" 2>&1); then
         echo "MUTATION $name: SURVIVED (tests passed without the synchronization)"; status=1
