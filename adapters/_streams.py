@@ -23,8 +23,13 @@ except ImportError as exc:
     ) from exc
 
 from cupystreams import StreamLease
-from cupystreams._backends._cupy import CUPY_STREAMS, foreign_stream
-from cupystreams._stream_args import ACCEPTED_STREAMS, check_pointer, pooled_source
+from cupystreams._backends._cupy import (
+    CUPY_STREAMS,
+    foreign_stream,
+    make_current,
+    restore_current,
+)
+from cupystreams._stream_args import foreign_handle, pooled_source
 
 __all__ = ["CupyCurrent", "StreamCache", "device_of", "order", "stream_handle"]
 
@@ -56,14 +61,7 @@ def stream_handle(obj: object, argument: str) -> tuple[Any, bool]:
     if isinstance(obj, CUPY_STREAMS):
         # Stream.null has no device of its own (device_id -1): not cacheable.
         return obj, obj.device_id >= 0
-    check_pointer(obj, argument)
-    try:
-        handle = foreign_stream(obj)
-    except TypeError as exc:
-        raise TypeError(
-            f"{argument}={obj!r} is not usable as a stream: {exc}; pass {ACCEPTED_STREAMS}"
-        ) from None
-    return handle, False
+    return foreign_handle(foreign_stream, obj, argument), False
 
 
 def device_of(handle: Any) -> int:
@@ -79,24 +77,20 @@ class CupyCurrent:
     manager: the hand-offs are hot paths, and this costs a third of one.
     """
 
-    __slots__ = ("_device", "_handle", "_previous")
+    __slots__ = ("_device", "_handle", "_saved")
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
         self._device = device_of(handle)
-        self._previous = -1
+        self._saved: tuple[int, Any] | None = None
 
     def __enter__(self) -> None:
-        previous = cupy.cuda.runtime.getDevice()
-        if previous != self._device:
-            cupy.cuda.runtime.setDevice(self._device)  # CuPy checks it before a stream enters
-        self._previous = previous
-        self._handle.__enter__()
+        self._saved = make_current(self._device, self._handle)
 
     def __exit__(self, *exc_info: object) -> None:
-        self._handle.__exit__(None, None, None)
-        if self._previous != self._device:
-            cupy.cuda.runtime.setDevice(self._previous)
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            restore_current(self._device, saved)
 
 
 def _dropper(entries: dict[int, tuple[Any, Any]], ident: int) -> Callable[[Any], None]:

@@ -44,9 +44,9 @@ except ImportError as exc:
         "install it with `pip install cupystreams[torch]`"
     ) from exc
 
-import cupy
 
 from cupystreams import StreamLease
+from cupystreams._backends._cupy import make_current, restore_current
 
 from ._streams import StreamCache, device_of, order, stream_handle
 
@@ -57,10 +57,6 @@ __all__ = [
     "torch_waits_for_lease",
     "use",
 ]
-
-_get_device: Callable[[], int] = cupy.cuda.runtime.getDevice
-_set_device: Callable[[int], None] = cupy.cuda.runtime.setDevice
-_get_cupy_stream: Callable[[int], Any] = cupy.cuda.get_current_stream
 
 
 def _public_get_stream(device: int) -> tuple[int, int, int]:
@@ -134,19 +130,14 @@ class _Use:
     def __init__(self, cupy_stream: Any, view: _TorchStream) -> None:
         self._cupy_stream = cupy_stream
         self._view = view
-        self._saved: tuple[int, tuple[int, int, int], Any] | None = None
+        self._saved: tuple[tuple[int, Any], tuple[int, int, int]] | None = None
 
     def __enter__(self) -> Any:
         if self._saved is not None:
             raise RuntimeError("this use() block is already entered; call use() again to nest")
         view = self._view
-        device = view.device
-        previous_device = _get_device()
-        if previous_device != device:
-            _set_device(device)  # CuPy checks the device before making a stream current
-        previous_cupy = _get_cupy_stream(device)
-        self._cupy_stream.use()
-        self._saved = (previous_device, _get_torch_stream(device), previous_cupy)
+        cupy_saved = make_current(view.device, self._cupy_stream)
+        self._saved = (cupy_saved, _get_torch_stream(view.device))
         _set_torch_stream(*view.ids)
         return view.stream
 
@@ -159,11 +150,9 @@ class _Use:
         saved, self._saved = self._saved, None
         if saved is None:
             return
-        previous_device, previous_torch, previous_cupy = saved
-        _set_torch_stream(*previous_torch)
-        previous_cupy.use()
-        if previous_device != self._view.device:
-            _set_device(previous_device)
+        cupy_saved, torch_saved = saved
+        _set_torch_stream(*torch_saved)
+        restore_current(self._view.device, cupy_saved)
 
 
 def use(stream: object) -> _Use:

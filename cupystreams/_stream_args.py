@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._stream import PooledStream
@@ -9,7 +10,7 @@ from ._stream import PooledStream
 if TYPE_CHECKING:
     from ._backends import Backend
 
-__all__ = ["ACCEPTED_STREAMS", "check_pointer", "pooled_source", "resolve_stream"]
+__all__ = ["ACCEPTED_STREAMS", "check_pointer", "foreign_handle", "pooled_source", "resolve_stream"]
 
 ACCEPTED_STREAMS = (
     "a StreamLease, a PooledStream, a cupy.cuda.Stream, an object with "
@@ -38,6 +39,19 @@ def check_pointer(obj: object, argument: str) -> None:
         )
 
 
+def foreign_handle(convert: Callable[[object], Any], obj: object, argument: str) -> Any:
+    """``convert(obj)`` for a stream the pool does not own, with the errors the API promises."""
+    if isinstance(obj, bool):
+        raise TypeError(f"{argument}={obj!r} is not a stream; pass {ACCEPTED_STREAMS}")
+    check_pointer(obj, argument)
+    try:
+        return convert(obj)
+    except TypeError as exc:
+        raise TypeError(
+            f"{argument}={obj!r} is not usable as a stream: {exc}; pass {ACCEPTED_STREAMS}"
+        ) from None
+
+
 def resolve_stream(backend: Backend, obj: object, argument: str) -> Any:
     """Return ``backend``'s handle for ``obj``, or raise ``TypeError``.
 
@@ -55,12 +69,4 @@ def resolve_stream(backend: Backend, obj: object, argument: str) -> Any:
         )
     if pooled is not None:
         return pooled._handle
-    if isinstance(obj, bool):
-        raise TypeError(f"{argument}={obj!r} is not a stream; pass {ACCEPTED_STREAMS}")
-    check_pointer(obj, argument)
-    try:
-        return backend.as_stream(obj)
-    except TypeError as exc:
-        raise TypeError(
-            f"{argument}={obj!r} is not usable as a stream: {exc}; pass {ACCEPTED_STREAMS}"
-        ) from None
+    return foreign_handle(backend.as_stream, obj, argument)

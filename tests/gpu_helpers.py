@@ -18,7 +18,12 @@ compiled on first use.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pytest
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 SPIN_MS = 50
 _THREADS = 256
@@ -118,3 +123,13 @@ class RawCudaArray:
             "strides": None,
             "version": 3,
         }
+
+
+def gpu_and(module: str) -> Callable[[F], F]:
+    """Mark a test as needing a GPU and ``module`` (see conftest for both markers)."""
+
+    def mark(test: F) -> F:
+        marked: F = pytest.mark.gpu(pytest.mark.requires_module(module)(test))
+        return marked
+
+    return mark

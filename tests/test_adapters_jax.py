@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import functools
 import importlib
-import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from gpu_helpers import slow_fill
+from gpu_helpers import gpu_and, slow_fill
 
 from cupystreams import CudaStreamPool
 
-F = TypeVar("F", bound=Callable[..., Any])
 N = 1 << 16
 SIDE = 4096  # matmul side: tens of ms for the whole chain
 STEPS = 24
 
 
-def gpu_jax(test: F) -> F:
-    marked: F = pytest.mark.gpu(pytest.mark.requires_module("jax")(test))
-    return marked
+gpu_jax = gpu_and("jax")
 
 
 @pytest.fixture
@@ -63,13 +58,6 @@ def _slow_jax_inputs() -> tuple[Any, Any, Any]:
     # race's output the buffer of this result, whose stale contents must differ.
     _slow_chain()(jnp.zeros_like(x), eye).block_until_ready()
     return host, x, eye
-
-
-def test_import_without_jax_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "jax", None)
-    monkeypatch.delitem(sys.modules, "cupystreams.adapters.jax", raising=False)
-    with pytest.raises(ImportError, match=r"pip install cupystreams\[jax\]"):
-        importlib.import_module("cupystreams.adapters.jax")
 
 
 @gpu_jax

@@ -9,28 +9,21 @@ synchronizes nothing on its own.
 from __future__ import annotations
 
 import functools
-import gc
 import importlib
-import sys
-import weakref
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from gpu_helpers import RawCudaArray, raw_view, slow_fill
+from gpu_helpers import RawCudaArray, gpu_and, raw_view, slow_fill
 
 from cupystreams import CudaStreamPool
 
-F = TypeVar("F", bound=Callable[..., Any])
 N = 1 << 16
 THREADS = 256
 BLOCKS = N // THREADS
 SLOW_ITERATIONS = 1 << 22  # a dependent integer chain: tens of ms per thread
 
 
-def gpu_numba(test: F) -> F:
-    marked: F = pytest.mark.gpu(pytest.mark.requires_module("numba")(test))
-    return marked
+gpu_numba = gpu_and("numba")
 
 
 @pytest.fixture
@@ -80,13 +73,6 @@ def _raw(array: Any) -> RawCudaArray:
     return RawCudaArray(array.data.ptr, array.size, owner=array)
 
 
-def test_import_without_numba_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "numba", None)
-    monkeypatch.delitem(sys.modules, "cupystreams.adapters.numba", raising=False)
-    with pytest.raises(ImportError, match=r"pip install cupystreams\[numba\]"):
-        importlib.import_module("cupystreams.adapters.numba")
-
-
 @gpu_numba
 def test_numba_stream_is_built_once_per_pooled_stream(
     gpu_pool: CudaStreamPool, adapter: Any
@@ -100,19 +86,6 @@ def test_numba_stream_is_built_once_per_pooled_stream(
         assert int(adapter.as_numba_stream(lease.ptr)) == lease.ptr
     with pytest.raises(TypeError, match="is not a stream"):
         adapter.as_numba_stream(1.5)
-
-
-@gpu_numba
-def test_the_cache_keeps_no_pool_stream_alive(adapter: Any) -> None:
-    pool = CudaStreamPool(1, 0, 0, backend="cupy")
-    lease = pool.acquire_compute()
-    adapter.as_numba_stream(lease)
-    stream_ref = weakref.ref(lease.cupy_stream)
-    lease.release()
-    pool.close()
-    del lease, pool
-    gc.collect()
-    assert stream_ref() is None, "the adapter's cache kept a closed pool's stream alive"
 
 
 @gpu_numba

@@ -6,25 +6,18 @@ that reads through a raw pointer, so a missing wait shows as wrong data.
 
 from __future__ import annotations
 
-import gc
 import importlib
-import sys
-import weakref
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from gpu_helpers import RawCudaArray, raw_view, slow_copy, slow_fill, spin
+from gpu_helpers import RawCudaArray, gpu_and, raw_view, slow_copy, slow_fill, spin
 
 from cupystreams import CudaStreamPool, LeaseError
 
-F = TypeVar("F", bound=Callable[..., Any])
 N = 1 << 16
 
 
-def gpu_torch(test: F) -> F:
-    marked: F = pytest.mark.gpu(pytest.mark.requires_module("torch")(test))
-    return marked
+gpu_torch = gpu_and("torch")
 
 
 @pytest.fixture
@@ -52,13 +45,6 @@ def _zeros(n: int) -> Any:
     return array
 
 
-def test_import_without_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "torch", None)
-    monkeypatch.delitem(sys.modules, "cupystreams.adapters.torch", raising=False)
-    with pytest.raises(ImportError, match=r"pip install cupystreams\[torch\]"):
-        importlib.import_module("cupystreams.adapters.torch")
-
-
 @pytest.mark.requires_module("torch")
 def test_a_host_backend_lease_is_refused(adapter: Any) -> None:
     with (
@@ -81,19 +67,6 @@ def test_torch_stream_is_built_once_per_pooled_stream(
         assert adapter.as_torch_stream(lease.stream) is stream
         assert adapter.as_torch_stream(lease.cupy_stream) is stream
         assert adapter.as_torch_stream(lease.ptr).cuda_stream == lease.ptr
-
-
-@gpu_torch
-def test_the_cache_keeps_no_pool_stream_alive(adapter: Any) -> None:
-    pool = CudaStreamPool(1, 0, 0, backend="cupy")
-    lease = pool.acquire_compute()
-    adapter.as_torch_stream(lease)
-    stream_ref = weakref.ref(lease.cupy_stream)
-    lease.release()
-    pool.close()
-    del lease, pool
-    gc.collect()
-    assert stream_ref() is None, "the adapter's cache kept a closed pool's stream alive"
 
 
 @gpu_torch

@@ -10,13 +10,42 @@ from typing import Any
 
 import cupy
 
-__all__ = ["CUPY_STREAMS", "CupyBackend", "foreign_stream", "hardware_queues_from_env"]
+__all__ = [
+    "CUPY_STREAMS",
+    "CupyBackend",
+    "foreign_stream",
+    "hardware_queues_from_env",
+    "make_current",
+    "restore_current",
+]
 
 _MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
 # Bound once: entering a lease is a hot path, and these lookups add up.
 _get_device = cupy.cuda.runtime.getDevice
 _set_device = cupy.cuda.runtime.setDevice
 _get_current_stream = cupy.cuda.get_current_stream
+
+
+def make_current(device: int, stream: Any) -> tuple[int, Any]:
+    """Make ``device`` and its CuPy ``stream`` current on this thread.
+
+    Returns what ``restore_current`` needs to put back the previous device and
+    that device's previous stream. Shared by leases and the framework adapters.
+    """
+    previous_device = _get_device()
+    if previous_device != device:
+        _set_device(device)  # CuPy checks the device before a stream becomes current
+    previous_stream = _get_current_stream(device)
+    stream.use()
+    return previous_device, previous_stream
+
+
+def restore_current(device: int, saved: tuple[int, Any]) -> None:
+    """Undo ``make_current(device, ...)``, which returned ``saved``."""
+    previous_device, previous_stream = saved
+    previous_stream.use()
+    if previous_device != device:
+        _set_device(previous_device)
 
 
 def hardware_queues_from_env() -> int:
@@ -123,18 +152,10 @@ class CupyBackend:
         return cupy.cuda.get_current_stream(self.device)
 
     def enter(self, stream: Any) -> Any:
-        previous_device = _get_device()
-        if previous_device != self.device:
-            _set_device(self.device)
-        previous_stream = _get_current_stream(self.device)
-        stream.use()
-        return previous_device, previous_stream
+        return make_current(self.device, stream)
 
     def exit(self, token: Any) -> None:
-        previous_device, previous_stream = token
-        previous_stream.use()
-        if previous_device != self.device:
-            _set_device(previous_device)
+        restore_current(self.device, token)
 
     def as_stream(self, obj: object) -> Any:
         with self._device:  # a foreign pointer is taken to be on this device
