@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VPY) -m ruff check cupystreams adapters tests examples
+	$(VPY) -m ruff check cupystreams adapters tests examples scripts
 	$(VPY) -m mypy
 
 test: lint

@@ -1,0 +1,180 @@
+"""Mutation check for the GPU race tests: remove one synchronization at a time.
+
+For each mutation below, a scratch copy of the tree gets one synchronization
+taken out (the line becomes ``pass``, or a hand-off loses the lease's stream),
+and the race tests that guard it must then FAIL. Before any mutation, all the
+tests involved must PASS on the untouched tree, and none may skip: a test that
+fails or skips anyway proves nothing when it fails under a mutation.
+
+    python3 scripts/mutation_check.py                 # every mutation
+    python3 scripts/mutation_check.py torch-use jax   # those whose names start so
+
+Run on a GPU machine. ``CUPYSTREAMS_REQUIRE_GPU`` says how many GPUs the
+tests may demand (1 if unset); the NCCL and cross-device mutations need 2 and
+are listed as not run below that. Exits non-zero if a mutation survived (some
+test it guards still passed) or the untouched tree did not pass.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+T = "tests/test_adapters_torch.py::"
+J = "tests/test_adapters_jax.py::"
+N = "tests/test_adapters_numba.py::"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]
+    gpus: int = 1
+
+
+def _pass(line: str) -> str:
+    """``line`` (with its indentation) replaced by ``pass`` at the same indentation."""
+    return line[: len(line) - len(line.lstrip())] + "pass"
+
+
+LEASE_WAIT = " " * 12 + "stream.wait_event(event)"
+MOVED_KEY_WAIT = " " * 16 + "self._backend.wait_event(stream._handle, state.last_event._handle)"
+NCCL_WAIT = " " * 16 + "comm.wait(compute)  # bucket complete before it is reduced"
+TORCHRUN_WAIT = (
+    " " * 8 + "comm.wait(compute)  # on the device: bucket i is complete before it is reduced"
+)
+
+MUTATIONS = [
+    Mutation(
+        "core-lease-wait", "cupystreams/_lease.py", LEASE_WAIT, _pass(LEASE_WAIT),
+        ("tests/test_pool_gpu.py::test_wait_orders_two_leases",),
+    ),
+    Mutation(
+        "core-lease-wait-cross-device", "cupystreams/_lease.py", LEASE_WAIT, _pass(LEASE_WAIT),
+        ("tests/test_multi_gpu.py::test_cross_device_wait_orders_a_peer_copy",), gpus=2,
+    ),
+    Mutation(
+        "core-moved-key-wait", "cupystreams/_pool.py", MOVED_KEY_WAIT, _pass(MOVED_KEY_WAIT),
+        ("tests/test_pool_gpu.py::test_moved_affinity_key_orders_on_the_gpu",),
+    ),
+    Mutation(
+        "torch-waits-for-lease", "adapters/torch.py",
+        "order(waiter=_torch_ptr(torch_stream, device), producer=int(handle.ptr), device=device)",
+        "pass",
+        (T + "test_torch_reads_the_lease_output_after_torch_waits_for_lease",),
+    ),
+    Mutation(
+        "torch-lease-waits-for-torch", "adapters/torch.py",
+        "order(waiter=int(handle.ptr), producer=_torch_ptr(torch_stream, device), device=device)",
+        "pass",
+        (T + "test_the_lease_reads_torch_output_after_lease_waits_for_torch",),
+    ),
+    Mutation(
+        "torch-protect", "adapters/torch.py", "tensor.record_stream(torch_stream)", "pass",
+        (T + "test_protect_keeps_memory_the_lease_still_reads_from_new_tensors",),
+    ),
+    Mutation(
+        "torch-use", "adapters/torch.py", "_set_torch_stream(*view.ids)", "pass",
+        (T + "test_cupy_torch_cupy_pipeline_runs_in_order_on_one_lease",),
+    ),
+    Mutation(
+        "jax-from-jax", "adapters/jax.py",
+        "with CupyCurrent(handle):\n        return cupy.from_dlpack(array)",
+        "with cupy.cuda.Device(device):\n        return cupy.from_dlpack(array)",
+        (J + "test_cupy_on_a_lease_reads_a_jax_result_only_when_it_is_ready",),
+    ),
+    Mutation(
+        "jax-to-jax", "adapters/jax.py",
+        "with CupyCurrent(handle):\n        return jax.dlpack.from_dlpack(array)",
+        "with cupy.cuda.Device(device):\n        return jax.dlpack.from_dlpack(array)",
+        (J + "test_jax_reads_a_lease_result_only_after_the_lease_work",),
+    ),
+    Mutation(
+        "numba-stream", "adapters/numba.py",
+        "return numba_cuda.external_stream(int(handle.ptr))",
+        "return numba_cuda.legacy_default_stream()",
+        (
+            N + "test_a_numba_kernel_on_the_lease_runs_after_the_lease_work",
+            N + "test_the_lease_work_runs_after_a_numba_kernel_on_the_lease",
+        ),
+    ),
+    Mutation(
+        "example-cupy-nccl", "examples/cupy_nccl_overlap.py", NCCL_WAIT, _pass(NCCL_WAIT),
+        ("tests/test_multi_gpu.py::test_cupy_nccl_example_reduces_on_comm_leases",), gpus=2,
+    ),
+    Mutation(
+        "example-torchrun", "examples/allreduce_overlap.py", TORCHRUN_WAIT, _pass(TORCHRUN_WAIT),
+        ("tests/test_multi_gpu.py::test_allreduce_example_reduces_correctly_under_torchrun",),
+        gpus=2,
+    ),
+]  # fmt: skip
+
+
+GPUS = int(os.environ.get("CUPYSTREAMS_REQUIRE_GPU") or 1)
+
+
+def pytest(tree: Path, tests: tuple[str, ...]) -> tuple[int, list[str]]:
+    """Run ``tests`` in ``tree``; return pytest's exit code and its output lines."""
+    env = dict(os.environ, CUPYSTREAMS_REQUIRE_GPU=str(GPUS), NCCL_NVLS_ENABLE="0")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests],
+        cwd=tree, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return run.returncode, (run.stdout + run.stderr).splitlines()
+
+
+def main(prefixes: list[str]) -> int:
+    named = [m for m in MUTATIONS if not prefixes or m.name.startswith(tuple(prefixes))]
+    if not named:
+        print(f"no mutation starts with {prefixes}; names: {[m.name for m in MUTATIONS]}")
+        return 2
+    chosen = [m for m in named if m.gpus <= GPUS]
+    for m in named:
+        if m.gpus > GPUS:
+            print(f"NOT RUN  {m.name}: needs {m.gpus} GPUs (CUPYSTREAMS_REQUIRE_GPU={m.gpus})")
+    for m in chosen:
+        count = (ROOT / m.path).read_text().count(m.old)
+        if count != 1:
+            print(f"{m.name}: the text to mutate occurs {count} times in {m.path}, not once")
+            return 2
+    status = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "tree"
+        shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info"))
+        every_test = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        rc, lines = pytest(tree, every_test)
+        if rc != 0 or any("skipped" in line for line in lines[-1:]):
+            print("the tests do not all pass on the untouched tree; nothing was mutated:")
+            print("\n".join(lines[-15:]))
+            return 2
+        print(f"untouched tree: {lines[-1]}")
+        for m in chosen:
+            file = tree / m.path
+            original = file.read_text()
+            file.write_text(original.replace(m.old, m.new))
+            try:
+                rc, lines = pytest(tree, m.tests)
+            finally:
+                file.write_text(original)
+            failed = [line for line in lines if line.startswith("FAILED")]
+            if rc == 1 and len(failed) == len(m.tests):
+                print(f"CAUGHT   {m.name}: {len(failed)} of {len(m.tests)} test(s) failed")
+                for line in [line for line in lines if line.startswith("E ")][:2]:
+                    print(f"         {line[:200]}")
+            else:
+                print(f"SURVIVED {m.name}: pytest exit {rc}: {lines[-1] if lines else ''}")
+                status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
