@@ -126,7 +126,7 @@ def pytest(tree: Path, tests: tuple[str, ...]) -> tuple[int, list[str]]:
     """Run ``tests`` in ``tree``; return pytest's exit code and its output lines."""
     env = dict(os.environ, CUPYSTREAMS_REQUIRE_GPU=str(GPUS), NCCL_NVLS_ENABLE="0")
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *tests],
         cwd=tree, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return run.returncode, (run.stdout + run.stderr).splitlines()
@@ -150,6 +150,10 @@ def main(prefixes: list[str]) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "tree"
         shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info"))
+        # The tests import cupystreams from the scratch tree (their working
+        # directory); an editable install would still find the adapters in the
+        # real tree, so the scratch package gets its own, as a wheel lays them out.
+        (tree / "cupystreams" / "adapters").symlink_to(tree / "adapters", target_is_directory=True)
         every_test = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
         rc, lines = pytest(tree, every_test)
         if rc != 0 or any("skipped" in line for line in lines[-1:]):
