@@ -45,6 +45,10 @@ __all__ = ["PoolStateMachine", "run_pool_state_machine"]
 
 KINDS = ("compute", "comm", "high_priority")
 KEYS = ("a", "b", "c")
+# How long a producer's host function is held back after a wait was queued:
+# ample for a consumer's host function to run first if the wait were missing.
+GATE_SECONDS = 0.002
+CLOSE_AFTER_STEPS = 10
 
 
 @dataclass
@@ -89,6 +93,7 @@ class PoolStateMachine(RuleBasedStateMachine):
         self.log_lock = threading.Lock()
         self.orderings: list[_Ordering] = []
         self.next_token = 0
+        self.steps = 0
 
     # -- helpers -------------------------------------------------------------
 
@@ -101,14 +106,14 @@ class PoolStateMachine(RuleBasedStateMachine):
         method = self.pool.acquire_compute if kind == "compute" else self.pool.acquire_comm
         return method(affinity_key=key, blocking=blocking, timeout=0 if blocking else None)
 
-    def _enqueue(self, model: _ModelLease) -> int:
+    def _enqueue(self, model: _ModelLease, gate: threading.Event | None = None) -> int:
         token = self.next_token
         self.next_token += 1
         log, lock = self.log, self.log_lock
 
         def append() -> None:
-            # Slow enough that a missing wait lets the consumer overtake.
-            time.sleep(0.001)
+            if gate is not None:
+                gate.wait()
             with lock:
                 log.append(token)
 
@@ -203,18 +208,37 @@ class PoolStateMachine(RuleBasedStateMachine):
             return
         if id(waiter) not in self.live or id(producer) not in self.live:
             return
-        produced = list(self.live[id(producer)].tasks)
-        if through_event:
-            event = producer.record_event()
-            waiter.wait(event)
-            event.release()
-        else:
-            waiter.wait(producer)
-        consumer = self.live[id(waiter)]
-        consumer.tasks = []  # tokens enqueued from now on must follow `produced`
-        ordering = _Ordering(produced, consumer.tasks)
-        self.orderings.append(ordering)
-        self._enqueue(consumer)
+        self._order(self.live[id(waiter)], self.live[id(producer)], through_event)
+
+    # The bundle above also holds failed acquires and released leases, so two
+    # distinct live ones meet there rarely; this rule draws them directly.
+    @precondition(lambda self: not self.closed and len(self.live) >= 2)
+    @rule(data=st.data(), through_event=st.booleans())
+    def wait_between_live_leases(self, data: st.DataObject, through_event: bool) -> None:
+        waiter, producer = data.draw(st.permutations(list(self.live.values())))[:2]
+        self._order(waiter, producer, through_event)
+
+    def _order(self, consumer: _ModelLease, producer: _ModelLease, through_event: bool) -> None:
+        """Make ``consumer`` wait for ``producer`` and record what must run in which order."""
+        # The producer's last host function is held at a gate until the
+        # consumer's first one had time to run: were the wait missing, the
+        # consumer's would run first, and the order check would see it.
+        gate = threading.Event()
+        try:
+            self._enqueue(producer, gate)
+            produced = list(producer.tasks)
+            if through_event:
+                event = producer.lease.record_event()
+                consumer.lease.wait(event)
+                event.release()
+            else:
+                consumer.lease.wait(producer.lease)
+            consumer.tasks = []  # tokens enqueued from now on must follow `produced`
+            self.orderings.append(_Ordering(produced, consumer.tasks))
+            self._enqueue(consumer)
+            time.sleep(GATE_SECONDS)
+        finally:
+            gate.set()  # never left shut: a shut gate would hold the stream for good
 
     @precondition(lambda self: not self.closed)
     @rule()
@@ -233,7 +257,9 @@ class PoolStateMachine(RuleBasedStateMachine):
         self.pool.sync_all()
         self._check_orderings()
 
-    @precondition(lambda self: not self.closed)
+    # Closing ends what a run can test, so it waits until a run had some steps
+    # (left free, Hypothesis would close most runs within their first few).
+    @precondition(lambda self: not self.closed and self.steps >= CLOSE_AFTER_STEPS)
     @rule()
     def close(self) -> None:
         self.pool.sync_all()
@@ -264,6 +290,10 @@ class PoolStateMachine(RuleBasedStateMachine):
                 assert position[token] < min(ran_after), "a wait did not order host functions"
 
     @invariant()
+    def count_steps(self) -> None:
+        self.steps += 1
+
+    @invariant()
     def streams_are_exclusive(self) -> None:
         if self.closed:
             return
@@ -291,7 +321,8 @@ class PoolStateMachine(RuleBasedStateMachine):
                 assert figures.leased + figures.idle == figures.capacity
 
     def teardown(self) -> None:
-        self.pool.close()
+        self.pool.close()  # waits for every stream: every host function has run
+        self._check_orderings()
 
 
 def run_pool_state_machine(

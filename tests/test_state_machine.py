@@ -16,3 +16,36 @@ def test_pool_matches_model(backend: str, sizes: tuple[int, int, int]) -> None:
     run_pool_state_machine(
         lambda: CudaStreamPool(compute, comm, high, event_pool_size=4, backend=backend)
     )
+
+
+def _messages(error: BaseException) -> list[str]:
+    """The messages of ``error`` and, for an exception group, of every member."""
+    nested = getattr(error, "exceptions", ())
+    return [str(error), *(m for member in nested for m in _messages(member))]
+
+
+def test_the_machine_catches_waits_that_do_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order check must fail a pool whose waits order nothing (host backend)."""
+    from hypothesis import Phase, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    from cupystreams._backends._host import HostBackend
+    from cupystreams.testing import PoolStateMachine
+
+    monkeypatch.setattr(HostBackend, "wait_event", lambda self, stream, event: None)
+    try:
+        run_state_machine_as_test(
+            lambda: PoolStateMachine(lambda: CudaStreamPool(2, 1, 1, backend="host")),
+            settings=settings(
+                max_examples=50,
+                stateful_step_count=40,
+                deadline=None,
+                phases=[Phase.generate],  # finding it is the point; shrinking only costs time
+                database=None,
+            ),
+        )
+    except BaseException as error:  # an AssertionError, or a group of several
+        messages = _messages(error)
+    else:
+        pytest.fail("the machine passed a pool whose waits order nothing")
+    assert any("a wait did not order host functions" in m for m in messages), messages
