@@ -163,7 +163,7 @@ def use(stream: object) -> _Use:
     that device, and the current device, are restored; the lease is *not*
     released (leave its own ``with`` for that). Per thread, like both
     frameworks' current streams. Entering and leaving cost 2-4 µs on an H100
-    host, a fifth of ``with torch.cuda.stream(...)``: the torch stream is
+    host, several times less than ``with torch.cuda.stream(...)``: the torch stream is
     cached, and torch's current stream is switched through the three ints
     that identify it, without building ``torch.cuda.Stream`` objects.
 

@@ -3,9 +3,11 @@
 # under torchrun in several configurations, one JSON per configuration in $1.
 # Every configuration keeps NVLink multicast off.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/bench_two_gpus.sh OUTPUT_DIR}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # before the cd below, so a relative path means the caller's
+cd "$(dirname "$0")/.."
+failures=0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 run() {  # name, "VAR=value ..." (or ""), example arguments...
@@ -15,7 +17,8 @@ run() {  # name, "VAR=value ..." (or ""), example arguments...
     # shellcheck disable=SC2086  # the settings are words on purpose
     env $settings python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
         examples/allreduce_overlap.py "$@" --bench "$out/$name.json" > "$out/$name.log" 2>&1 \
-        || { echo "   failed; tail of $out/$name.log:"; tail -5 "$out/$name.log"; return 0; }
+        || { echo "   failed; tail of $out/$name.log:"; tail -5 "$out/$name.log"
+             failures=$((failures + 1)); return 0; }
     python3 - "$out/$name.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -38,3 +41,7 @@ run s16-128 "" --buckets 16 --bucket-mib 128 --matmuls 4 --size 4096
 run s16-128-prio "" --buckets 16 --bucket-mib 128 --matmuls 4 --size 4096 --nccl-high-priority
 run s16-128-ctas16-prio NCCL_MAX_CTAS=16 --buckets 16 --bucket-mib 128 --matmuls 4 --size 4096 --nccl-high-priority
 run s16-256-prio "" --buckets 16 --bucket-mib 256 --matmuls 4 --size 4096 --nccl-high-priority
+if ((failures)); then
+    echo "$failures configuration(s) failed"
+    exit 1
+fi
