@@ -1,11 +1,12 @@
-"""Lane: the streams of one kind, their idle deque and their FIFO of waiters.
+"""Lane: the streams of one kind, their idle list and their FIFO of waiters.
 
-The uncontended path never locks: an acquire pops the idle deque and a
-release appends to it (both atomic). Waiting goes through the pool's lock: a
-waiter queues itself, then re-checks the idle deque, and a releaser that finds
-waiters hands streams over under the lock, oldest waiter first. Because the
-releaser appends before it looks for waiters, and the waiter queues before it
-looks for idle streams, no stream is left idle while a waiter sleeps.
+The uncontended path never locks: an acquire pops the idle list and a
+release appends to it (both atomic; in C, see ``_fastpath.c``). Waiting goes
+through the pool's lock: a waiter queues itself, then re-checks the idle
+list, and a releaser that finds waiters hands streams over under the lock,
+oldest waiter first. Because the releaser appends before it looks for
+waiters, and the waiter queues before it looks for idle streams, no stream is
+left idle while a waiter sleeps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ._errors import PoolClosedError, PoolExhaustedError, PoolTimeoutError
+from ._fastpath import LaneCore
 from ._stream import PooledStream
 from ._types import StreamKind
 
@@ -34,17 +36,21 @@ class _Waiter:
         self.ready = threading.Event()
 
 
-class Lane:
-    """One kind's streams. ``lock`` is the pool's; counters change under it."""
+class Lane(LaneCore):
+    """One kind's streams. ``lock`` is the pool's; counters change under it.
 
-    __slots__ = ("capacity", "idle", "key_waiting", "kind", "lock", "streams", "waiters")
+    ``idle`` and ``waiters`` live in the C base ``LaneCore``, where the hot
+    path reads them.
+    """
+
+    __slots__ = ("capacity", "key_waiting", "kind", "lock", "streams")
 
     def __init__(self, kind: StreamKind, streams: list[PooledStream], lock: threading.RLock):
         self.kind = kind
         self.streams = streams
         self.capacity = len(streams)
-        self.idle: deque[PooledStream] = deque(streams)
-        self.waiters: deque[_Waiter] = deque()
+        self.idle = list(streams)
+        self.waiters = deque()
         self.key_waiting = 0  # threads queued for an affinity key of this kind
         self.lock = lock
 
@@ -111,7 +117,7 @@ class Lane:
         )
 
     def give_back(self, stream: PooledStream) -> None:
-        """Return ``stream``: to the oldest waiter if any, else to the idle deque."""
+        """Return ``stream``: to the oldest waiter if any, else to the idle list."""
         self.idle.append(stream)
         if self.waiters:
             self.hand_off_locked()

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import _fastpath
 from ._errors import LeaseError
 from ._events import PooledEvent
+from ._fastpath import LeaseCore, new_lease
 from ._stream_args import pooled_source, resolve_stream
 from ._types import StreamState
 
 if TYPE_CHECKING:
-    from ._backends import Backend
     from ._stream import PooledStream
 
 __all__ = ["StreamLease", "new_lease"]
@@ -24,27 +24,10 @@ __all__ = ["StreamLease", "new_lease"]
 # Bound early, as CuPy does, so a lease collected at interpreter shutdown does
 # not touch half-torn-down modules.
 _is_finalizing = sys.is_finalizing
-_now_ns = time.perf_counter_ns
 _LEASED = StreamState.LEASED
-_IDLE = StreamState.IDLE
 
 
-def new_lease(stream: PooledStream, key: Hashable | None) -> StreamLease:
-    """Hand ``stream`` (just taken from its lane) to a fresh lease."""
-    stream.state = _LEASED
-    stream._acquisitions += 1
-    stream._lease_start = _now_ns()
-    lease = _new_object(StreamLease)
-    lease._slot = [stream]  # one-element hold; list.pop() is the atomic release
-    lease._key = key
-    lease._token = None
-    return lease
-
-
-_new_object = object.__new__
-
-
-class StreamLease:
+class StreamLease(LeaseCore):
     """Exclusive use of one pooled stream until ``release()``.
 
     Entering the lease (``with``) makes its device and stream current on the
@@ -53,26 +36,24 @@ class StreamLease:
     A lease is meant for one thread at a time; the pool itself is
     thread-safe. A lease dropped without release goes back to the pool when it
     is collected, with a ``ResourceWarning``.
+
+    ``release()`` and the fields it touches live in the C base ``LeaseCore``
+    (``new_lease`` makes them); a released lease holds no stream.
     """
 
-    __slots__ = ("__weakref__", "_key", "_slot", "_token")
-
-    _key: Hashable | None
-    _slot: list[PooledStream]
-    _token: tuple[Backend, Any] | None
+    __slots__ = ()
 
     def __new__(cls, *_: object) -> StreamLease:
-        # object.__new__ is how the pool makes them, bypassing this.
+        # new_lease is how the pool makes them, bypassing this.
         raise TypeError(
             "StreamLease has no public constructor; use pool.acquire_compute() "
             "or another pool.acquire_*() method"
         )
 
     def _live(self) -> PooledStream:
-        try:
-            stream = self._slot[0]
-        except IndexError:
-            raise LeaseError("this lease was released; acquire a new one") from None
+        stream = self._stream
+        if stream is None:
+            raise LeaseError("this lease was released; acquire a new one")
         stream._check_open()
         return stream
 
@@ -101,7 +82,7 @@ class StreamLease:
     @property
     def released(self) -> bool:
         """True once the lease was released."""
-        return not self._slot
+        return self._stream is None
 
     def __cuda_stream__(self) -> tuple[int, int]:
         """The ``__cuda_stream__`` protocol: ``(0, ptr)``."""
@@ -111,8 +92,8 @@ class StreamLease:
 
     def synchronize(self) -> None:
         """Block until the work queued on the lease's stream is done."""
-        # The hold list is unique to this lease: it tags this lease's host-function errors.
-        self._live()._synchronize(self._slot)
+        # The serial is unique to this lease: it tags this lease's host-function errors.
+        self._live()._synchronize(self._serial)
 
     def query(self) -> bool:
         """True when the work queued on the lease's stream has finished."""
@@ -165,54 +146,26 @@ class StreamLease:
         lease's next ``synchronize()`` (or by ``pool.sync_all()``), never by a
         later lease of the same stream.
         """
-        self._live()._launch_host_func(fn, self._slot)
+        self._live()._launch_host_func(fn, self._serial)
 
     # -- ending the lease --------------------------------------------------
 
-    def release(self) -> None:
-        """Return the stream to the pool; a second call raises ``LeaseError``.
-
-        Raises:
-            LeaseError: Released already, or the stream is still capturing a
-                CUDA graph (end the capture first).
-        """
-        # The uncontended path is the library's hot loop: no lock, no call
-        # that can be avoided. Anything unusual goes to the pool's slow path.
-        slot = self._slot
-        try:
-            stream = slot[0]
-        except IndexError:
-            raise LeaseError("this lease was already released") from None
-        capturing = stream._capturing
-        if (
-            self._key is not None
-            or stream.state is not _LEASED
-            or (capturing is not None and capturing())
-        ):
-            stream._pool._release_slow(self, stream)
-            return
-        try:
-            slot.pop()  # atomic: of two racing releases, one gets here
-        except IndexError:
-            raise LeaseError("this lease was already released") from None
-        stream._active_ns += _now_ns() - stream._lease_start
-        stream.state = _IDLE
-        lane = stream._lane
-        lane.idle.append(stream)
-        if lane.waiters:
-            lane.hand_off_locked()
+    # release() is LeaseCore's, in C: the library's hot loop. It hands anything
+    # unusual (a key, a capturing or closed stream) to pool._release_slow.
 
     def __enter__(self) -> StreamLease:
-        try:
-            stream = self._slot[0]
-        except IndexError:
-            raise LeaseError("this lease was released; acquire a new one") from None
-        if stream.state is not _LEASED:
+        stream = self._stream
+        if stream is None:
+            raise LeaseError("this lease was released; acquire a new one")
+        # The handle first: close() drops it after marking the pool closed, so
+        # a None here is a close() that raced this call.
+        handle = stream._handle
+        if handle is None or stream.state is not _LEASED:
             stream._check_open()
         if self._token is not None:
             raise LeaseError("this lease is already entered; a lease is entered once")
         backend = stream._backend
-        self._token = (backend, backend.enter(stream._handle))
+        self._token = (backend, backend.enter(handle))
         return self
 
     def __exit__(
@@ -226,14 +179,13 @@ class StreamLease:
             if token is not None:
                 token[0].exit(token[1])
         finally:
-            if self._slot:
+            if self._stream is not None:
                 self.release()
 
-    def __del__(self) -> None:
-        if not self._slot or _is_finalizing():
-            return
-        stream = self._slot[0]
-        if stream.state is StreamState.CLOSED:
+    def _release_dropped(self) -> None:
+        """Return the stream of a lease being collected unreleased (LeaseCore calls this)."""
+        stream = self._stream
+        if stream is None or _is_finalizing() or stream.state is StreamState.CLOSED:
             return
         warnings.warn(
             f"a lease of {stream!r} was dropped without release(); returning it to "
@@ -246,7 +198,16 @@ class StreamLease:
             self.release()
 
     def __repr__(self) -> str:
-        if not self._slot:
+        stream = self._stream
+        if stream is None:
             return "<StreamLease released>"
         key = "" if self._key is None else f" key={self._key!r}"
-        return f"<StreamLease of {self._slot[0]!r}{key}>"
+        return f"<StreamLease of {stream!r}{key}>"
+
+
+_fastpath.configure(
+    lease_class=StreamLease,
+    lease_error=LeaseError,
+    leased=StreamState.LEASED,
+    idle=StreamState.IDLE,
+)

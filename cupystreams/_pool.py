@@ -15,8 +15,9 @@ from ._affinity import AffinityTable
 from ._backends import make_backend
 from ._errors import LeaseError, PoolClosedError, PoolExhaustedError, PoolTimeoutError
 from ._events import EventPool, PooledEvent
+from ._fastpath import PoolCore, new_lease, now_ns
 from ._lanes import Lane
-from ._lease import StreamLease, new_lease
+from ._lease import StreamLease
 from ._stats import KindStats, PoolStats, StreamStats
 from ._stream import PooledStream
 from ._types import StreamKind, StreamPriority, StreamState
@@ -57,7 +58,7 @@ def _destroy_handles(backend: Backend, handles: list[Any]) -> None:
         raise first_error
 
 
-class CudaStreamPool:
+class CudaStreamPool(PoolCore):
     """A pool of long-lived CUDA streams handed out as exclusive leases.
 
     Streams come in three kinds, each with its own FIFO queue of waiters:
@@ -221,79 +222,9 @@ class CudaStreamPool:
 
     # -- acquire ---------------------------------------------------------------
 
-    def acquire_compute(
-        self,
-        affinity_key: Hashable | None = None,
-        blocking: bool = True,
-        timeout: float | None = None,
-    ) -> StreamLease:
-        """Lease a compute stream.
-
-        Args:
-            affinity_key: Orders this lease after every earlier lease with the
-                same key, on whatever stream it gets; at most one live lease
-                per key.
-            blocking: Wait for a stream (first come, first served); False
-                raises ``PoolExhaustedError`` at once when none is idle.
-            timeout: Seconds to wait at most (None: no limit).
-
-        Raises:
-            PoolExhaustedError, PoolTimeoutError, PoolClosedError, LeaseError.
-        """
-        # The uncontended path is inlined in each acquire_* method (no shared
-        # helper): it is the library's hot loop, and a call costs ~10% of it.
-        # Anything else (keys, timeouts, waiters, bad arguments) goes to _acquire.
-        lane = self._compute
-        if (
-            affinity_key is None
-            and timeout is None
-            and (blocking is True or blocking is False)
-            and not lane.waiters
-            and not self._closed
-        ):
-            try:
-                return new_lease(lane.idle.pop(), None)
-            except IndexError:
-                pass
-        return self._acquire(lane, affinity_key, blocking, timeout)
-
-    def acquire_comm(
-        self,
-        affinity_key: Hashable | None = None,
-        blocking: bool = True,
-        timeout: float | None = None,
-    ) -> StreamLease:
-        """Lease a communication stream; arguments as ``acquire_compute``."""
-        lane = self._comm
-        if (
-            affinity_key is None
-            and timeout is None
-            and (blocking is True or blocking is False)
-            and not lane.waiters
-            and not self._closed
-        ):
-            try:
-                return new_lease(lane.idle.pop(), None)
-            except IndexError:
-                pass
-        return self._acquire(lane, affinity_key, blocking, timeout)
-
-    def acquire_high_priority(
-        self, blocking: bool = True, timeout: float | None = None
-    ) -> StreamLease:
-        """Lease a high-priority stream; arguments as ``acquire_compute``."""
-        lane = self._high
-        if (
-            timeout is None
-            and (blocking is True or blocking is False)
-            and not lane.waiters
-            and not self._closed
-        ):
-            try:
-                return new_lease(lane.idle.pop(), None)
-            except IndexError:
-                pass
-        return self._acquire(lane, None, blocking, timeout)
+    # acquire_compute, acquire_comm and acquire_high_priority are PoolCore's,
+    # in C: the uncontended path is the library's hot loop. Anything else
+    # (keys, timeouts, waiters, bad arguments, a closed pool) comes to _acquire.
 
     def _acquire(
         self, lane: Lane, key: Hashable | None, blocking: object, timeout: object
@@ -387,14 +318,15 @@ class CudaStreamPool:
         """
         if not isinstance(lease, StreamLease):
             raise TypeError(f"lease={lease!r} must be a StreamLease of this pool")
-        if lease._slot and lease._slot[0]._pool is not self:
+        stream = lease._stream
+        if stream is not None and stream._pool is not self:
             raise LeaseError("this lease was issued by another pool; release it there")
         lease.release()
 
     def _release_slow(self, lease: StreamLease, stream: PooledStream) -> None:
         """Release a lease that is keyed, capturing, or outlived its pool."""
         if self._closed:
-            lease._slot.clear()  # the pool closed under the lease: nothing to return
+            lease._take_stream()  # the pool closed under the lease: nothing to return
             return
         if stream._capturing is not None and stream._capturing():
             raise LeaseError(
@@ -408,15 +340,13 @@ class CudaStreamPool:
         except PoolClosedError:
             if not self._closed:
                 raise
-            lease._slot.clear()  # close() won the race: releasing is a no-op now
+            lease._take_stream()  # close() won the race: releasing is a no-op now
             return
-        try:
-            lease._slot.pop()
-        except IndexError:
+        if lease._take_stream() is None:  # atomic: of two racing releases, one gets here
             if event is not None:
                 self.events.release(event)
-            raise LeaseError("this lease was already released") from None
-        stream._active_ns += time.perf_counter_ns() - stream._lease_start
+            raise LeaseError("this lease was already released")
+        stream._active_ns += now_ns() - stream._lease_start
         stream.state = StreamState.IDLE
         stream._lane.give_back(stream)
         if event is not None:

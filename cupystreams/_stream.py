@@ -2,67 +2,58 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._fastpath import StreamCore, now_ns
 from ._stats import StreamStats
 from ._types import StreamKind, StreamState
 
 if TYPE_CHECKING:
     from ._backends import Backend
     from ._events import PooledEvent
-    from ._lanes import Lane
     from ._pool import CudaStreamPool
 
 __all__ = ["PooledStream"]
 
 
-class PooledStream:
+class PooledStream(StreamCore):
     """A stream that belongs to a ``CudaStreamPool`` for the pool's whole life.
 
     Users meet it as ``lease.stream``; it has no public constructor. Its
     counters are written only by the lease that holds it, which is exclusive,
-    so they need no lock; ``stats`` reads them as a frozen snapshot.
+    so they need no lock; ``stats`` reads them as a frozen snapshot. The
+    fields the lease hot path touches (``state``, the lease counters, the
+    lane) live in the C base ``StreamCore``.
     """
 
     __slots__ = (
-        "_acquisitions",
-        "_active_ns",
         "_affinity_hits",
         "_backend",
         "_capturing",
         "_handle",
         "_host_errors",
-        "_lane",
-        "_lease_start",
         "_pool",
         "_waits",
         "kind",
         "priority",
-        "state",
         "stream_id",
     )
 
-    _acquisitions: int
-    _active_ns: int
     _affinity_hits: int
     _backend: Backend
     _capturing: Callable[[], int] | None
     _handle: Any
-    _host_errors: deque[tuple[object, BaseException]]  # (owner tag, error)
-    _lane: Lane  # the pool's queue for this stream's kind (the pool sets it)
-    _lease_start: int
+    _host_errors: deque[tuple[int | None, BaseException]]  # (lease serial or None, error)
     _pool: CudaStreamPool
     _waits: int
     kind: StreamKind
     priority: int
-    state: StreamState
     stream_id: int
 
     def __new__(cls, *_: object) -> PooledStream:
-        # object.__new__ is how the pool makes them, bypassing this.
+        # StreamCore.__new__ is how the pool makes them, bypassing this.
         raise TypeError("PooledStream has no public constructor; lease one with pool.acquire_*()")
 
     @classmethod
@@ -75,11 +66,12 @@ class PooledStream:
         priority: int,
         non_blocking: bool,
     ) -> PooledStream:
-        self = object.__new__(cls)
+        self = StreamCore.__new__(cls)
         self._pool = pool
         self._backend = backend
         self._handle = backend.create_stream(priority, non_blocking)
         self._capturing = backend.capture_probe(self._handle)
+        self._capture_handle = backend.capture_handle(self._handle)
         self.stream_id = stream_id
         self.kind = kind
         self.priority = priority
@@ -117,7 +109,7 @@ class PooledStream:
         """A frozen snapshot of this stream's counters."""
         active_ns = self._active_ns
         if self.state is StreamState.LEASED:
-            active_ns += time.perf_counter_ns() - self._lease_start
+            active_ns += now_ns() - self._lease_start
         return StreamStats(
             stream_id=self.stream_id,
             kind=self.kind.value,
@@ -142,8 +134,8 @@ class PooledStream:
         """
         self._synchronize(None)
 
-    def _synchronize(self, owner: object) -> None:
-        """Synchronize; report host-function errors of ``owner`` (None: of anyone)."""
+    def _synchronize(self, owner: int | None) -> None:
+        """Synchronize; report host-function errors of lease ``owner`` (None: of anyone)."""
         self._check_open()
         self._backend.synchronize_stream(self._handle)
         errors = self._host_errors
@@ -151,7 +143,7 @@ class PooledStream:
             return
         # Each error is reported once, to its lease (or to a stream-wide call):
         # a later lease of this stream never sees an earlier lease's failure.
-        mine = [entry for entry in list(errors) if owner is None or entry[0] is owner]
+        mine = [entry for entry in list(errors) if owner is None or entry[0] == owner]
         for entry in mine:
             errors.remove(entry)  # one atomic removal each: callbacks may append meanwhile
         if mine:
@@ -183,7 +175,7 @@ class PooledStream:
         """
         self._launch_host_func(fn, None)
 
-    def _launch_host_func(self, fn: Callable[[], None], owner: object) -> None:
+    def _launch_host_func(self, fn: Callable[[], None], owner: int | None) -> None:
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn={fn!r} must be a callable taking no arguments")

@@ -129,7 +129,8 @@ class Trace:
     # -- recording (called through the shadowed pool methods) ---------------
 
     def _begin(self, lease: StreamLease) -> None:
-        stream = lease._slot[0]
+        stream = lease._stream
+        assert stream is not None  # a lease that was just acquired
         event = self._events.acquire()
         self._backend.record(event._handle, stream._handle)
         nvtx_range = None
@@ -366,7 +367,7 @@ def _traced_lease_class(trace: Trace) -> type[StreamLease]:
         __slots__ = ()  # the same layout, so a lease's class can be switched
 
         def release(self) -> None:
-            if self._slot:
+            if self._stream is not None:
                 trace._end(self)
             StreamLease.release(self)
 

@@ -64,7 +64,7 @@ def test_tracing_off_leaves_the_fast_path_untouched(pool: CudaStreamPool) -> Non
         assert type(traced) is not StreamLease and isinstance(traced, StreamLease)
         traced.release()
     assert vars(pool).keys() == before.keys()
-    assert pool.acquire_compute.__func__ is CudaStreamPool.acquire_compute  # type: ignore[attr-defined]
+    assert pool.acquire_compute == CudaStreamPool.acquire_compute.__get__(pool)
     lease = pool.acquire_compute()
     assert type(lease) is StreamLease
     lease.release()

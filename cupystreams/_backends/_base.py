@@ -65,6 +65,11 @@ class Backend(Protocol):
         when it is), or None when the backend has no graphs."""
         ...
 
+    def capture_handle(self, stream: Any) -> int:
+        """The raw ``CUstream`` that the C release path asks the driver about, or
+        0 when the backend has no graphs."""
+        ...
+
     def current_stream(self) -> Any:
         """The calling thread's current stream on this backend's device."""
         ...

@@ -10,6 +10,8 @@ from typing import Any
 
 import cupy
 
+from .. import _fastpath
+
 __all__ = [
     "CUPY_STREAMS",
     "CupyBackend",
@@ -63,13 +65,24 @@ def hardware_queues_from_env() -> int:
     return value
 
 
-def _driver_priority_range() -> tuple[int, int]:
-    # CuPy does not expose cudaDeviceGetStreamPriorityRange. The driver call is
-    # always there where CuPy runs, needs no extra package, and answers for the
-    # context the runtime made current on this thread.
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    # The driver library is always there where CuPy runs and needs no extra
+    # package; it has the two calls below that CuPy does not expose cheaply.
     libcuda = ctypes.CDLL("libcuda.so.1")
+    # The release hot path (C) asks it about graph capture without going
+    # through Python: a pointer to cuStreamIsCapturing, which takes a
+    # cudaStream_t as it is (CUstream) and answers for the stream's context.
+    address = ctypes.cast(libcuda.cuStreamIsCapturing, ctypes.c_void_p).value
+    _fastpath.set_capture_query(address or 0)
+    return libcuda
+
+
+def _driver_priority_range() -> tuple[int, int]:
+    # CuPy does not expose cudaDeviceGetStreamPriorityRange; the driver call
+    # answers for the context the runtime made current on this thread.
     least, greatest = ctypes.c_int(), ctypes.c_int()
-    status = libcuda.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest))
+    status = _libcuda().cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest))
     if status != 0:
         raise RuntimeError(f"cuCtxGetStreamPriorityRange failed with CUresult {status}")
     return least.value, greatest.value
@@ -147,6 +160,9 @@ class CupyBackend:
         # Bound once per stream: the release fast path pays one C call
         # (cudaStreamIsCapturing; 0 means not capturing).
         return functools.partial(cupy.cuda.runtime.streamIsCapturing, stream.ptr)
+
+    def capture_handle(self, stream: Any) -> int:
+        return int(stream.ptr)
 
     def current_stream(self) -> Any:
         return cupy.cuda.get_current_stream(self.device)

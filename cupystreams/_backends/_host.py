@@ -165,6 +165,9 @@ class HostBackend:
     def capture_probe(self, stream: HostStream) -> None:
         return None
 
+    def capture_handle(self, stream: HostStream) -> int:
+        return 0
+
     def current_stream(self) -> HostStream | None:
         return getattr(self._current, "stream", None)
 

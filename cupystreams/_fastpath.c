@@ -1,0 +1,810 @@
+/*
+ * The lease hot path in C: take an idle stream, make a lease, give it back.
+ *
+ * Why C: an uncontended acquire + release in Python costs 0.44 us on a fast
+ * CPU and 0.7-1.0 us on the GPU hosts (measured in BENCHMARKS.md), over the
+ * 0.6 us goal before any CUDA call. The same steps here cost a few C calls.
+ *
+ * Only what the hot path touches lives here: four small base types whose
+ * Python subclasses (PooledStream, Lane, StreamLease, CudaStreamPool) add
+ * everything else. Python code reads and writes these fields by their usual
+ * names, so waiting, affinity keys, close() and statistics stay in Python.
+ * Anything unusual on the hot path (a key, a timeout, waiters, a capturing or
+ * closed stream, a bad argument) is handed to the Python slow path unchanged.
+ *
+ * Atomicity: each fast path runs from its checks to its state change holding
+ * the GIL, with no Python code in between (the capture check is one driver
+ * call that does not release the GIL). Two threads racing on one lease or one
+ * lane therefore see each other's changes whole, as list.pop() and
+ * list.append() are atomic for Python code.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+
+/* Set once by configure(); the hot path compares states by identity. */
+static PyTypeObject *lease_class;  /* StreamLease: a subclass of LeaseCore */
+static PyObject *lease_error;      /* cupystreams.LeaseError */
+static PyObject *state_leased;     /* StreamState.LEASED */
+static PyObject *state_idle;       /* StreamState.IDLE */
+
+/* cuStreamIsCapturing(CUstream, CUstreamCaptureStatus *): 0 is CUDA_SUCCESS. */
+typedef int (*capture_query_t)(void *stream, int *status);
+static capture_query_t capture_query;
+
+static PyObject *str_acquire;          /* "_acquire" */
+static PyObject *str_release_slow;     /* "_release_slow" */
+static PyObject *str_pool;             /* "_pool" */
+static PyObject *str_hand_off_locked;  /* "hand_off_locked" */
+static PyObject *str_release_dropped;  /* "_release_dropped" */
+
+static inline long long
+now_ns(void)
+{
+    /* The clock of time.perf_counter_ns(), which the Python side also reads. */
+#if PY_VERSION_HEX >= 0x030D0000
+    PyTime_t t;
+    (void)PyTime_PerfCounterRaw(&t);
+    return (long long)t;
+#else
+    return (long long)_PyTime_GetPerfCounter();
+#endif
+}
+
+/* ------------------------------------------------------------------ LaneCore */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *idle;     /* list of idle StreamCore: popped and appended at its end */
+    PyObject *waiters;  /* threads waiting for a stream; non-empty means slow path */
+} LaneCore;
+
+static PyTypeObject LaneCoreType;
+
+static int
+lane_traverse(LaneCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->idle);
+    Py_VISIT(self->waiters);
+    return 0;
+}
+
+static int
+lane_clear(LaneCore *self)
+{
+    Py_CLEAR(self->idle);
+    Py_CLEAR(self->waiters);
+    return 0;
+}
+
+static void
+lane_dealloc(LaneCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    lane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+lane_get_idle(LaneCore *self, void *closure)
+{
+    PyObject *value = self->idle ? self->idle : Py_None;
+    return Py_NewRef(value);
+}
+
+static int
+lane_set_idle(LaneCore *self, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyList_CheckExact(value)) {
+        PyErr_SetString(PyExc_TypeError, "Lane.idle must be a list");
+        return -1;
+    }
+    Py_XSETREF(self->idle, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+lane_get_waiters(LaneCore *self, void *closure)
+{
+    PyObject *value = self->waiters ? self->waiters : Py_None;
+    return Py_NewRef(value);
+}
+
+static int
+lane_set_waiters(LaneCore *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Lane.waiters cannot be deleted");
+        return -1;
+    }
+    Py_XSETREF(self->waiters, Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef lane_getset[] = {
+    {"idle", (getter)lane_get_idle, (setter)lane_set_idle,
+     "The idle streams, a list; the hot path pops and appends at its end.", NULL},
+    {"waiters", (getter)lane_get_waiters, (setter)lane_set_waiters,
+     "Threads waiting for a stream, oldest first.", NULL},
+    {NULL},
+};
+
+static PyTypeObject LaneCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cupystreams._fastpath.LaneCore",
+    .tp_doc = "What the hot path reads of a Lane: its idle list and its waiters.",
+    .tp_basicsize = sizeof(LaneCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)lane_traverse,
+    .tp_clear = (inquiry)lane_clear,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_getset = lane_getset,
+};
+
+/* Nothing waits and a stream is idle: the only case the hot path handles. */
+static inline int
+lane_ready(LaneCore *lane)
+{
+    if (lane->idle == NULL || lane->waiters == NULL) {
+        return 0;
+    }
+    Py_ssize_t waiting = PyObject_Length(lane->waiters);
+    if (waiting != 0) {
+        if (waiting < 0) {
+            PyErr_Clear();  /* the slow path meets the same error and reports it */
+        }
+        return 0;
+    }
+    return PyList_GET_SIZE(lane->idle) > 0;
+}
+
+/* ---------------------------------------------------------------- StreamCore */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *state;                   /* a StreamState member */
+    PyObject *lane;                    /* its kind's LaneCore */
+    long long acquisitions;
+    long long lease_start;             /* perf-counter ns when the current lease began */
+    long long active_ns;               /* leased time of the finished leases */
+    unsigned long long capture_handle; /* CUstream to ask about graph capture; 0: never */
+} StreamCore;
+
+static PyTypeObject StreamCoreType;
+
+static int
+stream_traverse(StreamCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->state);
+    Py_VISIT(self->lane);
+    return 0;
+}
+
+static int
+stream_clear(StreamCore *self)
+{
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->lane);
+    return 0;
+}
+
+static void
+stream_dealloc(StreamCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    stream_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+stream_get_lane(StreamCore *self, void *closure)
+{
+    PyObject *value = self->lane ? self->lane : Py_None;
+    return Py_NewRef(value);
+}
+
+static int
+stream_set_lane(StreamCore *self, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyObject_TypeCheck(value, &LaneCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "PooledStream._lane must be a Lane");
+        return -1;
+    }
+    Py_XSETREF(self->lane, Py_NewRef(value));
+    return 0;
+}
+
+static PyMemberDef stream_members[] = {
+    {"state", T_OBJECT_EX, offsetof(StreamCore, state), 0,
+     "IDLE, LEASED or CLOSED (a StreamState)."},
+    {"_acquisitions", T_LONGLONG, offsetof(StreamCore, acquisitions), 0, NULL},
+    {"_lease_start", T_LONGLONG, offsetof(StreamCore, lease_start), 0, NULL},
+    {"_active_ns", T_LONGLONG, offsetof(StreamCore, active_ns), 0, NULL},
+    {"_capture_handle", T_ULONGLONG, offsetof(StreamCore, capture_handle), 0, NULL},
+    {NULL},
+};
+
+static PyGetSetDef stream_getset[] = {
+    {"_lane", (getter)stream_get_lane, (setter)stream_set_lane,
+     "The lane of the stream's kind.", NULL},
+    {NULL},
+};
+
+static PyTypeObject StreamCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cupystreams._fastpath.StreamCore",
+    .tp_doc = "What the hot path reads and writes of a PooledStream.",
+    .tp_basicsize = sizeof(StreamCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)stream_traverse,
+    .tp_clear = (inquiry)stream_clear,
+    .tp_dealloc = (destructor)stream_dealloc,
+    .tp_members = stream_members,
+    .tp_getset = stream_getset,
+};
+
+/* Non-zero when the release must go to Python: capturing, or the check failed
+ * (the Python check then raises the driver's error). */
+static inline int
+stream_may_be_capturing(StreamCore *stream)
+{
+    if (stream->capture_handle == 0) {
+        return 0;
+    }
+    if (capture_query == NULL) {
+        return 1;
+    }
+    int status = 0;
+    if (capture_query((void *)(uintptr_t)stream->capture_handle, &status) != 0) {
+        return 1;
+    }
+    return status != 0;
+}
+
+/* ----------------------------------------------------------------- LeaseCore */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *stream;  /* the StreamCore held; NULL once released */
+    PyObject *key;     /* affinity key or NULL */
+    PyObject *token;   /* what entering saved, or NULL */
+    PyObject *weakrefs;
+    long long serial;  /* the stream's acquisition number: tags this lease's errors */
+} LeaseCore;
+
+static PyTypeObject LeaseCoreType;
+
+/* Hand `stream`, just taken from its lane, to a fresh lease. Steals the
+ * reference to `stream` on success only. */
+static PyObject *
+make_lease(StreamCore *stream, PyObject *key)
+{
+    LeaseCore *lease = (LeaseCore *)lease_class->tp_alloc(lease_class, 0);
+    if (lease == NULL) {
+        return NULL;
+    }
+    stream->acquisitions += 1;
+    stream->lease_start = now_ns();
+    Py_XSETREF(stream->state, Py_NewRef(state_leased));
+    lease->stream = (PyObject *)stream;
+    lease->key = key == Py_None ? NULL : Py_XNewRef(key);
+    lease->serial = stream->acquisitions;
+    return (PyObject *)lease;
+}
+
+static int
+lease_traverse(LeaseCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->stream);
+    Py_VISIT(self->key);
+    Py_VISIT(self->token);
+    return 0;
+}
+
+static int
+lease_clear(LeaseCore *self)
+{
+    Py_CLEAR(self->stream);
+    Py_CLEAR(self->key);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
+static void
+lease_dealloc(LeaseCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    lease_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A lease collected while still held goes back through Python, which warns. */
+static void
+lease_finalize(LeaseCore *self)
+{
+    if (self->stream == NULL) {
+        return;
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending = PyErr_GetRaisedException();
+#else
+    PyObject *exc_type, *exc_value, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+#endif
+    PyObject *result = PyObject_CallMethodNoArgs((PyObject *)self, str_release_dropped);
+    if (result == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    Py_XDECREF(result);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(pending);
+#else
+    PyErr_Restore(exc_type, exc_value, exc_tb);
+#endif
+}
+
+static PyObject *
+release_slow(LeaseCore *self, PyObject *stream)
+{
+    Py_INCREF(stream);
+    PyObject *pool = PyObject_GetAttr(stream, str_pool);
+    PyObject *result = NULL;
+    if (pool != NULL) {
+        result = PyObject_CallMethodObjArgs(pool, str_release_slow, (PyObject *)self, stream, NULL);
+        Py_DECREF(pool);
+    }
+    Py_DECREF(stream);
+    return result;
+}
+
+PyDoc_STRVAR(lease_release_doc,
+"release($self, /)\n--\n\n"
+"Return the stream to the pool; a second call raises ``LeaseError``.\n\n"
+"Raises:\n"
+"    LeaseError: Released already, or the stream is still capturing a\n"
+"        CUDA graph (end the capture first).");
+
+static PyObject *
+lease_release(LeaseCore *self, PyObject *Py_UNUSED(ignored))
+{
+    StreamCore *stream = (StreamCore *)self->stream;
+    if (stream == NULL) {
+        PyErr_SetString(lease_error, "this lease was already released");
+        return NULL;
+    }
+    LaneCore *lane = (LaneCore *)stream->lane;
+    if (self->key != NULL || stream->state != state_leased || lane == NULL
+        || lane->idle == NULL || stream_may_be_capturing(stream)) {
+        return release_slow(self, (PyObject *)stream);
+    }
+    /* The lease's reference moves to the idle list. */
+    self->stream = NULL;
+    stream->active_ns += now_ns() - stream->lease_start;
+    Py_XSETREF(stream->state, Py_NewRef(state_idle));
+    int appended = PyList_Append(lane->idle, (PyObject *)stream);
+    Py_DECREF(stream);
+    if (appended < 0) {
+        return NULL;
+    }
+    Py_ssize_t waiting = lane->waiters == NULL ? 0 : PyObject_Length(lane->waiters);
+    if (waiting < 0) {
+        return NULL;
+    }
+    if (waiting > 0) {
+        /* Under the pool's lock, the oldest waiter gets a stream. */
+        return PyObject_CallMethodNoArgs((PyObject *)lane, str_hand_off_locked);
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(lease_take_stream_doc,
+"_take_stream($self, /)\n--\n\n"
+"End the lease here and return its stream (None if it had ended): for the\n"
+"pool's slow paths, which then decide where the stream goes.");
+
+static PyObject *
+lease_take_stream(LeaseCore *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *stream = self->stream;
+    self->stream = NULL;
+    return stream != NULL ? stream : Py_NewRef(Py_None);
+}
+
+static PyObject *
+lease_get_stream(LeaseCore *self, void *closure)
+{
+    return Py_NewRef(self->stream ? self->stream : Py_None);
+}
+
+static PyMethodDef lease_methods[] = {
+    {"release", (PyCFunction)lease_release, METH_NOARGS, lease_release_doc},
+    {"_take_stream", (PyCFunction)lease_take_stream, METH_NOARGS, lease_take_stream_doc},
+    {NULL},
+};
+
+static PyMemberDef lease_members[] = {
+    {"_key", T_OBJECT, offsetof(LeaseCore, key), READONLY, NULL},
+    {"_token", T_OBJECT, offsetof(LeaseCore, token), 0, NULL},
+    {"_serial", T_LONGLONG, offsetof(LeaseCore, serial), READONLY, NULL},
+    {NULL},
+};
+
+static PyGetSetDef lease_getset[] = {
+    {"_stream", (getter)lease_get_stream, NULL, "The stream held, or None once released.", NULL},
+    {NULL},
+};
+
+static PyTypeObject LeaseCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cupystreams._fastpath.LeaseCore",
+    .tp_doc = "What the hot path reads and writes of a StreamLease.",
+    .tp_basicsize = sizeof(LeaseCore),
+    .tp_weaklistoffset = offsetof(LeaseCore, weakrefs),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)lease_traverse,
+    .tp_clear = (inquiry)lease_clear,
+    .tp_dealloc = (destructor)lease_dealloc,
+    .tp_finalize = (destructor)lease_finalize,
+    .tp_methods = lease_methods,
+    .tp_members = lease_members,
+    .tp_getset = lease_getset,
+};
+
+/* ------------------------------------------------------------------ PoolCore */
+
+enum { COMPUTE, COMM, HIGH_PRIORITY, KINDS };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *lanes[KINDS];
+    char closed;
+} PoolCore;
+
+static PyTypeObject PoolCoreType;
+
+static int
+pool_traverse(PoolCore *self, visitproc visit, void *arg)
+{
+    for (int kind = 0; kind < KINDS; kind++) {
+        Py_VISIT(self->lanes[kind]);
+    }
+    return 0;
+}
+
+static int
+pool_clear(PoolCore *self)
+{
+    for (int kind = 0; kind < KINDS; kind++) {
+        Py_CLEAR(self->lanes[kind]);
+    }
+    return 0;
+}
+
+static void
+pool_dealloc(PoolCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    pool_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+pool_get_lane(PoolCore *self, void *kind)
+{
+    PyObject *lane = self->lanes[(intptr_t)kind];
+    return Py_NewRef(lane ? lane : Py_None);
+}
+
+static int
+pool_set_lane(PoolCore *self, PyObject *value, void *kind)
+{
+    if (value == NULL || !PyObject_TypeCheck(value, &LaneCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "a pool's lanes must be Lanes");
+        return -1;
+    }
+    Py_XSETREF(self->lanes[(intptr_t)kind], Py_NewRef(value));
+    return 0;
+}
+
+/* Parse (args, kwnames) of a vectorcall into `values` (defaults preset) by
+ * the parameter `names`; errors read as Python's own. */
+static int
+parse_arguments(const char *function, const char *const *names, PyObject **values, int count,
+                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs > count) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", function,
+                     count, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        values[i] = args[i];
+    }
+    Py_ssize_t given = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t k = 0; k < given; k++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, k);
+        int index = -1;
+        for (int i = 0; i < count && index < 0; i++) {
+            if (PyUnicode_CompareWithASCIIString(name, names[i]) == 0) {
+                index = i;
+            }
+        }
+        if (index < 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'",
+                         function, name);
+            return -1;
+        }
+        if (index < nargs) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", function,
+                         names[index]);
+            return -1;
+        }
+        values[index] = args[nargs + k];
+    }
+    return 0;
+}
+
+/* The uncontended acquire; anything else goes to CudaStreamPool._acquire. */
+static PyObject *
+pool_acquire(PoolCore *self, int kind, PyObject *key, PyObject *blocking, PyObject *timeout)
+{
+    LaneCore *lane = (LaneCore *)self->lanes[kind];
+    if (lane == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the pool was not initialized");
+        return NULL;
+    }
+    if (key == Py_None && timeout == Py_None && (blocking == Py_True || blocking == Py_False)
+        && !self->closed && lane_ready(lane)) {
+        PyObject *idle = lane->idle;
+        Py_ssize_t last = PyList_GET_SIZE(idle) - 1;
+        PyObject *stream = PyList_GET_ITEM(idle, last);
+        if (PyObject_TypeCheck(stream, &StreamCoreType)) {
+            /* list.pop() without the shrink: the list's reference becomes ours. */
+            PyList_SET_ITEM(idle, last, NULL);
+            Py_SET_SIZE(idle, last);
+            PyObject *lease = make_lease((StreamCore *)stream, Py_None);
+            if (lease == NULL) {
+                /* Out of memory: the stream goes back, unless memory runs out twice. */
+                if (PyList_Append(idle, stream) < 0) {
+                    PyErr_WriteUnraisable(stream);
+                }
+                Py_DECREF(stream);
+            }
+            return lease;
+        }
+    }
+    return PyObject_CallMethodObjArgs((PyObject *)self, str_acquire, (PyObject *)lane, key,
+                                      blocking, timeout, NULL);
+}
+
+static const char *const keyed_names[] = {"affinity_key", "blocking", "timeout"};
+static const char *const unkeyed_names[] = {"blocking", "timeout"};
+
+PyDoc_STRVAR(acquire_compute_doc,
+"acquire_compute($self, /, affinity_key=None, blocking=True, timeout=None)\n--\n\n"
+"Lease a compute stream.\n\n"
+"Args:\n"
+"    affinity_key: Orders this lease after every earlier lease with the\n"
+"        same key, on whatever stream it gets; at most one live lease\n"
+"        per key.\n"
+"    blocking: Wait for a stream (first come, first served); False\n"
+"        raises ``PoolExhaustedError`` at once when none is idle.\n"
+"    timeout: Seconds to wait at most (None: no limit).\n\n"
+"Raises:\n"
+"    PoolExhaustedError, PoolTimeoutError, PoolClosedError, LeaseError.");
+
+static PyObject *
+pool_acquire_keyed(PoolCore *self, int kind, const char *function, PyObject *const *args,
+                   Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *values[3] = {Py_None, Py_True, Py_None};
+    if ((nargs != 0 || kwnames != NULL)
+        && parse_arguments(function, keyed_names, values, 3, args, nargs, kwnames) < 0) {
+        return NULL;
+    }
+    return pool_acquire(self, kind, values[0], values[1], values[2]);
+}
+
+static PyObject *
+pool_acquire_compute(PoolCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return pool_acquire_keyed(self, COMPUTE, "acquire_compute", args, nargs, kwnames);
+}
+
+PyDoc_STRVAR(acquire_comm_doc,
+"acquire_comm($self, /, affinity_key=None, blocking=True, timeout=None)\n--\n\n"
+"Lease a communication stream; arguments as ``acquire_compute``.");
+
+static PyObject *
+pool_acquire_comm(PoolCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return pool_acquire_keyed(self, COMM, "acquire_comm", args, nargs, kwnames);
+}
+
+PyDoc_STRVAR(acquire_high_priority_doc,
+"acquire_high_priority($self, /, blocking=True, timeout=None)\n--\n\n"
+"Lease a high-priority stream; arguments as ``acquire_compute``.");
+
+static PyObject *
+pool_acquire_high_priority(PoolCore *self, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
+{
+    PyObject *values[2] = {Py_True, Py_None};
+    if ((nargs != 0 || kwnames != NULL)
+        && parse_arguments("acquire_high_priority", unkeyed_names, values, 2, args, nargs,
+                           kwnames) < 0) {
+        return NULL;
+    }
+    return pool_acquire(self, HIGH_PRIORITY, Py_None, values[0], values[1]);
+}
+
+static PyMethodDef pool_methods[] = {
+    {"acquire_compute", (PyCFunction)(void (*)(void))pool_acquire_compute,
+     METH_FASTCALL | METH_KEYWORDS, acquire_compute_doc},
+    {"acquire_comm", (PyCFunction)(void (*)(void))pool_acquire_comm,
+     METH_FASTCALL | METH_KEYWORDS, acquire_comm_doc},
+    {"acquire_high_priority", (PyCFunction)(void (*)(void))pool_acquire_high_priority,
+     METH_FASTCALL | METH_KEYWORDS, acquire_high_priority_doc},
+    {NULL},
+};
+
+static PyMemberDef pool_members[] = {
+    {"_closed", T_BOOL, offsetof(PoolCore, closed), 0, NULL},
+    {NULL},
+};
+
+static PyGetSetDef pool_getset[] = {
+    {"_compute", (getter)pool_get_lane, (setter)pool_set_lane, NULL, (void *)COMPUTE},
+    {"_comm", (getter)pool_get_lane, (setter)pool_set_lane, NULL, (void *)COMM},
+    {"_high", (getter)pool_get_lane, (setter)pool_set_lane, NULL, (void *)HIGH_PRIORITY},
+    {NULL},
+};
+
+static PyTypeObject PoolCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cupystreams._fastpath.PoolCore",
+    .tp_doc = "What the hot path reads of a CudaStreamPool, and its acquire methods.",
+    .tp_basicsize = sizeof(PoolCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)pool_traverse,
+    .tp_clear = (inquiry)pool_clear,
+    .tp_dealloc = (destructor)pool_dealloc,
+    .tp_methods = pool_methods,
+    .tp_members = pool_members,
+    .tp_getset = pool_getset,
+};
+
+/* -------------------------------------------------------------------- module */
+
+PyDoc_STRVAR(new_lease_doc,
+"new_lease(stream, key, /)\n--\n\n"
+"Hand ``stream``, just taken from its lane, to a fresh lease with affinity ``key``.");
+
+static PyObject *
+module_new_lease(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyObject_TypeCheck(args[0], &StreamCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "new_lease(stream, key) takes a PooledStream and a key");
+        return NULL;
+    }
+    if (lease_class == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath is not configured");
+        return NULL;
+    }
+    PyObject *stream = Py_NewRef(args[0]);
+    PyObject *lease = make_lease((StreamCore *)stream, args[1]);
+    if (lease == NULL) {
+        Py_DECREF(stream);
+    }
+    return lease;
+}
+
+PyDoc_STRVAR(now_ns_doc,
+"now_ns($module, /)\n--\n\n"
+"The perf-counter clock in ns (as ``time.perf_counter_ns()``), as leases read it.");
+
+static PyObject *
+module_now_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLongLong(now_ns());
+}
+
+PyDoc_STRVAR(configure_doc,
+"configure($module, /, lease_class, lease_error, leased, idle)\n--\n\n"
+"Name the Python objects the hot path creates, raises and compares; once, at import.");
+
+static PyObject *
+module_configure(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"lease_class", "lease_error", "leased", "idle", NULL};
+    PyObject *cls, *error, *leased, *idle;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO:configure", keywords, &cls, &error,
+                                     &leased, &idle)) {
+        return NULL;
+    }
+    if (!PyType_Check(cls) || (PyTypeObject *)cls == &LeaseCoreType
+        || !PyType_IsSubtype((PyTypeObject *)cls, &LeaseCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "lease_class must be a subclass of LeaseCore");
+        return NULL;
+    }
+    Py_XSETREF(lease_class, (PyTypeObject *)Py_NewRef(cls));
+    Py_XSETREF(lease_error, Py_NewRef(error));
+    Py_XSETREF(state_leased, Py_NewRef(leased));
+    Py_XSETREF(state_idle, Py_NewRef(idle));
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(set_capture_query_doc,
+"set_capture_query($module, address, /)\n--\n\n"
+"Use the driver's ``cuStreamIsCapturing`` at ``address`` for the release check.\n\n"
+"Without it, a stream with a capture handle always releases through Python.");
+
+static PyObject *
+module_set_capture_query(PyObject *module, PyObject *address)
+{
+    void *pointer = PyLong_AsVoidPtr(address);
+    if (pointer == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    capture_query = (capture_query_t)pointer;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"new_lease", (PyCFunction)(void (*)(void))module_new_lease, METH_FASTCALL, new_lease_doc},
+    {"now_ns", module_now_ns, METH_NOARGS, now_ns_doc},
+    {"configure", (PyCFunction)(void (*)(void))module_configure, METH_VARARGS | METH_KEYWORDS,
+     configure_doc},
+    {"set_capture_query", module_set_capture_query, METH_O, set_capture_query_doc},
+    {NULL},
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "cupystreams._fastpath",
+    .m_doc = "The lease hot path in C; see the comment at the top of _fastpath.c.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastpath(void)
+{
+    PyTypeObject *types[] = {&LaneCoreType, &StreamCoreType, &LeaseCoreType, &PoolCoreType};
+    const char *names[] = {"LaneCore", "StreamCore", "LeaseCore", "PoolCore"};
+    struct {
+        PyObject **slot;
+        const char *text;
+    } strings[] = {
+        {&str_acquire, "_acquire"},
+        {&str_release_slow, "_release_slow"},
+        {&str_pool, "_pool"},
+        {&str_hand_off_locked, "hand_off_locked"},
+        {&str_release_dropped, "_release_dropped"},
+    };
+    for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++) {
+        if (*strings[i].slot == NULL
+            && (*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *module = PyModule_Create(&fastpath_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        if (PyType_Ready(types[i]) < 0
+            || PyModule_AddObjectRef(module, names[i], (PyObject *)types[i]) < 0) {
+            Py_DECREF(module);
+            return NULL;
+        }
+    }
+    return module;
+}
