@@ -38,6 +38,67 @@ static PyObject *str_release_slow;     /* "_release_slow" */
 static PyObject *str_pool;             /* "_pool" */
 static PyObject *str_hand_off_locked;  /* "hand_off_locked" */
 static PyObject *str_release_dropped;  /* "_release_dropped" */
+static PyObject *str_check_open;       /* "_check_open" */
+static PyObject *str_enter;            /* "enter" */
+static PyObject *str_exit;             /* "exit" */
+static PyObject *str_release;          /* "release" */
+static PyObject *str_use;              /* "use" */
+
+/* CuPy's calls for making a device and stream current; set by configure_cupy(). */
+static PyObject *cupy_get_device;          /* cupy.cuda.runtime.getDevice */
+static PyObject *cupy_set_device;          /* cupy.cuda.runtime.setDevice */
+static PyObject *cupy_get_current_stream;  /* cupy.cuda.get_current_stream */
+
+/* The pending exception as one object (NULL if none), cleared; and back. */
+static PyObject *
+take_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (type == NULL) {
+        return NULL;
+    }
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Py_DECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+#endif
+}
+
+static void
+give_exception(PyObject *exception)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exception);
+#else
+    if (exception != NULL) {
+        PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exception)), exception,
+                      PyException_GetTraceback(exception));
+    }
+#endif
+}
+
+/* With an exception pending: give it `earlier` (stolen; may be NULL) as its context. */
+static void
+chain_exception(PyObject *earlier)
+{
+    if (earlier == NULL) {
+        return;
+    }
+    PyObject *current = take_exception();
+    if (current == NULL) {
+        give_exception(earlier);
+        return;
+    }
+    PyException_SetContext(current, earlier);
+    give_exception(current);
+}
 
 static inline long long
 now_ns(void)
@@ -50,6 +111,90 @@ now_ns(void)
 #else
     return (long long)_PyTime_GetPerfCounter();
 #endif
+}
+
+/* ------------------------------------------------------- the current stream */
+
+/* Make `device` and its CuPy `stream` current; returns (previous device,
+ * previous stream of `device`) for restore_current. Undoes the device switch
+ * if a later step fails. */
+static PyObject *
+make_current(long device, PyObject *stream)
+{
+    if (cupy_get_current_stream == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath: configure_cupy() was not called");
+        return NULL;
+    }
+    PyObject *result = NULL, *previous_stream = NULL, *done = NULL;
+    PyObject *previous_device = PyObject_CallNoArgs(cupy_get_device);
+    if (previous_device == NULL) {
+        return NULL;
+    }
+    long previous = PyLong_AsLong(previous_device);
+    PyObject *target = PyLong_FromLong(device);
+    if ((previous == -1 && PyErr_Occurred()) || target == NULL) {
+        goto finish;
+    }
+    int switched = previous != device;
+    /* CuPy checks the device before a stream becomes current. */
+    if (switched && (done = PyObject_CallOneArg(cupy_set_device, target)) == NULL) {
+        goto finish;
+    }
+    Py_CLEAR(done);
+    previous_stream = PyObject_CallOneArg(cupy_get_current_stream, target);
+    if (previous_stream != NULL && (done = PyObject_CallMethodNoArgs(stream, str_use)) != NULL) {
+        result = PyTuple_Pack(2, previous_device, previous_stream);
+    }
+    if (result == NULL && switched) {
+        PyObject *failure = take_exception();
+        PyObject *undone = PyObject_CallOneArg(cupy_set_device, previous_device);
+        if (undone == NULL) {
+            chain_exception(failure);  /* the undo's own error, after the first */
+        }
+        else {
+            Py_DECREF(undone);
+            give_exception(failure);
+        }
+    }
+finish:
+    Py_XDECREF(done);
+    Py_XDECREF(previous_stream);
+    Py_XDECREF(target);
+    Py_DECREF(previous_device);
+    return result;
+}
+
+/* Undo make_current(device, ...), which returned `saved`. Puts the device
+ * back even if restoring the stream fails. */
+static PyObject *
+restore_current(long device, PyObject *saved)
+{
+    if (!PyTuple_Check(saved) || PyTuple_GET_SIZE(saved) != 2) {
+        PyErr_SetString(PyExc_TypeError, "restore_current needs what make_current returned");
+        return NULL;
+    }
+    PyObject *previous_device = PyTuple_GET_ITEM(saved, 0);
+    long previous = PyLong_AsLong(previous_device);
+    if (previous == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *restored = PyObject_CallMethodNoArgs(PyTuple_GET_ITEM(saved, 1), str_use);
+    if (previous != device) {
+        PyObject *failure = take_exception();  /* NULL when the stream was restored */
+        PyObject *switched = PyObject_CallOneArg(cupy_set_device, previous_device);
+        if (switched == NULL) {
+            chain_exception(failure);
+            Py_XDECREF(restored);
+            return NULL;
+        }
+        Py_DECREF(switched);
+        give_exception(failure);
+    }
+    if (restored == NULL) {
+        return NULL;
+    }
+    Py_DECREF(restored);
+    Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------ LaneCore */
@@ -166,6 +311,10 @@ typedef struct {
     PyObject_HEAD
     PyObject *state;                   /* a StreamState member */
     PyObject *lane;                    /* its kind's LaneCore */
+    PyObject *handle;                  /* the backend's stream; None once the pool closed */
+    PyObject *backend;
+    long device;
+    char cupy_current;                 /* entering is make_current(device, handle), here */
     long long acquisitions;
     long long lease_start;             /* perf-counter ns when the current lease began */
     long long active_ns;               /* leased time of the finished leases */
@@ -179,6 +328,8 @@ stream_traverse(StreamCore *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->state);
     Py_VISIT(self->lane);
+    Py_VISIT(self->handle);
+    Py_VISIT(self->backend);
     return 0;
 }
 
@@ -187,6 +338,8 @@ stream_clear(StreamCore *self)
 {
     Py_CLEAR(self->state);
     Py_CLEAR(self->lane);
+    Py_CLEAR(self->handle);
+    Py_CLEAR(self->backend);
     return 0;
 }
 
@@ -223,6 +376,10 @@ static PyMemberDef stream_members[] = {
     {"_lease_start", T_LONGLONG, offsetof(StreamCore, lease_start), 0, NULL},
     {"_active_ns", T_LONGLONG, offsetof(StreamCore, active_ns), 0, NULL},
     {"_capture_handle", T_ULONGLONG, offsetof(StreamCore, capture_handle), 0, NULL},
+    {"_handle", T_OBJECT, offsetof(StreamCore, handle), 0, NULL},
+    {"_backend", T_OBJECT, offsetof(StreamCore, backend), 0, NULL},
+    {"_device", T_LONG, offsetof(StreamCore, device), 0, NULL},
+    {"_cupy_current", T_BOOL, offsetof(StreamCore, cupy_current), 0, NULL},
     {NULL},
 };
 
@@ -270,7 +427,8 @@ typedef struct {
     PyObject_HEAD
     PyObject *stream;  /* the StreamCore held; NULL once released */
     PyObject *key;     /* affinity key or NULL */
-    PyObject *token;   /* what entering saved, or NULL */
+    PyObject *entered; /* the StreamCore made current by __enter__, or NULL */
+    PyObject *saved;   /* what entering it saved, for __exit__ */
     PyObject *weakrefs;
     long long serial;  /* the stream's acquisition number: tags this lease's errors */
 } LeaseCore;
@@ -300,7 +458,8 @@ lease_traverse(LeaseCore *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->stream);
     Py_VISIT(self->key);
-    Py_VISIT(self->token);
+    Py_VISIT(self->entered);
+    Py_VISIT(self->saved);
     return 0;
 }
 
@@ -309,7 +468,8 @@ lease_clear(LeaseCore *self)
 {
     Py_CLEAR(self->stream);
     Py_CLEAR(self->key);
-    Py_CLEAR(self->token);
+    Py_CLEAR(self->entered);
+    Py_CLEAR(self->saved);
     return 0;
 }
 
@@ -331,22 +491,13 @@ lease_finalize(LeaseCore *self)
     if (self->stream == NULL) {
         return;
     }
-#if PY_VERSION_HEX >= 0x030C0000
-    PyObject *pending = PyErr_GetRaisedException();
-#else
-    PyObject *exc_type, *exc_value, *exc_tb;
-    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-#endif
+    PyObject *pending = take_exception();
     PyObject *result = PyObject_CallMethodNoArgs((PyObject *)self, str_release_dropped);
     if (result == NULL) {
         PyErr_WriteUnraisable((PyObject *)self);
     }
     Py_XDECREF(result);
-#if PY_VERSION_HEX >= 0x030C0000
-    PyErr_SetRaisedException(pending);
-#else
-    PyErr_Restore(exc_type, exc_value, exc_tb);
-#endif
+    give_exception(pending);
 }
 
 static PyObject *
@@ -403,6 +554,91 @@ lease_release(LeaseCore *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(lease_enter_doc,
+"__enter__($self, /)\n--\n\n"
+"Make the lease's device and stream current on this thread (CuPy's and the pool's).");
+
+static PyObject *
+lease_enter(LeaseCore *self, PyObject *Py_UNUSED(ignored))
+{
+    StreamCore *stream = (StreamCore *)self->stream;
+    if (stream == NULL) {
+        PyErr_SetString(lease_error, "this lease was released; acquire a new one");
+        return NULL;
+    }
+    /* close() drops the handle after marking the pool closed: a missing
+     * handle is a close() that raced this call, and Python says so. */
+    PyObject *handle = stream->handle;
+    if (handle == NULL || handle == Py_None || stream->state != state_leased) {
+        PyObject *open = PyObject_CallMethodNoArgs((PyObject *)stream, str_check_open);
+        if (open == NULL) {
+            return NULL;
+        }
+        Py_DECREF(open);
+        handle = stream->handle;
+        if (handle == NULL || handle == Py_None) {
+            PyErr_SetString(lease_error, "this lease's stream is gone; acquire a new one");
+            return NULL;
+        }
+    }
+    if (self->entered != NULL) {
+        PyErr_SetString(lease_error, "this lease is already entered; a lease is entered once");
+        return NULL;
+    }
+    Py_INCREF(handle);
+    PyObject *saved = stream->cupy_current
+                          ? make_current(stream->device, handle)
+                          : PyObject_CallMethodOneArg(stream->backend, str_enter, handle);
+    Py_DECREF(handle);
+    if (saved == NULL) {
+        return NULL;
+    }
+    self->entered = Py_NewRef((PyObject *)stream);
+    self->saved = saved;
+    return Py_NewRef((PyObject *)self);
+}
+
+PyDoc_STRVAR(lease_exit_doc,
+"__exit__($self, exc_type, exc, traceback, /)\n--\n\n"
+"Restore the device and stream current before ``__enter__``, then release.");
+
+static PyObject *
+lease_exit(LeaseCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *entered = self->entered, *saved = self->saved;
+    self->entered = self->saved = NULL;
+    PyObject *failure = NULL;
+    if (entered != NULL) {
+        /* The stream entered, not the lease's: the block may have released it. */
+        StreamCore *stream = (StreamCore *)entered;
+        PyObject *restored = stream->cupy_current
+                                 ? restore_current(stream->device, saved)
+                                 : PyObject_CallMethodOneArg(stream->backend, str_exit, saved);
+        if (restored == NULL) {
+            failure = take_exception();
+        }
+        Py_XDECREF(restored);
+        Py_DECREF(entered);
+        Py_DECREF(saved);
+    }
+    if (self->stream != NULL) {
+        /* A subclass (a traced lease) may wrap release(). */
+        PyObject *released = Py_IS_TYPE(self, lease_class)
+                                 ? lease_release(self, NULL)
+                                 : PyObject_CallMethodNoArgs((PyObject *)self, str_release);
+        if (released == NULL) {
+            chain_exception(failure);
+            return NULL;
+        }
+        Py_DECREF(released);
+    }
+    if (failure != NULL) {
+        give_exception(failure);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(lease_take_stream_doc,
 "_take_stream($self, /)\n--\n\n"
 "End the lease here and return its stream (None if it had ended): for the\n"
@@ -424,13 +660,14 @@ lease_get_stream(LeaseCore *self, void *closure)
 
 static PyMethodDef lease_methods[] = {
     {"release", (PyCFunction)lease_release, METH_NOARGS, lease_release_doc},
+    {"__enter__", (PyCFunction)lease_enter, METH_NOARGS, lease_enter_doc},
+    {"__exit__", (PyCFunction)(void (*)(void))lease_exit, METH_FASTCALL, lease_exit_doc},
     {"_take_stream", (PyCFunction)lease_take_stream, METH_NOARGS, lease_take_stream_doc},
     {NULL},
 };
 
 static PyMemberDef lease_members[] = {
     {"_key", T_OBJECT, offsetof(LeaseCore, key), READONLY, NULL},
-    {"_token", T_OBJECT, offsetof(LeaseCore, token), 0, NULL},
     {"_serial", T_LONGLONG, offsetof(LeaseCore, serial), READONLY, NULL},
     {NULL},
 };
@@ -757,7 +994,70 @@ module_set_capture_query(PyObject *module, PyObject *address)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(make_current_doc,
+"make_current($module, device, stream, /)\n--\n\n"
+"Make ``device`` and its CuPy ``stream`` current on this thread.\n\n"
+"Returns what ``restore_current`` needs to put back the previous device and\n"
+"that device's previous stream. If a step fails, the device switch is undone.");
+
+static PyObject *
+module_make_current(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "make_current(device, stream) takes 2 arguments");
+        return NULL;
+    }
+    long device = PyLong_AsLong(args[0]);
+    if (device == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return make_current(device, args[1]);
+}
+
+PyDoc_STRVAR(restore_current_doc,
+"restore_current($module, device, saved, /)\n--\n\n"
+"Undo ``make_current(device, ...)``, which returned ``saved``.");
+
+static PyObject *
+module_restore_current(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "restore_current(device, saved) takes 2 arguments");
+        return NULL;
+    }
+    long device = PyLong_AsLong(args[0]);
+    if (device == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return restore_current(device, args[1]);
+}
+
+PyDoc_STRVAR(configure_cupy_doc,
+"configure_cupy($module, /, get_device, set_device, get_current_stream)\n--\n\n"
+"Name CuPy's calls that make_current and restore_current make; once, at import.");
+
+static PyObject *
+module_configure_cupy(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"get_device", "set_device", "get_current_stream", NULL};
+    PyObject *get_device, *set_device, *get_current_stream;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:configure_cupy", keywords, &get_device,
+                                     &set_device, &get_current_stream)) {
+        return NULL;
+    }
+    Py_XSETREF(cupy_get_device, Py_NewRef(get_device));
+    Py_XSETREF(cupy_set_device, Py_NewRef(set_device));
+    Py_XSETREF(cupy_get_current_stream, Py_NewRef(get_current_stream));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"make_current", (PyCFunction)(void (*)(void))module_make_current, METH_FASTCALL,
+     make_current_doc},
+    {"restore_current", (PyCFunction)(void (*)(void))module_restore_current, METH_FASTCALL,
+     restore_current_doc},
+    {"configure_cupy", (PyCFunction)(void (*)(void))module_configure_cupy,
+     METH_VARARGS | METH_KEYWORDS, configure_cupy_doc},
     {"new_lease", (PyCFunction)(void (*)(void))module_new_lease, METH_FASTCALL, new_lease_doc},
     {"now_ns", module_now_ns, METH_NOARGS, now_ns_doc},
     {"configure", (PyCFunction)(void (*)(void))module_configure, METH_VARARGS | METH_KEYWORDS,
@@ -788,6 +1088,11 @@ PyInit__fastpath(void)
         {&str_pool, "_pool"},
         {&str_hand_off_locked, "hand_off_locked"},
         {&str_release_dropped, "_release_dropped"},
+        {&str_check_open, "_check_open"},
+        {&str_enter, "enter"},
+        {&str_exit, "exit"},
+        {&str_release, "release"},
+        {&str_use, "use"},
     };
     for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++) {
         if (*strings[i].slot == NULL

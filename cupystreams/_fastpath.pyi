@@ -1,8 +1,11 @@
 """Types of the C hot path (``_fastpath.c``); its Python subclasses add the rest."""
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from types import TracebackType
 from typing import Any
+
+from typing_extensions import Self
 
 from ._backends import Backend
 from ._lanes import Lane, _Waiter
@@ -21,6 +24,10 @@ class StreamCore:
     _lease_start: int
     _active_ns: int
     _capture_handle: int
+    _handle: Any
+    _backend: Backend
+    _device: int
+    _cupy_current: bool
 
 class LeaseCore:
     @property
@@ -29,8 +36,15 @@ class LeaseCore:
     def _key(self) -> Hashable | None: ...
     @property
     def _serial(self) -> int: ...
-    _token: tuple[Backend, Any] | None
     def release(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> None: ...
     def _take_stream(self) -> PooledStream | None: ...
 
 class PoolCore:
@@ -61,3 +75,9 @@ def configure(
     idle: StreamState,
 ) -> None: ...
 def set_capture_query(address: int, /) -> None: ...
+def make_current(device: int, stream: Any, /) -> tuple[int, Any]: ...
+def restore_current(device: int, saved: tuple[int, Any], /) -> None: ...
+def configure_cupy(
+    *, get_device: Callable[[], int], set_device: Callable[[int], None],
+    get_current_stream: Callable[[int], Any],
+) -> None: ...

@@ -6,7 +6,6 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _fastpath
@@ -37,8 +36,9 @@ class StreamLease(LeaseCore):
     thread-safe. A lease dropped without release goes back to the pool when it
     is collected, with a ``ResourceWarning``.
 
-    ``release()`` and the fields it touches live in the C base ``LeaseCore``
-    (``new_lease`` makes them); a released lease holds no stream.
+    ``release()``, ``__enter__``, ``__exit__`` and the fields they touch
+    live in the C base ``LeaseCore`` (``new_lease`` makes leases); a released
+    lease holds no stream.
     """
 
     __slots__ = ()
@@ -150,37 +150,10 @@ class StreamLease(LeaseCore):
 
     # -- ending the lease --------------------------------------------------
 
-    # release() is LeaseCore's, in C: the library's hot loop. It hands anything
-    # unusual (a key, a capturing or closed stream) to pool._release_slow.
-
-    def __enter__(self) -> StreamLease:
-        stream = self._stream
-        if stream is None:
-            raise LeaseError("this lease was released; acquire a new one")
-        # The handle first: close() drops it after marking the pool closed, so
-        # a None here is a close() that raced this call.
-        handle = stream._handle
-        if handle is None or stream.state is not _LEASED:
-            stream._check_open()
-        if self._token is not None:
-            raise LeaseError("this lease is already entered; a lease is entered once")
-        backend = stream._backend
-        self._token = (backend, backend.enter(handle))
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        token, self._token = self._token, None
-        try:
-            if token is not None:
-                token[0].exit(token[1])
-        finally:
-            if self._stream is not None:
-                self.release()
+    # release(), __enter__ and __exit__ are LeaseCore's, in C: the library's
+    # hot loop. Anything unusual (a key, a capturing or closed stream) goes to
+    # pool._release_slow; entering goes through backend.enter, or on the cupy
+    # backend through make_current, also in C.
 
     def _release_dropped(self) -> None:
         """Return the stream of a lease being collected unreleased (LeaseCore calls this)."""

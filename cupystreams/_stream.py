@@ -25,14 +25,12 @@ class PooledStream(StreamCore):
     counters are written only by the lease that holds it, which is exclusive,
     so they need no lock; ``stats`` reads them as a frozen snapshot. The
     fields the lease hot path touches (``state``, the lease counters, the
-    lane) live in the C base ``StreamCore``.
+    lane, what entering needs) live in the C base ``StreamCore``.
     """
 
     __slots__ = (
         "_affinity_hits",
-        "_backend",
         "_capturing",
-        "_handle",
         "_host_errors",
         "_pool",
         "_waits",
@@ -42,9 +40,7 @@ class PooledStream(StreamCore):
     )
 
     _affinity_hits: int
-    _backend: Backend
     _capturing: Callable[[], int] | None
-    _handle: Any
     _host_errors: deque[tuple[int | None, BaseException]]  # (lease serial or None, error)
     _pool: CudaStreamPool
     _waits: int
@@ -72,6 +68,8 @@ class PooledStream(StreamCore):
         self._handle = backend.create_stream(priority, non_blocking)
         self._capturing = backend.capture_probe(self._handle)
         self._capture_handle = backend.capture_handle(self._handle)
+        self._device = backend.device
+        self._cupy_current = backend.cupy_current
         self.stream_id = stream_id
         self.kind = kind
         self.priority = priority

@@ -19,6 +19,9 @@ class Backend(Protocol):
 
     name: str
     device: int
+    #: Entering a stream is CuPy's ``make_current(device, stream)``: leases
+    #: then do it in C instead of calling ``enter`` and ``exit``.
+    cupy_current: bool
 
     def priority_range(self) -> tuple[int, int]:
         """``(least, greatest)`` priority, in CUDA's numbers (greatest is lowest)."""

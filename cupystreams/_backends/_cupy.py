@@ -22,32 +22,15 @@ __all__ = [
 ]
 
 _MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
-# Bound once: entering a lease is a hot path, and these lookups add up.
-_get_device = cupy.cuda.runtime.getDevice
-_set_device = cupy.cuda.runtime.setDevice
-_get_current_stream = cupy.cuda.get_current_stream
-
-
-def make_current(device: int, stream: Any) -> tuple[int, Any]:
-    """Make ``device`` and its CuPy ``stream`` current on this thread.
-
-    Returns what ``restore_current`` needs to put back the previous device and
-    that device's previous stream. Shared by leases and the framework adapters.
-    """
-    previous_device = _get_device()
-    if previous_device != device:
-        _set_device(device)  # CuPy checks the device before a stream becomes current
-    previous_stream = _get_current_stream(device)
-    stream.use()
-    return previous_device, previous_stream
-
-
-def restore_current(device: int, saved: tuple[int, Any]) -> None:
-    """Undo ``make_current(device, ...)``, which returned ``saved``."""
-    previous_device, previous_stream = saved
-    previous_stream.use()
-    if previous_device != device:
-        _set_device(previous_device)
+# make_current(device, stream) and restore_current(device, saved) are in C:
+# leases call them on every `with`, the adapters on every hand-off.
+_fastpath.configure_cupy(
+    get_device=cupy.cuda.runtime.getDevice,
+    set_device=cupy.cuda.runtime.setDevice,
+    get_current_stream=cupy.cuda.get_current_stream,
+)
+make_current = _fastpath.make_current
+restore_current = _fastpath.restore_current
 
 
 def hardware_queues_from_env() -> int:
@@ -92,6 +75,7 @@ class CupyBackend:
     """CuPy streams and events bound to one device; see ``Backend``."""
 
     name = "cupy"
+    cupy_current = True
 
     def __init__(self, device: int) -> None:
         self.device = device

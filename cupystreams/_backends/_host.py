@@ -95,6 +95,7 @@ class HostBackend:
     """Streams and events on host threads; see the module docstring."""
 
     name = "host"
+    cupy_current = False
 
     def __init__(self, device: int | None = None) -> None:
         self.device = 0 if device is None else device

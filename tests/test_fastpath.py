@@ -1,0 +1,232 @@
+"""The C hot path (``cupystreams/_fastpath.c``): what C code can get wrong.
+
+Reference counts that must balance, Python's own argument errors, the hand-off
+to the Python slow path, and the exception safety of making a stream current.
+The pool semantics themselves are tested everywhere else, through this path.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cupystreams import CudaStreamPool, LeaseError, StreamState
+from cupystreams._lease import StreamLease
+
+CYCLES = 1000
+
+
+def _counts(*objects: object) -> list[int]:
+    return [sys.getrefcount(obj) for obj in objects]
+
+
+def test_leases_leave_no_reference_behind(pool: CudaStreamPool) -> None:
+    key = object()
+    streams = pool._compute.streams
+    watched = [*streams, key, StreamLease, StreamState.LEASED, StreamState.IDLE, pool]
+    pool.acquire_compute(key).release()  # the key table remembers the key from here on
+    before = _counts(*watched)
+    for _ in range(CYCLES):
+        pool.acquire_compute().release()
+        with pool.acquire_compute(blocking=False):
+            pass
+        pool.acquire_compute(key).release()
+        lease = pool.acquire_compute()
+        lease.release()
+        with pytest.raises(LeaseError, match="already released"):
+            lease.release()
+        with pytest.raises(LeaseError, match="released"):
+            lease.__enter__()
+        with pool.acquire_compute() as entered, pytest.raises(LeaseError, match="entered once"):
+            entered.__enter__()
+    del lease, entered
+    assert _counts(*watched) == before
+
+
+def test_acquire_arguments_are_checked_like_python(pool: CudaStreamPool) -> None:
+    before = pool.stats()
+    with pytest.raises(TypeError, match=r"acquire_compute\(\) got an unexpected keyword .*'key'"):
+        pool.acquire_compute(key=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"acquire_comm\(\) takes at most 3 arguments \(4 given\)"):
+        pool.acquire_comm(None, True, None, 1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"multiple values for argument 'blocking'"):
+        pool.acquire_high_priority(True, blocking=True)  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"acquire_high_priority\(\) got an unexpected .*'x'"):
+        pool.acquire_high_priority(x=1)  # type: ignore[call-arg]
+    assert pool.stats() == before
+    positional = pool.acquire_compute("key", False, 1.0)
+    assert positional.affinity_key == "key"
+    positional.release()
+
+
+def test_leases_are_weakly_referenceable_and_collected(pool: CudaStreamPool) -> None:
+    lease = pool.acquire_compute()
+    ref = weakref.ref(lease)
+    lease.release()
+    del lease
+    assert ref() is None
+
+
+def test_a_lease_in_a_reference_cycle_is_collected(backend: str) -> None:
+    class Key:
+        lease: Any = None
+
+    with CudaStreamPool(1, 0, 0, backend=backend, max_affinity_keys=1) as pool:
+        key = Key()
+        key.lease = pool.acquire_compute(key)  # lease -> key -> lease
+        key.lease.release()
+        ref = weakref.ref(key.lease)
+        del key
+        pool.acquire_compute("another key").release()  # the table forgets the first
+        gc.collect()
+        assert ref() is None
+
+
+@pytest.fixture
+def host_pool() -> Iterator[CudaStreamPool]:
+    """A host pool: its leases enter through ``backend.enter``/``exit``, which tests can break."""
+    with CudaStreamPool(2, 1, 1, backend="host") as pool:
+        yield pool
+
+
+def _break_exit(pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_exit(token: object) -> None:
+        raise RuntimeError("exit failed")
+
+    monkeypatch.setattr(pool._backend, "exit", broken_exit)
+
+
+def test_exit_releases_even_when_restoring_fails(
+    host_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _break_exit(host_pool, monkeypatch)
+    with pytest.raises(RuntimeError, match="exit failed"), host_pool.acquire_compute() as lease:
+        pass
+    assert lease.released
+    assert host_pool.stats().compute.leased == 0
+
+
+def test_a_failed_release_in_exit_keeps_the_restore_error_as_context(
+    host_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _break_exit(host_pool, monkeypatch)
+    # A keyed lease releases through Python, which asks _capturing.
+    with pytest.raises(LeaseError) as caught, host_pool.acquire_compute("key") as lease:
+        stream = lease.stream
+        stream._capturing = lambda: 1
+    assert "still capturing" in str(caught.value)
+    assert isinstance(caught.value.__context__, RuntimeError)
+    stream._capturing = None
+    lease.release()
+    assert host_pool.stats().compute.leased == 0
+
+
+_RUN_ALONE = textwrap.dedent(
+    """
+    # A process of its own: it installs fake CuPy calls (and no driver call),
+    # which must not meet a real GPU process's configuration.
+    import json
+    from cupystreams import _fastpath
+
+    calls = []
+
+    class Stream:
+        def __init__(self, name, fail=False):
+            self.name, self.fail = name, fail
+
+        def use(self):
+            calls.append(("use", self.name))
+            if self.fail:
+                raise RuntimeError(f"use {self.name} failed")
+
+    state = {"device": 0}
+
+    def set_device(device):
+        calls.append(("set_device", device))
+        state["device"] = device
+
+    _fastpath.configure_cupy(
+        get_device=lambda: state["device"],
+        set_device=set_device,
+        get_current_stream=lambda device: Stream(f"previous-on-{device}"),
+    )
+    report = {}
+    saved = _fastpath.make_current(1, Stream("mine"))
+    report["switch"] = [calls[:], saved[0], saved[1].name]
+    calls.clear()
+    _fastpath.restore_current(1, saved)
+    report["restore"] = [calls[:], state["device"]]
+    calls.clear()
+    try:
+        _fastpath.make_current(1, Stream("broken", fail=True))
+    except RuntimeError as exc:
+        report["failed_switch"] = [calls[:], state["device"], str(exc)]
+    calls.clear()
+    state["device"] = 1
+    try:
+        _fastpath.restore_current(1, (0, Stream("broken-previous", fail=True)))
+    except RuntimeError as exc:
+        report["failed_restore"] = [calls[:], state["device"], str(exc)]
+    print(json.dumps(report))
+    """
+)
+
+
+def test_make_current_undoes_its_device_switch_when_a_step_fails() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_ALONE], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    report = __import__("json").loads(done.stdout)
+    assert report["switch"] == [[["set_device", 1], ["use", "mine"]], 0, "previous-on-1"]
+    assert report["restore"] == [[["use", "previous-on-1"], ["set_device", 0]], 0]
+    assert report["failed_switch"] == [
+        [["set_device", 1], ["use", "broken"], ["set_device", 0]],
+        0,
+        "use broken failed",
+    ]
+    # The device goes back even though the stream could not.
+    assert report["failed_restore"] == [
+        [["use", "broken-previous"], ["set_device", 0]],
+        0,
+        "use broken-previous failed",
+    ]
+
+
+_PROBE_FALLBACK = textwrap.dedent(
+    """
+    # No driver call is installed in this process: a stream with a capture
+    # handle must then release through Python's check, never skip it.
+    from cupystreams import CudaStreamPool, LeaseError
+    pool = CudaStreamPool(1, 0, 0, backend="host")
+    lease = pool.acquire_compute()
+    stream = lease.stream
+    stream._capture_handle = 12345
+    stream._capturing = lambda: 1
+    try:
+        lease.release()
+        print("released while capturing")
+    except LeaseError as exc:
+        print("refused:", exc)
+    stream._capturing = lambda: 0
+    lease.release()
+    print("released:", lease.released, pool.stats().compute.leased)
+    """
+)
+
+
+def test_without_the_driver_call_the_capture_check_runs_in_python() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE_FALLBACK], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("refused:") and "still capturing" in lines[0], done.stdout
+    assert lines[1] == "released: True 0", done.stdout
