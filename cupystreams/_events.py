@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._backends import make_backend
 from ._errors import LeaseError, PoolClosedError
+from ._fastpath import EventCore, EventPoolCore, new_event
 from ._stats import EventPoolStats
 from ._stream_args import resolve_stream
 from ._validate import check_count, check_flag
@@ -19,26 +19,19 @@ if TYPE_CHECKING:
 
 __all__ = ["EventPool", "PooledEvent"]
 
-_new_object = object.__new__
-
-
-class PooledEvent:
+class PooledEvent(EventCore):
     """An event borrowed from an ``EventPool``; return it with ``release()``.
 
     Recording and waiting follow CUDA: ``record`` captures the work queued on a
     stream so far, and a wait on the event orders only against that capture.
-    Not thread-safe by itself: one holder uses it at a time.
+    Not thread-safe by itself: one holder uses it at a time. Its fields
+    (handle, pool, id, whether it is held) live in the C base ``EventCore``.
     """
 
-    __slots__ = ("_handle", "_held", "_pool", "event_id")
-
-    _handle: Any
-    _held: list[bool]
-    _pool: EventPool
-    event_id: int
+    __slots__ = ()
 
     def __new__(cls, *_: object) -> PooledEvent:
-        # object.__new__ is how the pool makes them, bypassing this.
+        # new_event is how the pool makes them, bypassing this.
         raise TypeError("PooledEvent has no public constructor; use pool.events.acquire()")
 
     @property
@@ -110,12 +103,12 @@ class PooledEvent:
         return f"<PooledEvent #{self.event_id} timing={self.timing} {state}>"
 
 
-class EventPool:
+class EventPool(EventPoolCore):
     """A pool of reusable events on one device.
 
     Creating a CUDA event costs microseconds and may take a driver lock;
-    reusing one costs two deque operations. ``acquire`` and ``release`` are
-    thread-safe and lock-free on the fast path.
+    reusing one costs a list pop and append. ``acquire`` and ``release`` are
+    thread-safe and lock-free on the fast path (in C).
 
     Args:
         initial_size: Events created up front.
@@ -150,10 +143,10 @@ class EventPool:
         # Idle events are kept as (backend handle, event_id); every acquire
         # wraps one in a fresh PooledEvent, so a released PooledEvent stays
         # dead even after its CUDA event is handed to someone else.
-        self._idle: deque[tuple[Any, int]] = deque()
+        self._idle = []
         self._created = 0
         self._destroyed = 0
-        self._closed_reason: str | None = None  # why the pool stopped serving, once it has
+        self._closed_reason = None  # why the pool stopped serving, once it has
         for _ in range(initial_size):
             self._idle.append(self._create())
 
@@ -164,33 +157,24 @@ class EventPool:
             self._created += 1
         return handle, event_id
 
-    def acquire(self) -> PooledEvent:
-        """Take an idle event, creating one if none is idle."""
+    # acquire() and release(event) are EventPoolCore's, in C: a wait between
+    # leases takes one of each. Anything unusual comes to the two methods below.
+
+    def _acquire_slow(self) -> PooledEvent:
+        """Acquire when the pool is closed or has no idle event."""
         if self._closed_reason is not None:
             raise PoolClosedError(self._closed_reason)
-        try:
-            handle, event_id = self._idle.pop()
-        except IndexError:
-            handle, event_id = self._create()
-        event = _new_object(PooledEvent)
-        event._pool = self
-        event._handle = handle
-        event.event_id = event_id
-        # A one-element list is the hold: list.pop() is atomic, so two racing
-        # releases of one event cannot both return it to the pool.
-        event._held = [True]
-        return event
+        handle, event_id = self._create()
+        return new_event(self, handle, event_id)
 
-    def release(self, event: PooledEvent) -> None:
-        """Return ``event``; releasing twice or to another pool raises ``LeaseError``."""
+    def _release_slow(self, event: PooledEvent) -> None:
+        """Release a bad argument, an event released already, or into a closed or full pool."""
         if not isinstance(event, PooledEvent):
             raise TypeError(f"event={event!r} must be a PooledEvent from this pool")
         if event._pool is not self:
             raise LeaseError(f"event {event.event_id} belongs to another EventPool")
-        try:
-            event._held.pop()
-        except IndexError:
-            raise LeaseError(f"event {event.event_id} was already released") from None
+        if not event._take_hold():  # atomic: of two racing releases, one gets here
+            raise LeaseError(f"event {event.event_id} was already released")
         if self._closed_reason is not None or len(self._idle) >= self.max_size:
             self._destroy(event._handle)
         else:

@@ -25,6 +25,7 @@
 
 /* Set once by configure(); the hot path compares states by identity. */
 static PyTypeObject *lease_class;  /* StreamLease: a subclass of LeaseCore */
+static PyTypeObject *event_class;  /* PooledEvent: a subclass of EventCore */
 static PyObject *lease_error;      /* cupystreams.LeaseError */
 static PyObject *state_leased;     /* StreamState.LEASED */
 static PyObject *state_idle;       /* StreamState.IDLE */
@@ -43,6 +44,7 @@ static PyObject *str_enter;            /* "enter" */
 static PyObject *str_exit;             /* "exit" */
 static PyObject *str_release;          /* "release" */
 static PyObject *str_use;              /* "use" */
+static PyObject *str_acquire_slow;     /* "_acquire_slow" */
 
 /* CuPy's calls for making a device and stream current; set by configure_cupy(). */
 static PyObject *cupy_get_device;          /* cupy.cuda.runtime.getDevice */
@@ -918,7 +920,273 @@ static PyTypeObject PoolCoreType = {
     .tp_getset = pool_getset,
 };
 
+/* ----------------------------------------------------------------- EventCore */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *handle;    /* the backend's event */
+    PyObject *pool;      /* its EventPoolCore */
+    long long event_id;
+    char held;           /* cleared, once, by the release that wins */
+} EventCore;
+
+static PyTypeObject EventCoreType;
+
+static int
+event_traverse(EventCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->handle);
+    Py_VISIT(self->pool);
+    return 0;
+}
+
+static int
+event_clear(EventCore *self)
+{
+    Py_CLEAR(self->handle);
+    Py_CLEAR(self->pool);
+    return 0;
+}
+
+static void
+event_dealloc(EventCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    event_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A fresh held event for `handle`; a new object each time, so that a released
+ * one stays dead after its CUDA event is handed to someone else. */
+static PyObject *
+make_event(PyObject *pool, PyObject *handle, long long event_id)
+{
+    EventCore *event = (EventCore *)event_class->tp_alloc(event_class, 0);
+    if (event == NULL) {
+        return NULL;
+    }
+    event->handle = Py_NewRef(handle);
+    event->pool = Py_NewRef(pool);
+    event->event_id = event_id;
+    event->held = 1;
+    return (PyObject *)event;
+}
+
+PyDoc_STRVAR(event_take_hold_doc,
+"_take_hold($self, /)\n--\n\n"
+"End the hold here: True for the one caller that ends it, False after that.");
+
+static PyObject *
+event_take_hold(EventCore *self, PyObject *Py_UNUSED(ignored))
+{
+    int was_held = self->held;
+    self->held = 0;
+    return PyBool_FromLong(was_held);
+}
+
+static PyMethodDef event_methods[] = {
+    {"_take_hold", (PyCFunction)event_take_hold, METH_NOARGS, event_take_hold_doc},
+    {NULL},
+};
+
+static PyMemberDef event_members[] = {
+    {"_handle", T_OBJECT, offsetof(EventCore, handle), READONLY, NULL},
+    {"_pool", T_OBJECT, offsetof(EventCore, pool), READONLY, NULL},
+    {"event_id", T_LONGLONG, offsetof(EventCore, event_id), READONLY,
+     "The event's number in its pool, for messages."},
+    {"_held", T_BOOL, offsetof(EventCore, held), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject EventCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cupystreams._fastpath.EventCore",
+    .tp_doc = "What the hot path reads and writes of a PooledEvent.",
+    .tp_basicsize = sizeof(EventCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)event_traverse,
+    .tp_clear = (inquiry)event_clear,
+    .tp_dealloc = (destructor)event_dealloc,
+    .tp_methods = event_methods,
+    .tp_members = event_members,
+};
+
+/* ------------------------------------------------------------- EventPoolCore */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *idle;           /* list of (handle, event_id), popped and appended at its end */
+    PyObject *closed_reason;  /* why the pool stopped serving, or NULL/None while it serves */
+    Py_ssize_t max_size;      /* bound on the idle events kept */
+} EventPoolCore;
+
+static PyTypeObject EventPoolCoreType;
+
+static int
+event_pool_traverse(EventPoolCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->idle);
+    Py_VISIT(self->closed_reason);
+    return 0;
+}
+
+static int
+event_pool_clear(EventPoolCore *self)
+{
+    Py_CLEAR(self->idle);
+    Py_CLEAR(self->closed_reason);
+    return 0;
+}
+
+static void
+event_pool_dealloc(EventPoolCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    event_pool_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static inline int
+event_pool_serving(EventPoolCore *self)
+{
+    return (self->closed_reason == NULL || self->closed_reason == Py_None) && self->idle != NULL;
+}
+
+PyDoc_STRVAR(event_pool_acquire_doc,
+"acquire($self, /)\n--\n\n"
+"Take an idle event, creating one if none is idle.");
+
+static PyObject *
+event_pool_acquire(EventPoolCore *self, PyObject *Py_UNUSED(ignored))
+{
+    if (event_pool_serving(self) && PyList_GET_SIZE(self->idle) > 0) {
+        PyObject *idle = self->idle;
+        Py_ssize_t last = PyList_GET_SIZE(idle) - 1;
+        PyObject *entry = PyList_GET_ITEM(idle, last);
+        if (PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2) {
+            long long event_id = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 1));
+            if (event_id == -1 && PyErr_Occurred()) {
+                return NULL;
+            }
+            PyObject *event = make_event((PyObject *)self, PyTuple_GET_ITEM(entry, 0), event_id);
+            if (event == NULL) {
+                return NULL;  /* nothing taken yet */
+            }
+            /* list.pop() without the shrink: the list's reference is dropped here. */
+            PyList_SET_ITEM(idle, last, NULL);
+            Py_SET_SIZE(idle, last);
+            Py_DECREF(entry);
+            return event;
+        }
+    }
+    return PyObject_CallMethodNoArgs((PyObject *)self, str_acquire_slow);
+}
+
+PyDoc_STRVAR(event_pool_release_doc,
+"release($self, event, /)\n--\n\n"
+"Return ``event``; releasing twice or to another pool raises ``LeaseError``.");
+
+static PyObject *
+event_pool_release(EventPoolCore *self, PyObject *argument)
+{
+    if (PyObject_TypeCheck(argument, &EventCoreType) && event_pool_serving(self)) {
+        EventCore *event = (EventCore *)argument;
+        if (event->pool == (PyObject *)self && event->held
+            && PyList_GET_SIZE(self->idle) < self->max_size) {
+            PyObject *id = PyLong_FromLongLong(event->event_id);
+            PyObject *entry = id == NULL ? NULL : PyTuple_Pack(2, event->handle, id);
+            Py_XDECREF(id);
+            if (entry == NULL) {
+                return NULL;  /* still held: nothing changed */
+            }
+            event->held = 0;
+            int appended = PyList_Append(self->idle, entry);
+            Py_DECREF(entry);
+            if (appended < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+    }
+    /* Errors, a full or closed pool: Python decides. */
+    return PyObject_CallMethodOneArg((PyObject *)self, str_release_slow, argument);
+}
+
+static PyMethodDef event_pool_methods[] = {
+    {"acquire", (PyCFunction)event_pool_acquire, METH_NOARGS, event_pool_acquire_doc},
+    {"release", (PyCFunction)event_pool_release, METH_O, event_pool_release_doc},
+    {NULL},
+};
+
+static PyObject *
+event_pool_get_idle(EventPoolCore *self, void *closure)
+{
+    return Py_NewRef(self->idle ? self->idle : Py_None);
+}
+
+static int
+event_pool_set_idle(EventPoolCore *self, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyList_CheckExact(value)) {
+        PyErr_SetString(PyExc_TypeError, "EventPool._idle must be a list");
+        return -1;
+    }
+    Py_XSETREF(self->idle, Py_NewRef(value));
+    return 0;
+}
+
+static PyMemberDef event_pool_members[] = {
+    {"_closed_reason", T_OBJECT, offsetof(EventPoolCore, closed_reason), 0, NULL},
+    {"max_size", T_PYSSIZET, offsetof(EventPoolCore, max_size), 0,
+     "Bound on the idle events kept; a release beyond it destroys the event."},
+    {NULL},
+};
+
+static PyGetSetDef event_pool_getset[] = {
+    {"_idle", (getter)event_pool_get_idle, (setter)event_pool_set_idle,
+     "Idle events as (handle, event_id), a list.", NULL},
+    {NULL},
+};
+
+static PyTypeObject EventPoolCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cupystreams._fastpath.EventPoolCore",
+    .tp_doc = "What the hot path reads of an EventPool, and its acquire and release.",
+    .tp_basicsize = sizeof(EventPoolCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)event_pool_traverse,
+    .tp_clear = (inquiry)event_pool_clear,
+    .tp_dealloc = (destructor)event_pool_dealloc,
+    .tp_methods = event_pool_methods,
+    .tp_members = event_pool_members,
+    .tp_getset = event_pool_getset,
+};
+
 /* -------------------------------------------------------------------- module */
+
+PyDoc_STRVAR(new_event_doc,
+"new_event(pool, handle, event_id, /)\n--\n\n"
+"A fresh held ``PooledEvent`` of ``pool`` for the backend event ``handle``.");
+
+static PyObject *
+module_new_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyObject_TypeCheck(args[0], &EventPoolCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "new_event(pool, handle, event_id) takes an EventPool");
+        return NULL;
+    }
+    if (event_class == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath is not configured");
+        return NULL;
+    }
+    long long event_id = PyLong_AsLongLong(args[2]);
+    if (event_id == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return make_event(args[0], args[1], event_id);
+}
+
 
 PyDoc_STRVAR(new_lease_doc,
 "new_lease(stream, key, /)\n--\n\n"
@@ -954,24 +1222,33 @@ module_now_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
 }
 
 PyDoc_STRVAR(configure_doc,
-"configure($module, /, lease_class, lease_error, leased, idle)\n--\n\n"
+"configure($module, /, lease_class, event_class, lease_error, leased, idle)\n--\n\n"
 "Name the Python objects the hot path creates, raises and compares; once, at import.");
+
+static int
+is_strict_subclass(PyObject *cls, PyTypeObject *base)
+{
+    return PyType_Check(cls) && (PyTypeObject *)cls != base
+           && PyType_IsSubtype((PyTypeObject *)cls, base);
+}
 
 static PyObject *
 module_configure(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"lease_class", "lease_error", "leased", "idle", NULL};
-    PyObject *cls, *error, *leased, *idle;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO:configure", keywords, &cls, &error,
-                                     &leased, &idle)) {
+    static char *keywords[] = {"lease_class", "event_class", "lease_error", "leased", "idle",
+                               NULL};
+    PyObject *cls, *events, *error, *leased, *idle;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO:configure", keywords, &cls, &events,
+                                     &error, &leased, &idle)) {
         return NULL;
     }
-    if (!PyType_Check(cls) || (PyTypeObject *)cls == &LeaseCoreType
-        || !PyType_IsSubtype((PyTypeObject *)cls, &LeaseCoreType)) {
-        PyErr_SetString(PyExc_TypeError, "lease_class must be a subclass of LeaseCore");
+    if (!is_strict_subclass(cls, &LeaseCoreType) || !is_strict_subclass(events, &EventCoreType)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "lease_class and event_class must subclass LeaseCore and EventCore");
         return NULL;
     }
     Py_XSETREF(lease_class, (PyTypeObject *)Py_NewRef(cls));
+    Py_XSETREF(event_class, (PyTypeObject *)Py_NewRef(events));
     Py_XSETREF(lease_error, Py_NewRef(error));
     Py_XSETREF(state_leased, Py_NewRef(leased));
     Py_XSETREF(state_idle, Py_NewRef(idle));
@@ -1059,6 +1336,7 @@ static PyMethodDef module_methods[] = {
     {"configure_cupy", (PyCFunction)(void (*)(void))module_configure_cupy,
      METH_VARARGS | METH_KEYWORDS, configure_cupy_doc},
     {"new_lease", (PyCFunction)(void (*)(void))module_new_lease, METH_FASTCALL, new_lease_doc},
+    {"new_event", (PyCFunction)(void (*)(void))module_new_event, METH_FASTCALL, new_event_doc},
     {"now_ns", module_now_ns, METH_NOARGS, now_ns_doc},
     {"configure", (PyCFunction)(void (*)(void))module_configure, METH_VARARGS | METH_KEYWORDS,
      configure_doc},
@@ -1077,8 +1355,10 @@ static struct PyModuleDef fastpath_module = {
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
-    PyTypeObject *types[] = {&LaneCoreType, &StreamCoreType, &LeaseCoreType, &PoolCoreType};
-    const char *names[] = {"LaneCore", "StreamCore", "LeaseCore", "PoolCore"};
+    PyTypeObject *types[] = {&LaneCoreType,  &StreamCoreType, &LeaseCoreType,
+                             &PoolCoreType,  &EventCoreType,  &EventPoolCoreType};
+    const char *names[] = {"LaneCore",  "StreamCore", "LeaseCore",
+                           "PoolCore",  "EventCore",  "EventPoolCore"};
     struct {
         PyObject **slot;
         const char *text;
@@ -1093,6 +1373,7 @@ PyInit__fastpath(void)
         {&str_exit, "exit"},
         {&str_release, "release"},
         {&str_use, "use"},
+        {&str_acquire_slow, "_acquire_slow"},
     };
     for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++) {
         if (*strings[i].slot == NULL

@@ -180,6 +180,7 @@ class StreamLease(LeaseCore):
 
 _fastpath.configure(
     lease_class=StreamLease,
+    event_class=PooledEvent,
     lease_error=LeaseError,
     leased=StreamState.LEASED,
     idle=StreamState.IDLE,

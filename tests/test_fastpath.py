@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cupystreams import CudaStreamPool, LeaseError, StreamState
+from cupystreams import CudaStreamPool, EventPool, LeaseError, PooledEvent, StreamState
 from cupystreams._lease import StreamLease
 
 CYCLES = 1000
@@ -47,6 +47,29 @@ def test_leases_leave_no_reference_behind(pool: CudaStreamPool) -> None:
         with pool.acquire_compute() as entered, pytest.raises(LeaseError, match="entered once"):
             entered.__enter__()
     del lease, entered
+    assert _counts(*watched) == before
+
+
+def test_events_leave_no_reference_behind(pool: CudaStreamPool) -> None:
+    events = pool.events
+    other = EventPool(initial_size=1, max_size=1, backend=pool._backend)
+    handles = [handle for handle, _ in events._idle]
+    watched = [*handles, events, other, PooledEvent]
+    before = _counts(*watched)
+    for _ in range(CYCLES):
+        events.release(events.acquire())
+        event = events.acquire()
+        event.release()
+        with pytest.raises(LeaseError, match="already released"):
+            events.release(event)
+        event = events.acquire()
+        with pytest.raises(LeaseError, match="another EventPool"):
+            other.release(event)
+        events.release(event)
+        with pytest.raises(TypeError, match="must be a PooledEvent"):
+            events.release("event")  # type: ignore[arg-type]
+    del event
+    other.clear()
     assert _counts(*watched) == before
 
 
