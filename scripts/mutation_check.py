@@ -50,6 +50,7 @@ def _pass(line: str) -> str:
 LEASE_WAIT = " " * 12 + "stream.wait_event(event)"
 MOVED_KEY_WAIT = " " * 16 + "self._backend.wait_event(stream._handle, state.last_event._handle)"
 NCCL_WAIT = " " * 16 + "comm.wait(compute)  # bucket complete before it is reduced"
+PEER_WAIT = " " * 16 + "comm.wait(producer)"
 TORCHRUN_WAIT = (
     " " * 8 + "comm.wait(compute)  # on the device: bucket i is complete before it is reduced"
 )
@@ -111,6 +112,10 @@ MUTATIONS = [
     Mutation(
         "example-cupy-nccl", "examples/cupy_nccl_overlap.py", NCCL_WAIT, _pass(NCCL_WAIT),
         ("tests/test_multi_gpu.py::test_cupy_nccl_example_reduces_on_comm_leases",), gpus=2,
+    ),
+    Mutation(
+        "example-peer-copies", "examples/peer_allreduce_overlap.py", PEER_WAIT, _pass(PEER_WAIT),
+        ("tests/test_multi_gpu.py::test_peer_copy_example_reduces_on_comm_leases",), gpus=2,
     ),
     Mutation(
         "example-torchrun", "examples/allreduce_overlap.py", TORCHRUN_WAIT, _pass(TORCHRUN_WAIT),

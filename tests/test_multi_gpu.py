@@ -124,3 +124,20 @@ def test_cupy_nccl_example_reduces_on_comm_leases() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "check passed: 3 buckets all-reduced over" in result.stdout
+
+
+def test_peer_copy_example_reduces_on_comm_leases() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "peer_allreduce_overlap.py"
+    # Eight slow products before each bucket's value: a reduction that does not
+    # wait for them adds the zeros the buckets start with.
+    result = subprocess.run(
+        [sys.executable, str(example), "--check", "--buckets=4", "--bucket-mib=4",
+         "--matmuls=8", "--size=4096"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "check passed: 4 buckets all-reduced over 2 GPUs" in result.stdout
