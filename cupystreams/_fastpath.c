@@ -166,8 +166,26 @@ finish:
     return result;
 }
 
-/* Undo make_current(device, ...), which returned `saved`. Puts the device
- * back even if restoring the stream fails. */
+/* Call cupy_set_device(target) when the current device `now` is not `target`. */
+static int
+switch_device(long now, PyObject *target)
+{
+    long wanted = PyLong_AsLong(target);
+    if (wanted == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (now == wanted) {
+        return 0;
+    }
+    PyObject *done = PyObject_CallOneArg(cupy_set_device, target);
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
+/* Undo make_current(device, ...), which returned `saved`. The block may have
+ * left another device current: the stream is restored on `device` all the
+ * same, and the device that was current before make_current comes back even
+ * if restoring the stream fails. */
 static PyObject *
 restore_current(long device, PyObject *saved)
 {
@@ -176,26 +194,33 @@ restore_current(long device, PyObject *saved)
         return NULL;
     }
     PyObject *previous_device = PyTuple_GET_ITEM(saved, 0);
-    long previous = PyLong_AsLong(previous_device);
-    if (previous == -1 && PyErr_Occurred()) {
+    PyObject *now_object = PyObject_CallNoArgs(cupy_get_device);
+    if (now_object == NULL) {
+        return NULL;
+    }
+    long now = PyLong_AsLong(now_object);
+    Py_DECREF(now_object);
+    PyObject *target = PyLong_FromLong(device);
+    if ((now == -1 && PyErr_Occurred()) || target == NULL) {
+        Py_XDECREF(target);
+        return NULL;
+    }
+    int switched = switch_device(now, target);
+    Py_DECREF(target);
+    if (switched < 0) {
         return NULL;
     }
     PyObject *restored = PyObject_CallMethodNoArgs(PyTuple_GET_ITEM(saved, 1), str_use);
-    if (previous != device) {
-        PyObject *failure = take_exception();  /* NULL when the stream was restored */
-        PyObject *switched = PyObject_CallOneArg(cupy_set_device, previous_device);
-        if (switched == NULL) {
-            chain_exception(failure);
-            Py_XDECREF(restored);
-            return NULL;
-        }
-        Py_DECREF(switched);
-        give_exception(failure);
-    }
-    if (restored == NULL) {
+    PyObject *failure = restored == NULL ? take_exception() : NULL;
+    Py_XDECREF(restored);
+    if (switch_device(device, previous_device) < 0) {
+        chain_exception(failure);
         return NULL;
     }
-    Py_DECREF(restored);
+    if (failure != NULL) {
+        give_exception(failure);
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 

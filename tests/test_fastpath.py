@@ -186,6 +186,11 @@ _RUN_ALONE = textwrap.dedent(
     calls.clear()
     _fastpath.restore_current(1, saved)
     report["restore"] = [calls[:], state["device"]]
+    saved = _fastpath.make_current(1, Stream("mine"))
+    set_device(2)  # a block that leaves another device current
+    calls.clear()
+    _fastpath.restore_current(1, saved)
+    report["restore_from_elsewhere"] = [calls[:], state["device"]]
     calls.clear()
     try:
         _fastpath.make_current(1, Stream("broken", fail=True))
@@ -202,7 +207,7 @@ _RUN_ALONE = textwrap.dedent(
 )
 
 
-def test_make_current_undoes_its_device_switch_when_a_step_fails() -> None:
+def test_make_current_and_restore_current_leave_the_devices_right() -> None:
     done = subprocess.run(
         [sys.executable, "-c", _RUN_ALONE], capture_output=True, text=True, timeout=60
     )
@@ -210,6 +215,11 @@ def test_make_current_undoes_its_device_switch_when_a_step_fails() -> None:
     report = __import__("json").loads(done.stdout)
     assert report["switch"] == [[["set_device", 1], ["use", "mine"]], 0, "previous-on-1"]
     assert report["restore"] == [[["use", "previous-on-1"], ["set_device", 0]], 0]
+    # The stream is restored on the lease's device whatever the block left current.
+    assert report["restore_from_elsewhere"] == [
+        [["set_device", 1], ["use", "previous-on-1"], ["set_device", 0]],
+        0,
+    ]
     assert report["failed_switch"] == [
         [["set_device", 1], ["use", "broken"], ["set_device", 0]],
         0,

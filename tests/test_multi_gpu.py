@@ -36,6 +36,23 @@ def test_a_pool_lives_on_its_device(pools: tuple[CudaStreamPool, CudaStreamPool]
     assert cupy.cuda.runtime.getDevice() == 0
 
 
+def test_a_block_that_leaves_another_device_current_is_put_right(
+    pools: tuple[CudaStreamPool, CudaStreamPool],
+) -> None:
+    import cupy
+
+    _, one = pools
+    cupy.cuda.Device(0).use()
+    with cupy.cuda.Device(1):
+        before_on_1 = cupy.cuda.get_current_stream().ptr
+    with one.acquire_compute() as lease:
+        leased = lease.ptr
+        cupy.cuda.Device(0).use()  # and never switched back to device 1
+    assert cupy.cuda.runtime.getDevice() == 0
+    with cupy.cuda.Device(1):
+        assert cupy.cuda.get_current_stream().ptr == before_on_1 != leased
+
+
 def test_global_pools_are_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     import cupy
 
