@@ -16,7 +16,9 @@
  * the GIL, with no Python code in between (the capture check is one driver
  * call that does not release the GIL). Two threads racing on one lease or one
  * lane therefore see each other's changes whole, as list.pop() and
- * list.append() are atomic for Python code.
+ * list.append() are atomic for Python code. Objects are allocated *before*
+ * the checks: allocating a tracked object can start the garbage collector,
+ * which runs finalizers (Python code, which may switch threads).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -462,15 +464,18 @@ typedef struct {
 
 static PyTypeObject LeaseCoreType;
 
-/* Hand `stream`, just taken from its lane, to a fresh lease. Steals the
- * reference to `stream` on success only. */
-static PyObject *
-make_lease(StreamCore *stream, PyObject *key)
+/* An empty lease, allocated before the stream is taken (see the top comment). */
+static inline LeaseCore *
+alloc_lease(void)
 {
-    LeaseCore *lease = (LeaseCore *)lease_class->tp_alloc(lease_class, 0);
-    if (lease == NULL) {
-        return NULL;
-    }
+    return (LeaseCore *)lease_class->tp_alloc(lease_class, 0);
+}
+
+/* Hand `stream`, just taken from its lane, to the empty `lease`; steals the
+ * reference to `stream`. Allocates nothing. */
+static PyObject *
+start_lease(LeaseCore *lease, StreamCore *stream, PyObject *key)
+{
     stream->acquisitions += 1;
     stream->lease_start = now_ns();
     Py_XSETREF(stream->state, Py_NewRef(state_leased));
@@ -818,33 +823,39 @@ parse_arguments(const char *function, const char *const *names, PyObject **value
 static PyObject *
 pool_acquire(PoolCore *self, int kind, PyObject *key, PyObject *blocking, PyObject *timeout)
 {
-    LaneCore *lane = (LaneCore *)self->lanes[kind];
-    if (lane == NULL) {
+    if (self->lanes[kind] == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the pool was not initialized");
         return NULL;
     }
+    /* Our own reference: an allocation below may run code that drops the pool's. */
+    LaneCore *lane = (LaneCore *)Py_NewRef(self->lanes[kind]);
+    PyObject *result = NULL;
     if (key == Py_None && timeout == Py_None && (blocking == Py_True || blocking == Py_False)
         && !self->closed && lane_ready(lane)) {
-        PyObject *idle = lane->idle;
-        Py_ssize_t last = PyList_GET_SIZE(idle) - 1;
-        PyObject *stream = PyList_GET_ITEM(idle, last);
-        if (PyObject_TypeCheck(stream, &StreamCoreType)) {
-            /* list.pop() without the shrink: the list's reference becomes ours. */
-            PyList_SET_ITEM(idle, last, NULL);
-            Py_SET_SIZE(idle, last);
-            PyObject *lease = make_lease((StreamCore *)stream, Py_None);
-            if (lease == NULL) {
-                /* Out of memory: the stream goes back, unless memory runs out twice. */
-                if (PyList_Append(idle, stream) < 0) {
-                    PyErr_WriteUnraisable(stream);
-                }
-                Py_DECREF(stream);
-            }
-            return lease;
+        LeaseCore *lease = alloc_lease();
+        if (lease == NULL) {
+            goto finish;
         }
+        /* Checked again: the allocation may have run other threads. */
+        if (!self->closed && lane_ready(lane)) {
+            PyObject *idle = lane->idle;
+            Py_ssize_t last = PyList_GET_SIZE(idle) - 1;
+            PyObject *stream = PyList_GET_ITEM(idle, last);
+            if (PyObject_TypeCheck(stream, &StreamCoreType)) {
+                /* list.pop() without the shrink: the list's reference becomes the lease's. */
+                PyList_SET_ITEM(idle, last, NULL);
+                Py_SET_SIZE(idle, last);
+                result = start_lease(lease, (StreamCore *)stream, Py_None);
+                goto finish;
+            }
+        }
+        Py_DECREF(lease);  /* holds no stream: goes without a trace */
     }
-    return PyObject_CallMethodObjArgs((PyObject *)self, str_acquire, (PyObject *)lane, key,
-                                      blocking, timeout, NULL);
+    result = PyObject_CallMethodObjArgs((PyObject *)self, str_acquire, (PyObject *)lane, key,
+                                        blocking, timeout, NULL);
+finish:
+    Py_DECREF(lane);
+    return result;
 }
 
 static const char *const keyed_names[] = {"affinity_key", "blocking", "timeout"};
@@ -981,15 +992,19 @@ event_dealloc(EventCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* A fresh held event for `handle`; a new object each time, so that a released
- * one stays dead after its CUDA event is handed to someone else. */
-static PyObject *
-make_event(PyObject *pool, PyObject *handle, long long event_id)
+/* An empty event, allocated before anything is taken (see the top comment). */
+static inline EventCore *
+alloc_event(void)
 {
-    EventCore *event = (EventCore *)event_class->tp_alloc(event_class, 0);
-    if (event == NULL) {
-        return NULL;
-    }
+    return (EventCore *)event_class->tp_alloc(event_class, 0);
+}
+
+/* Make the empty `event` a held event of `pool` for `handle`: a new object for
+ * every acquire, so that a released one stays dead after its CUDA event is
+ * handed to someone else. Allocates nothing. */
+static PyObject *
+start_event(EventCore *event, PyObject *pool, PyObject *handle, long long event_id)
+{
     event->handle = Py_NewRef(handle);
     event->pool = Py_NewRef(pool);
     event->event_id = event_id;
@@ -1085,24 +1100,28 @@ static PyObject *
 event_pool_acquire(EventPoolCore *self, PyObject *Py_UNUSED(ignored))
 {
     if (event_pool_serving(self) && PyList_GET_SIZE(self->idle) > 0) {
+        EventCore *event = alloc_event();
+        if (event == NULL) {
+            return NULL;
+        }
+        /* Checked again: the allocation may have run other threads. */
         PyObject *idle = self->idle;
-        Py_ssize_t last = PyList_GET_SIZE(idle) - 1;
-        PyObject *entry = PyList_GET_ITEM(idle, last);
-        if (PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2) {
+        Py_ssize_t last = event_pool_serving(self) ? PyList_GET_SIZE(idle) - 1 : -1;
+        PyObject *entry = last < 0 ? NULL : PyList_GET_ITEM(idle, last);
+        if (entry != NULL && PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2) {
             long long event_id = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 1));
             if (event_id == -1 && PyErr_Occurred()) {
+                Py_DECREF(event);
                 return NULL;
             }
-            PyObject *event = make_event((PyObject *)self, PyTuple_GET_ITEM(entry, 0), event_id);
-            if (event == NULL) {
-                return NULL;  /* nothing taken yet */
-            }
-            /* list.pop() without the shrink: the list's reference is dropped here. */
+            start_event(event, (PyObject *)self, PyTuple_GET_ITEM(entry, 0), event_id);
+            /* list.pop() without the shrink; the entry's handle is the event's now. */
             PyList_SET_ITEM(idle, last, NULL);
             Py_SET_SIZE(idle, last);
             Py_DECREF(entry);
-            return event;
+            return (PyObject *)event;
         }
+        Py_DECREF(event);
     }
     return PyObject_CallMethodNoArgs((PyObject *)self, str_acquire_slow);
 }
@@ -1116,21 +1135,25 @@ event_pool_release(EventPoolCore *self, PyObject *argument)
 {
     if (PyObject_TypeCheck(argument, &EventCoreType) && event_pool_serving(self)) {
         EventCore *event = (EventCore *)argument;
-        if (event->pool == (PyObject *)self && event->held
-            && PyList_GET_SIZE(self->idle) < self->max_size) {
+        if (event->pool == (PyObject *)self && event->held && event->handle != NULL) {
             PyObject *id = PyLong_FromLongLong(event->event_id);
             PyObject *entry = id == NULL ? NULL : PyTuple_Pack(2, event->handle, id);
             Py_XDECREF(id);
             if (entry == NULL) {
                 return NULL;  /* still held: nothing changed */
             }
-            event->held = 0;
-            int appended = PyList_Append(self->idle, entry);
-            Py_DECREF(entry);
-            if (appended < 0) {
-                return NULL;
+            /* Checked after the allocations, which may have run other threads. */
+            if (event->held && event_pool_serving(self)
+                && PyList_GET_SIZE(self->idle) < self->max_size) {
+                event->held = 0;
+                int appended = PyList_Append(self->idle, entry);
+                Py_DECREF(entry);
+                if (appended < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
             }
-            Py_RETURN_NONE;
+            Py_DECREF(entry);
         }
     }
     /* Errors, a full or closed pool: Python decides. */
@@ -1209,7 +1232,11 @@ module_new_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (event_id == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    return make_event(args[0], args[1], event_id);
+    EventCore *event = alloc_event();
+    if (event == NULL) {
+        return NULL;
+    }
+    return start_event(event, args[0], args[1], event_id);
 }
 
 
@@ -1228,12 +1255,11 @@ module_new_lease(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath is not configured");
         return NULL;
     }
-    PyObject *stream = Py_NewRef(args[0]);
-    PyObject *lease = make_lease((StreamCore *)stream, args[1]);
+    LeaseCore *lease = alloc_lease();
     if (lease == NULL) {
-        Py_DECREF(stream);
+        return NULL;
     }
-    return lease;
+    return start_lease(lease, (StreamCore *)Py_NewRef(args[0]), args[1]);
 }
 
 PyDoc_STRVAR(now_ns_doc,
