@@ -263,3 +263,54 @@ def test_without_the_driver_call_the_capture_check_runs_in_python() -> None:
     lines = done.stdout.splitlines()
     assert lines[0].startswith("refused:") and "still capturing" in lines[0], done.stdout
     assert lines[1] == "released: True 0", done.stdout
+
+
+_COLLECTOR_MEDDLES = textwrap.dedent(
+    """
+    # Every allocation starts a collection, and every collection acquires or
+    # releases an event and a lease of the same pool: Python code running in
+    # the middle of the C fast paths' own allocations.
+    import gc
+    from cupystreams import CudaStreamPool
+
+    pool = CudaStreamPool(2, 1, 1, backend="host", event_pool_size=4)
+    events = pool.events
+    held_events, held_leases = [], []
+
+    def meddle(phase, info):
+        if phase != "start":
+            return
+        if held_events:
+            events.release(held_events.pop())
+            held_leases.pop().release()
+        else:
+            held_events.append(events.acquire())
+            held_leases.append(pool.acquire_compute())
+
+    gc.callbacks.append(meddle)
+    gc.set_threshold(1)
+    try:
+        for _ in range(3000):
+            events.release(events.acquire())
+            pool.acquire_compute().release()
+    finally:
+        gc.callbacks.remove(meddle)
+        gc.set_threshold(700)
+    for event in held_events:
+        event.release()
+    for lease in held_leases:
+        lease.release()
+    handles = [id(handle) for handle, _ in events._idle]
+    streams = [id(stream) for stream in pool._compute.idle]
+    print(len(handles) == len(set(handles)), len(streams) == len(set(streams)) == 2,
+          pool.stats().compute.leased, events.stats().in_use)
+    """
+)
+
+
+def test_a_collection_inside_the_fast_path_takes_nothing_twice() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _COLLECTOR_MEDDLES], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "0", "0"], done.stdout
