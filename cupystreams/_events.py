@@ -173,12 +173,13 @@ class EventPool(EventPoolCore):
             raise TypeError(f"event={event!r} must be a PooledEvent from this pool")
         if event._pool is not self:
             raise LeaseError(f"event {event.event_id} belongs to another EventPool")
-        if not event._take_hold():  # atomic: of two racing releases, one gets here
+        handle = event._take_hold()  # atomic: of two racing releases, one gets the handle
+        if handle is None:
             raise LeaseError(f"event {event.event_id} was already released")
         if self._closed_reason is not None or len(self._idle) >= self.max_size:
-            self._destroy(event._handle)
+            self._destroy(handle)
         else:
-            self._idle.append((event._handle, event.event_id))
+            self._idle.append((handle, event.event_id))
 
     def _destroy(self, handle: Any) -> None:
         self._backend.destroy_event(handle)

@@ -36,6 +36,7 @@ static PyObject *state_idle;       /* StreamState.IDLE */
 typedef int (*capture_query_t)(void *stream, int *status);
 static capture_query_t capture_query;
 
+static PyTypeObject *deque_type;       /* collections.deque */
 static PyObject *str_acquire;          /* "_acquire" */
 static PyObject *str_release_slow;     /* "_release_slow" */
 static PyObject *str_pool;             /* "_pool" */
@@ -135,8 +136,8 @@ make_current(long device, PyObject *stream)
         return NULL;
     }
     long previous = PyLong_AsLong(previous_device);
-    PyObject *target = PyLong_FromLong(device);
-    if ((previous == -1 && PyErr_Occurred()) || target == NULL) {
+    PyObject *target = NULL;
+    if ((previous == -1 && PyErr_Occurred()) || (target = PyLong_FromLong(device)) == NULL) {
         goto finish;
     }
     int switched = previous != device;
@@ -195,6 +196,10 @@ restore_current(long device, PyObject *saved)
         PyErr_SetString(PyExc_TypeError, "restore_current needs what make_current returned");
         return NULL;
     }
+    if (cupy_set_device == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath: configure_cupy() was not called");
+        return NULL;
+    }
     PyObject *previous_device = PyTuple_GET_ITEM(saved, 0);
     PyObject *now_object = PyObject_CallNoArgs(cupy_get_device);
     if (now_object == NULL) {
@@ -202,9 +207,8 @@ restore_current(long device, PyObject *saved)
     }
     long now = PyLong_AsLong(now_object);
     Py_DECREF(now_object);
-    PyObject *target = PyLong_FromLong(device);
-    if ((now == -1 && PyErr_Occurred()) || target == NULL) {
-        Py_XDECREF(target);
+    PyObject *target = NULL;
+    if ((now == -1 && PyErr_Occurred()) || (target = PyLong_FromLong(device)) == NULL) {
         return NULL;
     }
     int switched = switch_device(now, target);
@@ -288,8 +292,9 @@ lane_get_waiters(LaneCore *self, void *closure)
 static int
 lane_set_waiters(LaneCore *self, PyObject *value, void *closure)
 {
-    if (value == NULL) {
-        PyErr_SetString(PyExc_TypeError, "Lane.waiters cannot be deleted");
+    /* A deque's len() runs no Python code, which the hot path relies on. */
+    if (value == NULL || !PyObject_TypeCheck(value, deque_type)) {
+        PyErr_SetString(PyExc_TypeError, "Lane.waiters must be a collections.deque");
         return -1;
     }
     Py_XSETREF(self->waiters, Py_NewRef(value));
@@ -404,7 +409,6 @@ static PyMemberDef stream_members[] = {
     {"_acquisitions", T_LONGLONG, offsetof(StreamCore, acquisitions), 0, NULL},
     {"_lease_start", T_LONGLONG, offsetof(StreamCore, lease_start), 0, NULL},
     {"_active_ns", T_LONGLONG, offsetof(StreamCore, active_ns), 0, NULL},
-    {"_capture_handle", T_ULONGLONG, offsetof(StreamCore, capture_handle), 0, NULL},
     {"_handle", T_OBJECT, offsetof(StreamCore, handle), 0, NULL},
     {"_backend", T_OBJECT, offsetof(StreamCore, backend), 0, NULL},
     {"_device", T_LONG, offsetof(StreamCore, device), 0, NULL},
@@ -412,9 +416,33 @@ static PyMemberDef stream_members[] = {
     {NULL},
 };
 
+static PyObject *
+stream_get_capture_handle(StreamCore *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->capture_handle);
+}
+
+/* Checked before it is stored: the release hands this value to the driver. */
+static int
+stream_set_capture_handle(StreamCore *self, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "PooledStream._capture_handle must be an int");
+        return -1;
+    }
+    unsigned long long handle = PyLong_AsUnsignedLongLong(value);
+    if (handle == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    self->capture_handle = handle;
+    return 0;
+}
+
 static PyGetSetDef stream_getset[] = {
     {"_lane", (getter)stream_get_lane, (setter)stream_set_lane,
      "The lane of the stream's kind.", NULL},
+    {"_capture_handle", (getter)stream_get_capture_handle, (setter)stream_set_capture_handle,
+     "The CUstream the release asks the driver about; 0: never capturing.", NULL},
     {NULL},
 };
 
@@ -433,14 +461,19 @@ static PyTypeObject StreamCoreType = {
 };
 
 /* Non-zero when the release must go to Python: capturing, or the check failed
- * (the Python check then raises the driver's error). */
+ * (the Python check then raises the driver's error). The driver call is made
+ * holding the GIL, which keeps the release atomic: it only reads the stream's
+ * capture state, and a host function running Python on the driver's callback
+ * thread does not hold what it needs (the GPU stress tests release leases from
+ * eight threads while host functions run, without a hang). */
 static inline int
 stream_may_be_capturing(StreamCore *stream)
 {
     if (stream->capture_handle == 0) {
         return 0;
     }
-    if (capture_query == NULL) {
+    /* No query without a live stream (close() dropped it) or a driver call. */
+    if (capture_query == NULL || stream->handle == NULL || stream->handle == Py_None) {
         return 1;
     }
     int status = 0;
@@ -468,6 +501,10 @@ static PyTypeObject LeaseCoreType;
 static inline LeaseCore *
 alloc_lease(void)
 {
+    if (lease_class == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath is not configured");
+        return NULL;
+    }
     return (LeaseCore *)lease_class->tp_alloc(lease_class, 0);
 }
 
@@ -617,16 +654,23 @@ lease_enter(LeaseCore *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(lease_error, "this lease is already entered; a lease is entered once");
         return NULL;
     }
+    if (!stream->cupy_current && stream->backend == NULL) {
+        PyErr_SetString(PyExc_TypeError, "this stream has no backend");
+        return NULL;
+    }
+    /* Claimed before the switch, which runs Python code: a second __enter__
+     * meanwhile (another thread, a finalizer) is refused, not interleaved. */
+    self->entered = Py_NewRef((PyObject *)stream);
     Py_INCREF(handle);
     PyObject *saved = stream->cupy_current
                           ? make_current(stream->device, handle)
                           : PyObject_CallMethodOneArg(stream->backend, str_enter, handle);
     Py_DECREF(handle);
     if (saved == NULL) {
+        Py_CLEAR(self->entered);
         return NULL;
     }
-    self->entered = Py_NewRef((PyObject *)stream);
-    self->saved = saved;
+    Py_XSETREF(self->saved, saved);
     return Py_NewRef((PyObject *)self);
 }
 
@@ -637,22 +681,33 @@ PyDoc_STRVAR(lease_exit_doc,
 static PyObject *
 lease_exit(LeaseCore *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "__exit__() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
     PyObject *entered = self->entered, *saved = self->saved;
     self->entered = self->saved = NULL;
     PyObject *failure = NULL;
-    if (entered != NULL) {
+    if (entered != NULL && saved != NULL) {  /* no saved: an __enter__ still under way */
         /* The stream entered, not the lease's: the block may have released it. */
         StreamCore *stream = (StreamCore *)entered;
-        PyObject *restored = stream->cupy_current
-                                 ? restore_current(stream->device, saved)
-                                 : PyObject_CallMethodOneArg(stream->backend, str_exit, saved);
+        PyObject *restored = NULL;
+        if (stream->cupy_current) {
+            restored = restore_current(stream->device, saved);
+        }
+        else if (stream->backend != NULL) {
+            restored = PyObject_CallMethodOneArg(stream->backend, str_exit, saved);
+        }
+        else {
+            PyErr_SetString(PyExc_TypeError, "this stream has no backend");
+        }
         if (restored == NULL) {
             failure = take_exception();
         }
         Py_XDECREF(restored);
-        Py_DECREF(entered);
-        Py_DECREF(saved);
     }
+    Py_XDECREF(entered);
+    Py_XDECREF(saved);
     if (self->stream != NULL) {
         /* A subclass (a traced lease) may wrap release(). */
         PyObject *released = Py_IS_TYPE(self, lease_class)
@@ -960,7 +1015,7 @@ static PyTypeObject PoolCoreType = {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *handle;    /* the backend's event */
+    PyObject *handle;    /* the backend's event; NULL once released */
     PyObject *pool;      /* its EventPoolCore */
     long long event_id;
     char held;           /* cleared, once, by the release that wins */
@@ -996,6 +1051,10 @@ event_dealloc(EventCore *self)
 static inline EventCore *
 alloc_event(void)
 {
+    if (event_class == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath is not configured");
+        return NULL;
+    }
     return (EventCore *)event_class->tp_alloc(event_class, 0);
 }
 
@@ -1014,14 +1073,16 @@ start_event(EventCore *event, PyObject *pool, PyObject *handle, long long event_
 
 PyDoc_STRVAR(event_take_hold_doc,
 "_take_hold($self, /)\n--\n\n"
-"End the hold here: True for the one caller that ends it, False after that.");
+"End the hold here: the backend event for the one caller that ends it, None\n"
+"after that. A released event keeps no reference to its backend event.");
 
 static PyObject *
 event_take_hold(EventCore *self, PyObject *Py_UNUSED(ignored))
 {
-    int was_held = self->held;
+    PyObject *handle = self->held ? self->handle : NULL;
     self->held = 0;
-    return PyBool_FromLong(was_held);
+    self->handle = NULL;
+    return handle != NULL ? handle : Py_NewRef(Py_None);
 }
 
 static PyMethodDef event_methods[] = {
@@ -1108,7 +1169,8 @@ event_pool_acquire(EventPoolCore *self, PyObject *Py_UNUSED(ignored))
         PyObject *idle = self->idle;
         Py_ssize_t last = event_pool_serving(self) ? PyList_GET_SIZE(idle) - 1 : -1;
         PyObject *entry = last < 0 ? NULL : PyList_GET_ITEM(idle, last);
-        if (entry != NULL && PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2) {
+        if (entry != NULL && PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2
+            && PyLong_CheckExact(PyTuple_GET_ITEM(entry, 1))) {
             long long event_id = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 1));
             if (event_id == -1 && PyErr_Occurred()) {
                 Py_DECREF(event);
@@ -1145,12 +1207,16 @@ event_pool_release(EventPoolCore *self, PyObject *argument)
             /* Checked after the allocations, which may have run other threads. */
             if (event->held && event_pool_serving(self)
                 && PyList_GET_SIZE(self->idle) < self->max_size) {
-                event->held = 0;
                 int appended = PyList_Append(self->idle, entry);
                 Py_DECREF(entry);
                 if (appended < 0) {
-                    return NULL;
+                    return NULL;  /* still held: nothing changed */
                 }
+                /* Released: the entry holds the backend event now, not this
+                 * object, which may be freed late (in a garbage collection
+                 * on a CUDA callback thread, where CUDA calls fail). */
+                event->held = 0;
+                Py_CLEAR(event->handle);
                 Py_RETURN_NONE;
             }
             Py_DECREF(entry);
@@ -1224,10 +1290,6 @@ module_new_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "new_event(pool, handle, event_id) takes an EventPool");
         return NULL;
     }
-    if (event_class == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath is not configured");
-        return NULL;
-    }
     long long event_id = PyLong_AsLongLong(args[2]);
     if (event_id == -1 && PyErr_Occurred()) {
         return NULL;
@@ -1249,10 +1311,6 @@ module_new_lease(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyObject_TypeCheck(args[0], &StreamCoreType)) {
         PyErr_SetString(PyExc_TypeError, "new_lease(stream, key) takes a PooledStream and a key");
-        return NULL;
-    }
-    if (lease_class == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath is not configured");
         return NULL;
     }
     LeaseCore *lease = alloc_lease();
@@ -1431,6 +1489,15 @@ PyInit__fastpath(void)
             && (*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL) {
             return NULL;
         }
+    }
+    if (deque_type == NULL) {
+        PyObject *collections = PyImport_ImportModule("collections");
+        PyObject *deque = collections ? PyObject_GetAttrString(collections, "deque") : NULL;
+        Py_XDECREF(collections);
+        if (deque == NULL) {
+            return NULL;
+        }
+        deque_type = (PyTypeObject *)deque;
     }
     PyObject *module = PyModule_Create(&fastpath_module);
     if (module == NULL) {

@@ -160,15 +160,18 @@ class StreamLease(LeaseCore):
         stream = self._stream
         if stream is None or _is_finalizing() or stream.state is StreamState.CLOSED:
             return
-        warnings.warn(
-            f"a lease of {stream!r} was dropped without release(); returning it to "
-            "the pool. Use `with pool.acquire_*():` or call lease.release().",
-            ResourceWarning,
-            stacklevel=1,
-        )
-        # e.g. still capturing a graph: a finalizer can do no better than leave it
-        with contextlib.suppress(Exception):
-            self.release()
+        try:
+            # e.g. still capturing a graph: a finalizer can do no better than leave it
+            with contextlib.suppress(Exception):
+                self.release()
+        finally:
+            # After the release: a warning turned into an error must not keep the stream.
+            warnings.warn(
+                f"a lease of {stream!r} was dropped without release(); it was returned "
+                "to the pool. Use `with pool.acquire_*():` or call lease.release().",
+                ResourceWarning,
+                stacklevel=1,
+            )
 
     def __repr__(self) -> str:
         stream = self._stream

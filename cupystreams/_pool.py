@@ -418,11 +418,15 @@ class CudaStreamPool(PoolCore):
     def stats(self) -> PoolStats:
         """A consistent, frozen snapshot of the pool's occupancy and counters."""
         with self._lock:
+            # The lock-free paths move streams meanwhile: each lane's idle
+            # count is read once, so that leased + idle = capacity.
+            closed = self._closed
+            idle = {kind: 0 if closed else len(lane.idle) for kind, lane in self._lanes.items()}
             kinds = {
                 kind: KindStats(
                     capacity=lane.capacity,
-                    leased=0 if self._closed else lane.capacity - len(lane.idle),
-                    idle=0 if self._closed else len(lane.idle),
+                    leased=0 if closed else lane.capacity - idle[kind],
+                    idle=idle[kind],
                     waiting=lane.waiting,
                 )
                 for kind, lane in self._lanes.items()

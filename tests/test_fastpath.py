@@ -11,6 +11,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -314,3 +315,68 @@ def test_a_collection_inside_the_fast_path_takes_nothing_twice() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True", "True", "0", "0"], done.stdout
+
+
+def test_an_enter_inside_an_enter_is_refused_and_undone(
+    host_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = host_pool._backend
+    real_enter = backend.enter
+    lease = host_pool.acquire_compute()
+    stream = lease.stream
+    before = sys.getrefcount(stream)
+
+    def enter_again(handle: object) -> object:
+        lease.__enter__()  # e.g. from a finalizer or another thread, mid-switch
+        return real_enter(handle)
+
+    monkeypatch.setattr(backend, "enter", enter_again)
+    with pytest.raises(LeaseError, match="entered once"):
+        lease.__enter__()
+    monkeypatch.setattr(backend, "enter", real_enter)
+    assert backend.current_stream() is None  # nothing half-entered
+    with lease:
+        assert backend.current_stream() is stream._handle
+    assert lease.released and sys.getrefcount(stream) == before
+
+
+def test_exit_takes_exactly_three_arguments(pool: CudaStreamPool) -> None:
+    lease = pool.acquire_compute()
+    with pytest.raises(TypeError, match="3 arguments"):
+        lease.__exit__()  # type: ignore[call-arg]
+    assert not lease.released
+    lease.__exit__(None, None, None)
+    assert lease.released
+
+
+def test_a_bad_capture_handle_is_refused_and_the_old_one_kept(pool: CudaStreamPool) -> None:
+    stream = pool._streams[0]
+    before = stream._capture_handle
+    for bad in (-1, 2**64, "x", None):
+        with pytest.raises((TypeError, OverflowError)):
+            stream._capture_handle = bad  # type: ignore[assignment]
+        assert stream._capture_handle == before
+    pool.acquire_compute().release()
+
+
+def test_a_released_event_keeps_no_backend_event(pool: CudaStreamPool) -> None:
+    event = pool.events.acquire()
+    handle = event.event
+    event.release()
+    assert event._handle is None
+    assert any(idle is handle for idle, _ in pool.events._idle)
+    with pytest.raises(LeaseError, match="released"):
+        _ = event.event
+
+
+def test_a_dropped_lease_returns_even_when_its_warning_is_an_error(
+    host_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        lease = host_pool.acquire_compute()
+        del lease
+    assert host_pool.stats().compute.leased == 0
+    assert [type(r.exc_value) for r in reported] == [ResourceWarning]
