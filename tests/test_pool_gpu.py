@@ -145,3 +145,23 @@ def test_a_capturing_stream_cannot_be_released(gpu_pool: CudaStreamPool) -> None
     graph.launch()
     cupy.cuda.Device().synchronize()
     assert float(data.sum()) == 16.0
+
+
+def test_no_cuda_event_dies_on_a_host_function_thread(pool: CudaStreamPool) -> None:
+    """CUDA refuses CUDA calls on the thread that runs host functions, and a
+    garbage collection there frees whatever cyclic garbage holds. A released
+    event must hold no CUDA event by then (it is destroyed where released)."""
+    import gc
+
+    events_pool = CudaStreamPool(1, 0, 0, backend="cupy")
+    event = events_pool.events.acquire()
+    cycle: list[Any] = [event]
+    cycle.append(cycle)
+    events_pool.close()
+    event.release()  # into a closed pool: its CUDA event is destroyed now
+    del event, cycle
+    with pool.acquire_compute() as lease:
+        lease.launch_host_func(gc.collect)  # collects the cycle on CUDA's thread
+        lease.synchronize()
+    # A CUDA event freed there would have raised cudaErrorNotPermitted in its
+    # __del__, which pytest reports as an unraisable-exception error.
