@@ -80,6 +80,7 @@ def _raw_peers(backend: str, quick: bool) -> list[Result]:
         return [
             Result("lease", "cupy.cuda.Stream() create + destroy", None, "µs", reason),
             Result("lease", "cupy.cuda.Event() create + destroy", None, "µs", reason),
+            Result("lease", "with cupy_stream: (CuPy's own switch)", None, "µs", reason),
             Result("lease", "torch.cuda.Stream()", None, "µs", reason),
         ]
     import cupy
@@ -95,6 +96,13 @@ def _raw_peers(backend: str, quick: bool) -> list[Result]:
         for _ in range(n):
             event_type(disable_timing=True)
 
+    prebuilt = stream_type(non_blocking=True)
+
+    def switches(n: int) -> None:
+        for _ in range(n):
+            with prebuilt:
+                pass
+
     results = [
         Result(
             "lease",
@@ -109,6 +117,13 @@ def _raw_peers(backend: str, quick: bool) -> list[Result]:
             median_us_per_op(events, number, repeats),
             "µs",
             "raw peer of an event acquire",
+        ),
+        Result(
+            "lease",
+            "with cupy_stream: (CuPy's own switch)",
+            median_us_per_op(switches, number * 10, repeats),
+            "µs",
+            "a prebuilt stream made current and back: the floor under a lease's with",
         ),
     ]
     results.append(_torch_stream(quick))
