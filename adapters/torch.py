@@ -162,7 +162,7 @@ def use(stream: object) -> _Use:
     block on the lease's stream. On exit torch's and CuPy's current streams on
     that device, and the current device, are restored; the lease is *not*
     released (leave its own ``with`` for that). Per thread, like both
-    frameworks' current streams. Entering and leaving cost 2-4 µs on an H100
+    frameworks' current streams. Entering and leaving cost 2-5 µs on an H100
     host, several times less than ``with torch.cuda.stream(...)``: the torch stream is
     cached, and torch's current stream is switched through the three ints
     that identify it, without building ``torch.cuda.Stream`` objects.
