@@ -1,8 +1,9 @@
 """Mutation check for the GPU race tests: remove one synchronization at a time.
 
 For each mutation below, a scratch copy of the tree gets one synchronization
-taken out (the line becomes ``pass``, or a hand-off loses the lease's stream),
-and the race tests that guard it must then FAIL. Before any mutation, all the
+taken out (the line becomes ``pass``, or a hand-off loses the lease's stream,
+or a check of the C hot path is dropped, which rebuilds the extension), and
+the tests that guard it must then FAIL. Before any mutation, all the
 tests involved must PASS on the untouched tree, and none may skip: a test that
 fails or skips anyway proves nothing when it fails under a mutation.
 
@@ -55,6 +56,8 @@ TORCHRUN_WAIT = (
     " " * 8 + "comm.wait(compute)  # on the device: bucket i is complete before it is reduced"
 )
 
+CAPTURE_CHECK = "|| lane->idle == NULL || stream_may_be_capturing(stream)) {"
+
 MUTATIONS = [
     Mutation(
         "core-lease-wait", "cupystreams/_lease.py", LEASE_WAIT, _pass(LEASE_WAIT),
@@ -99,6 +102,17 @@ MUTATIONS = [
         "with CupyCurrent(handle):\n        return jax.dlpack.from_dlpack(array)",
         "with cupy.cuda.Device(device):\n        return jax.dlpack.from_dlpack(array)",
         (J + "test_jax_reads_a_lease_result_only_after_the_lease_work",),
+    ),
+    Mutation(
+        "core-c-capture-check", "cupystreams/_fastpath.c",
+        CAPTURE_CHECK, CAPTURE_CHECK.replace(" || stream_may_be_capturing(stream)", ""),
+        ("tests/test_pool_gpu.py::test_a_capturing_stream_cannot_be_released",),
+    ),
+    Mutation(
+        "core-c-keyed-release", "cupystreams/_fastpath.c",
+        "if (self->key != NULL || stream->state != state_leased",
+        "if (stream->state != state_leased",
+        ("tests/test_pool_gpu.py::test_moved_affinity_key_orders_on_the_gpu",),
     ),
     Mutation(
         "numba-stream", "adapters/numba.py",
@@ -165,6 +179,16 @@ def pytest(tree: Path, tests: tuple[str, ...]) -> Outcome:
     )
 
 
+def build(tree: Path) -> None:
+    """Rebuild the C extension in ``tree`` in place (after a change to a .c file)."""
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tree, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the build failed:\n{done.stderr[-3000:]}")
+
+
 def main(prefixes: list[str]) -> int:
     named = [m for m in MUTATIONS if not prefixes or m.name.startswith(tuple(prefixes))]
     if not named:
@@ -206,9 +230,13 @@ def main(prefixes: list[str]) -> int:
             original = file.read_text()
             file.write_text(original.replace(m.old, m.new))
             try:
+                if file.suffix == ".c":
+                    build(tree)
                 outcome = pytest(tree, m.tests)
             finally:
                 file.write_text(original)
+                if file.suffix == ".c":
+                    build(tree)
             # Caught only if every test case it guards failed, and nothing else happened.
             if outcome.count("failed") and not (
                 outcome.count("passed") or outcome.count("skipped")
