@@ -11,19 +11,18 @@ from typing import TYPE_CHECKING, Any
 from . import _fastpath
 from ._errors import LeaseError
 from ._events import PooledEvent
-from ._fastpath import LeaseCore, new_lease
+from ._fastpath import LeaseCore
 from ._stream_args import pooled_source, resolve_stream
 from ._types import StreamState
 
 if TYPE_CHECKING:
     from ._stream import PooledStream
 
-__all__ = ["StreamLease", "new_lease"]
+__all__ = ["StreamLease"]
 
 # Bound early, as CuPy does, so a lease collected at interpreter shutdown does
 # not touch half-torn-down modules.
 _is_finalizing = sys.is_finalizing
-_LEASED = StreamState.LEASED
 
 
 class StreamLease(LeaseCore):
