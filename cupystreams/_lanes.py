@@ -127,9 +127,17 @@ class Lane(LaneCore):
             self._hand_off()
 
     def _hand_off(self) -> None:
-        while self.waiters and self.idle:
+        # The stream is taken first: once the last waiter is off the queue, a
+        # lock-free acquire on another thread may take an idle stream, so
+        # popping the waiter first could leave it with none. Waiters leave the
+        # queue only under the lock, so one is still there after the pop.
+        while self.waiters:
+            try:
+                stream = self.idle.pop()
+            except IndexError:
+                return
             waiter = self.waiters.popleft()
-            waiter.stream = self.idle.pop()
+            waiter.stream = stream
             waiter.ready.set()
 
     def close(self) -> None:

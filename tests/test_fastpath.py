@@ -380,3 +380,35 @@ def test_a_dropped_lease_returns_even_when_its_warning_is_an_error(
         del lease
     assert host_pool.stats().compute.leased == 0
     assert [type(r.exc_value) for r in reported] == [ResourceWarning]
+
+
+def test_a_hand_off_keeps_its_stream_from_a_lock_free_acquire(host_pool: CudaStreamPool) -> None:
+    """The moment the last waiter leaves the queue, a lock-free acquire on
+    another thread may take an idle stream: the hand-off must hold its stream
+    by then. Here the acquire runs exactly at that moment."""
+    from collections import deque
+
+    from cupystreams import PoolExhaustedError
+    from cupystreams._lanes import _Waiter
+
+    lane = host_pool._compute
+    taken: list[Any] = []
+
+    class Waiters(deque[Any]):
+        def popleft(self) -> Any:
+            waiter = super().popleft()
+            try:
+                taken.append(host_pool.acquire_compute(blocking=False))
+            except PoolExhaustedError:
+                taken.append(None)
+            return waiter
+
+    held = [host_pool.acquire_compute() for _ in range(lane.capacity)]
+    waiter = _Waiter()
+    lane.waiters = Waiters([waiter])
+    held.pop().release()  # hands the stream to the waiter, under the pool's lock
+    assert taken == [None] and waiter.stream is not None and waiter.ready.is_set()
+    lane.waiters = deque()
+    lane.give_back(waiter.stream)
+    for lease in held:
+        lease.release()
