@@ -91,6 +91,26 @@ give_exception(PyObject *exception)
 #endif
 }
 
+/* A getter for an object field at the offset `closure`: None while unset. */
+static PyObject *
+get_object_or_none(PyObject *self, void *closure)
+{
+    PyObject *value = *(PyObject **)((char *)self + (Py_ssize_t)closure);
+    return Py_NewRef(value != NULL ? value : Py_None);
+}
+
+/* list.pop() without the shrink, for a list known not to be empty: the
+ * list's reference to the item becomes the caller's. */
+static inline PyObject *
+pop_last(PyObject *list)
+{
+    Py_ssize_t last = PyList_GET_SIZE(list) - 1;
+    PyObject *item = PyList_GET_ITEM(list, last);
+    PyList_SET_ITEM(list, last, NULL);
+    Py_SET_SIZE(list, last);
+    return item;
+}
+
 /* With an exception pending: give it `earlier` (stolen; may be NULL) as its context. */
 static void
 chain_exception(PyObject *earlier)
@@ -122,53 +142,25 @@ now_ns(void)
 
 /* ------------------------------------------------------- the current stream */
 
-/* Make `device` and its CuPy `stream` current; returns (previous device,
- * previous stream of `device`) for restore_current. Undoes the device switch
- * if a later step fails. */
-static PyObject *
-make_current(long device, PyObject *stream)
+static int
+cupy_configured(void)
 {
-    if (cupy_get_current_stream == NULL) {
+    if (cupy_set_device == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath: configure_cupy() was not called");
-        return NULL;
+        return 0;
     }
-    PyObject *result = NULL, *previous_stream = NULL, *done = NULL;
-    PyObject *previous_device = PyObject_CallNoArgs(cupy_get_device);
-    if (previous_device == NULL) {
-        return NULL;
+    return 1;
+}
+
+/* The current device: a new reference, and its number in `*device`. */
+static PyObject *
+current_device(long *device)
+{
+    PyObject *now = PyObject_CallNoArgs(cupy_get_device);
+    if (now != NULL && (*device = PyLong_AsLong(now)) == -1 && PyErr_Occurred()) {
+        Py_CLEAR(now);
     }
-    long previous = PyLong_AsLong(previous_device);
-    PyObject *target = NULL;
-    if ((previous == -1 && PyErr_Occurred()) || (target = PyLong_FromLong(device)) == NULL) {
-        goto finish;
-    }
-    int switched = previous != device;
-    /* CuPy checks the device before a stream becomes current. */
-    if (switched && (done = PyObject_CallOneArg(cupy_set_device, target)) == NULL) {
-        goto finish;
-    }
-    Py_CLEAR(done);
-    previous_stream = PyObject_CallOneArg(cupy_get_current_stream, target);
-    if (previous_stream != NULL && (done = PyObject_CallMethodNoArgs(stream, str_use)) != NULL) {
-        result = PyTuple_Pack(2, previous_device, previous_stream);
-    }
-    if (result == NULL && switched) {
-        PyObject *failure = take_exception();
-        PyObject *undone = PyObject_CallOneArg(cupy_set_device, previous_device);
-        if (undone == NULL) {
-            chain_exception(failure);  /* the undo's own error, after the first */
-        }
-        else {
-            Py_DECREF(undone);
-            give_exception(failure);
-        }
-    }
-finish:
-    Py_XDECREF(done);
-    Py_XDECREF(previous_stream);
-    Py_XDECREF(target);
-    Py_DECREF(previous_device);
-    return result;
+    return now;
 }
 
 /* Call cupy_set_device(target) when the current device `now` is not `target`. */
@@ -187,6 +179,52 @@ switch_device(long now, PyObject *target)
     return done == NULL ? -1 : 0;
 }
 
+/* switch_device(now, target) after a step that may have failed (its exception
+ * pending): that failure is still raised, and a failed switch is raised with it
+ * as its context. -1 when either failed. */
+static int
+switch_device_after(long now, PyObject *target)
+{
+    PyObject *failure = take_exception();
+    if (switch_device(now, target) < 0) {
+        chain_exception(failure);
+        return -1;
+    }
+    give_exception(failure);
+    return failure == NULL ? 0 : -1;
+}
+
+/* Make `device` and its CuPy `stream` current; returns (previous device,
+ * previous stream of `device`) for restore_current. Undoes the device switch
+ * if a later step fails. */
+static PyObject *
+make_current(long device, PyObject *stream)
+{
+    long previous;
+    PyObject *previous_device = cupy_configured() ? current_device(&previous) : NULL;
+    if (previous_device == NULL) {
+        return NULL;
+    }
+    PyObject *result = NULL, *previous_stream = NULL, *used = NULL;
+    PyObject *target = PyLong_FromLong(device);
+    /* CuPy checks the device before a stream becomes current. */
+    if (target != NULL && switch_device(previous, target) == 0) {
+        previous_stream = PyObject_CallOneArg(cupy_get_current_stream, target);
+        if (previous_stream != NULL
+            && (used = PyObject_CallMethodNoArgs(stream, str_use)) != NULL) {
+            result = PyTuple_Pack(2, previous_device, previous_stream);
+        }
+        if (result == NULL) {
+            (void)switch_device_after(device, previous_device);  /* undo */
+        }
+    }
+    Py_XDECREF(used);
+    Py_XDECREF(previous_stream);
+    Py_XDECREF(target);
+    Py_DECREF(previous_device);
+    return result;
+}
+
 /* Undo make_current(device, ...), which returned `saved`. The block may have
  * left another device current: the stream is restored on `device` all the
  * same, and the device that was current before make_current comes back even
@@ -198,35 +236,21 @@ restore_current(long device, PyObject *saved)
         PyErr_SetString(PyExc_TypeError, "restore_current needs what make_current returned");
         return NULL;
     }
-    if (cupy_set_device == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "cupystreams._fastpath: configure_cupy() was not called");
-        return NULL;
-    }
-    PyObject *previous_device = PyTuple_GET_ITEM(saved, 0);
-    PyObject *now_object = PyObject_CallNoArgs(cupy_get_device);
+    long now;
+    PyObject *now_object = cupy_configured() ? current_device(&now) : NULL;
     if (now_object == NULL) {
         return NULL;
     }
-    long now = PyLong_AsLong(now_object);
     Py_DECREF(now_object);
-    PyObject *target = NULL;
-    if ((now == -1 && PyErr_Occurred()) || (target = PyLong_FromLong(device)) == NULL) {
-        return NULL;
-    }
-    int switched = switch_device(now, target);
-    Py_DECREF(target);
+    PyObject *target = PyLong_FromLong(device);
+    int switched = target == NULL ? -1 : switch_device(now, target);
+    Py_XDECREF(target);
     if (switched < 0) {
         return NULL;
     }
     PyObject *restored = PyObject_CallMethodNoArgs(PyTuple_GET_ITEM(saved, 1), str_use);
-    PyObject *failure = restored == NULL ? take_exception() : NULL;
     Py_XDECREF(restored);
-    if (switch_device(device, previous_device) < 0) {
-        chain_exception(failure);
-        return NULL;
-    }
-    if (failure != NULL) {
-        give_exception(failure);
+    if (switch_device_after(device, PyTuple_GET_ITEM(saved, 0)) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -266,13 +290,6 @@ lane_dealloc(LaneCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *
-lane_get_idle(LaneCore *self, void *closure)
-{
-    PyObject *value = self->idle ? self->idle : Py_None;
-    return Py_NewRef(value);
-}
-
 static int
 lane_set_idle(LaneCore *self, PyObject *value, void *closure)
 {
@@ -282,13 +299,6 @@ lane_set_idle(LaneCore *self, PyObject *value, void *closure)
     }
     Py_XSETREF(self->idle, Py_NewRef(value));
     return 0;
-}
-
-static PyObject *
-lane_get_waiters(LaneCore *self, void *closure)
-{
-    PyObject *value = self->waiters ? self->waiters : Py_None;
-    return Py_NewRef(value);
 }
 
 static int
@@ -304,10 +314,11 @@ lane_set_waiters(LaneCore *self, PyObject *value, void *closure)
 }
 
 static PyGetSetDef lane_getset[] = {
-    {"idle", (getter)lane_get_idle, (setter)lane_set_idle,
-     "The idle streams, a list; the hot path pops and appends at its end.", NULL},
-    {"waiters", (getter)lane_get_waiters, (setter)lane_set_waiters,
-     "Threads waiting for a stream, oldest first.", NULL},
+    {"idle", get_object_or_none, (setter)lane_set_idle,
+     "The idle streams, a list; the hot path pops and appends at its end.",
+     (void *)offsetof(LaneCore, idle)},
+    {"waiters", get_object_or_none, (setter)lane_set_waiters,
+     "Threads waiting for a stream, oldest first.", (void *)offsetof(LaneCore, waiters)},
     {NULL},
 };
 
@@ -387,13 +398,6 @@ stream_dealloc(StreamCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *
-stream_get_lane(StreamCore *self, void *closure)
-{
-    PyObject *value = self->lane ? self->lane : Py_None;
-    return Py_NewRef(value);
-}
-
 static int
 stream_set_lane(StreamCore *self, PyObject *value, void *closure)
 {
@@ -441,8 +445,8 @@ stream_set_capture_handle(StreamCore *self, PyObject *value, void *closure)
 }
 
 static PyGetSetDef stream_getset[] = {
-    {"_lane", (getter)stream_get_lane, (setter)stream_set_lane,
-     "The lane of the stream's kind.", NULL},
+    {"_lane", get_object_or_none, (setter)stream_set_lane, "The lane of the stream's kind.",
+     (void *)offsetof(StreamCore, lane)},
     {"_capture_handle", (getter)stream_get_capture_handle, (setter)stream_set_capture_handle,
      "The CUstream the release asks the driver about; 0: never capturing.", NULL},
     {NULL},
@@ -625,6 +629,35 @@ lease_release(LeaseCore *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* Make `handle`, the stream's backend stream, current: CuPy's switch in C, or
+ * the backend's enter(). Returns what switch_back needs. */
+static PyObject *
+switch_to(StreamCore *stream, PyObject *handle)
+{
+    if (stream->cupy_current) {
+        return make_current(stream->device, handle);
+    }
+    if (stream->backend == NULL) {
+        PyErr_SetString(PyExc_TypeError, "this stream has no backend");
+        return NULL;
+    }
+    return PyObject_CallMethodOneArg(stream->backend, str_enter, handle);
+}
+
+/* Undo switch_to(stream, ...), which returned `saved`. */
+static PyObject *
+switch_back(StreamCore *stream, PyObject *saved)
+{
+    if (stream->cupy_current) {
+        return restore_current(stream->device, saved);
+    }
+    if (stream->backend == NULL) {
+        PyErr_SetString(PyExc_TypeError, "this stream has no backend");
+        return NULL;
+    }
+    return PyObject_CallMethodOneArg(stream->backend, str_exit, saved);
+}
+
 PyDoc_STRVAR(lease_enter_doc,
 "__enter__($self, /)\n--\n\n"
 "Make the lease's device and stream current on this thread (CuPy's and the pool's).");
@@ -656,17 +689,11 @@ lease_enter(LeaseCore *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(lease_error, "this lease is already entered; a lease is entered once");
         return NULL;
     }
-    if (!stream->cupy_current && stream->backend == NULL) {
-        PyErr_SetString(PyExc_TypeError, "this stream has no backend");
-        return NULL;
-    }
     /* Claimed before the switch, which runs Python code: a second __enter__
      * meanwhile (another thread, a finalizer) is refused, not interleaved. */
     self->entered = Py_NewRef((PyObject *)stream);
     Py_INCREF(handle);
-    PyObject *saved = stream->cupy_current
-                          ? make_current(stream->device, handle)
-                          : PyObject_CallMethodOneArg(stream->backend, str_enter, handle);
+    PyObject *saved = switch_to(stream, handle);
     Py_DECREF(handle);
     if (saved == NULL) {
         Py_CLEAR(self->entered);
@@ -692,17 +719,7 @@ lease_exit(LeaseCore *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *failure = NULL;
     if (entered != NULL && saved != NULL) {  /* no saved: an __enter__ still under way */
         /* The stream entered, not the lease's: the block may have released it. */
-        StreamCore *stream = (StreamCore *)entered;
-        PyObject *restored = NULL;
-        if (stream->cupy_current) {
-            restored = restore_current(stream->device, saved);
-        }
-        else if (stream->backend != NULL) {
-            restored = PyObject_CallMethodOneArg(stream->backend, str_exit, saved);
-        }
-        else {
-            PyErr_SetString(PyExc_TypeError, "this stream has no backend");
-        }
+        PyObject *restored = switch_back((StreamCore *)entered, saved);
         if (restored == NULL) {
             failure = take_exception();
         }
@@ -741,12 +758,6 @@ lease_take_stream(LeaseCore *self, PyObject *Py_UNUSED(ignored))
     return stream != NULL ? stream : Py_NewRef(Py_None);
 }
 
-static PyObject *
-lease_get_stream(LeaseCore *self, void *closure)
-{
-    return Py_NewRef(self->stream ? self->stream : Py_None);
-}
-
 static PyMethodDef lease_methods[] = {
     {"release", (PyCFunction)lease_release, METH_NOARGS, lease_release_doc},
     {"__enter__", (PyCFunction)lease_enter, METH_NOARGS, lease_enter_doc},
@@ -756,13 +767,10 @@ static PyMethodDef lease_methods[] = {
 };
 
 static PyMemberDef lease_members[] = {
+    {"_stream", T_OBJECT, offsetof(LeaseCore, stream), READONLY,
+     "The stream held, or None once released."},
     {"_key", T_OBJECT, offsetof(LeaseCore, key), READONLY, NULL},
     {"_serial", T_LONGLONG, offsetof(LeaseCore, serial), READONLY, NULL},
-    {NULL},
-};
-
-static PyGetSetDef lease_getset[] = {
-    {"_stream", (getter)lease_get_stream, NULL, "The stream held, or None once released.", NULL},
     {NULL},
 };
 
@@ -779,7 +787,6 @@ static PyTypeObject LeaseCoreType = {
     .tp_finalize = (destructor)lease_finalize,
     .tp_methods = lease_methods,
     .tp_members = lease_members,
-    .tp_getset = lease_getset,
 };
 
 /* ------------------------------------------------------------------ PoolCore */
@@ -820,21 +827,14 @@ pool_dealloc(PoolCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *
-pool_get_lane(PoolCore *self, void *kind)
-{
-    PyObject *lane = self->lanes[(intptr_t)kind];
-    return Py_NewRef(lane ? lane : Py_None);
-}
-
 static int
-pool_set_lane(PoolCore *self, PyObject *value, void *kind)
+pool_set_lane(PoolCore *self, PyObject *value, void *offset)
 {
     if (value == NULL || !PyObject_TypeCheck(value, &LaneCoreType)) {
         PyErr_SetString(PyExc_TypeError, "a pool's lanes must be Lanes");
         return -1;
     }
-    Py_XSETREF(self->lanes[(intptr_t)kind], Py_NewRef(value));
+    Py_XSETREF(*(PyObject **)((char *)self + (Py_ssize_t)offset), Py_NewRef(value));
     return 0;
 }
 
@@ -896,13 +896,10 @@ pool_acquire(PoolCore *self, int kind, PyObject *key, PyObject *blocking, PyObje
         /* Checked again: the allocation may have run other threads. */
         if (!self->closed && lane_ready(lane)) {
             PyObject *idle = lane->idle;
-            Py_ssize_t last = PyList_GET_SIZE(idle) - 1;
-            PyObject *stream = PyList_GET_ITEM(idle, last);
-            if (PyObject_TypeCheck(stream, &StreamCoreType)) {
-                /* list.pop() without the shrink: the list's reference becomes the lease's. */
-                PyList_SET_ITEM(idle, last, NULL);
-                Py_SET_SIZE(idle, last);
-                result = start_lease(lease, (StreamCore *)stream, Py_None);
+            if (PyObject_TypeCheck(PyList_GET_ITEM(idle, PyList_GET_SIZE(idle) - 1),
+                                   &StreamCoreType)) {
+                /* The list's reference becomes the lease's. */
+                result = start_lease(lease, (StreamCore *)pop_last(idle), Py_None);
                 goto finish;
             }
         }
@@ -992,9 +989,12 @@ static PyMemberDef pool_members[] = {
 };
 
 static PyGetSetDef pool_getset[] = {
-    {"_compute", (getter)pool_get_lane, (setter)pool_set_lane, NULL, (void *)COMPUTE},
-    {"_comm", (getter)pool_get_lane, (setter)pool_set_lane, NULL, (void *)COMM},
-    {"_high", (getter)pool_get_lane, (setter)pool_set_lane, NULL, (void *)HIGH_PRIORITY},
+    {"_compute", get_object_or_none, (setter)pool_set_lane, NULL,
+     (void *)offsetof(PoolCore, lanes[COMPUTE])},
+    {"_comm", get_object_or_none, (setter)pool_set_lane, NULL,
+     (void *)offsetof(PoolCore, lanes[COMM])},
+    {"_high", get_object_or_none, (setter)pool_set_lane, NULL,
+     (void *)offsetof(PoolCore, lanes[HIGH_PRIORITY])},
     {NULL},
 };
 
@@ -1169,8 +1169,8 @@ event_pool_acquire(EventPoolCore *self, PyObject *Py_UNUSED(ignored))
         }
         /* Checked again: the allocation may have run other threads. */
         PyObject *idle = self->idle;
-        Py_ssize_t last = event_pool_serving(self) ? PyList_GET_SIZE(idle) - 1 : -1;
-        PyObject *entry = last < 0 ? NULL : PyList_GET_ITEM(idle, last);
+        Py_ssize_t size = event_pool_serving(self) ? PyList_GET_SIZE(idle) : 0;
+        PyObject *entry = size == 0 ? NULL : PyList_GET_ITEM(idle, size - 1);
         if (entry != NULL && PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2
             && PyLong_CheckExact(PyTuple_GET_ITEM(entry, 1))) {
             long long event_id = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 1));
@@ -1179,10 +1179,7 @@ event_pool_acquire(EventPoolCore *self, PyObject *Py_UNUSED(ignored))
                 return NULL;
             }
             start_event(event, (PyObject *)self, PyTuple_GET_ITEM(entry, 0), event_id);
-            /* list.pop() without the shrink; the entry's handle is the event's now. */
-            PyList_SET_ITEM(idle, last, NULL);
-            Py_SET_SIZE(idle, last);
-            Py_DECREF(entry);
+            Py_DECREF(pop_last(idle));  /* the entry's handle is the event's now */
             return (PyObject *)event;
         }
         Py_DECREF(event);
@@ -1234,12 +1231,6 @@ static PyMethodDef event_pool_methods[] = {
     {NULL},
 };
 
-static PyObject *
-event_pool_get_idle(EventPoolCore *self, void *closure)
-{
-    return Py_NewRef(self->idle ? self->idle : Py_None);
-}
-
 static int
 event_pool_set_idle(EventPoolCore *self, PyObject *value, void *closure)
 {
@@ -1259,8 +1250,8 @@ static PyMemberDef event_pool_members[] = {
 };
 
 static PyGetSetDef event_pool_getset[] = {
-    {"_idle", (getter)event_pool_get_idle, (setter)event_pool_set_idle,
-     "Idle events as (handle, event_id), a list.", NULL},
+    {"_idle", get_object_or_none, (setter)event_pool_set_idle,
+     "Idle events as (handle, event_id), a list.", (void *)offsetof(EventPoolCore, idle)},
     {NULL},
 };
 
@@ -1388,15 +1379,23 @@ PyDoc_STRVAR(make_current_doc,
 "Returns what ``restore_current`` needs to put back the previous device and\n"
 "that device's previous stream. If a step fails, the device switch is undone.");
 
+/* The (device, object) arguments of make_current and restore_current. */
+static int
+device_and_object(const char *usage, PyObject *const *args, Py_ssize_t nargs, long *device)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s takes 2 arguments", usage);
+        return -1;
+    }
+    *device = PyLong_AsLong(args[0]);
+    return *device == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *
 module_make_current(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "make_current(device, stream) takes 2 arguments");
-        return NULL;
-    }
-    long device = PyLong_AsLong(args[0]);
-    if (device == -1 && PyErr_Occurred()) {
+    long device;
+    if (device_and_object("make_current(device, stream)", args, nargs, &device) < 0) {
         return NULL;
     }
     return make_current(device, args[1]);
@@ -1409,12 +1408,8 @@ PyDoc_STRVAR(restore_current_doc,
 static PyObject *
 module_restore_current(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "restore_current(device, saved) takes 2 arguments");
-        return NULL;
-    }
-    long device = PyLong_AsLong(args[0]);
-    if (device == -1 && PyErr_Occurred()) {
+    long device;
+    if (device_and_object("restore_current(device, saved)", args, nargs, &device) < 0) {
         return NULL;
     }
     return restore_current(device, args[1]);

@@ -203,6 +203,17 @@ _RUN_ALONE = textwrap.dedent(
         _fastpath.restore_current(1, (0, Stream("broken-previous", fail=True)))
     except RuntimeError as exc:
         report["failed_restore"] = [calls[:], state["device"], str(exc)]
+    # A lease whose stream enters through CuPy's switch (as on the cupy backend).
+    from cupystreams import CudaStreamPool
+    lease = CudaStreamPool(1, 0, 0, backend="host").acquire_compute()
+    stream = lease.stream
+    stream._cupy_current, stream._device, stream._handle = True, 1, Stream("leased")
+    state["device"] = 0
+    calls.clear()
+    with lease:
+        entered = calls[:]
+        calls.clear()
+    report["lease"] = [entered, calls[:], state["device"], lease.released]
     print(json.dumps(report))
     """
 )
@@ -225,6 +236,13 @@ def test_make_current_and_restore_current_leave_the_devices_right() -> None:
         [["set_device", 1], ["use", "broken"], ["set_device", 0]],
         0,
         "use broken failed",
+    ]
+    # A lease's with block makes the same two switches, from C.
+    assert report["lease"] == [
+        [["set_device", 1], ["use", "leased"]],
+        [["use", "previous-on-1"], ["set_device", 0]],
+        0,
+        True,
     ]
     # The device goes back even though the stream could not.
     assert report["failed_restore"] == [
