@@ -385,7 +385,7 @@ class _Call:
             copy_out = copy_in
             # Never block for the second: two pipelines each holding one comm
             # stream and waiting for the other would deadlock. Looking at the
-            # idle deque first keeps exhaustions out of the pool's counters.
+            # idle list first keeps exhaustions out of the pool's counters.
             if not share_comm and pool._comm.idle:
                 with contextlib.suppress(PoolExhaustedError):
                     copy_out = pool.acquire_comm(blocking=False)
