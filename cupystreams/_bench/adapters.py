@@ -14,7 +14,7 @@ import importlib.util
 from collections.abc import Callable
 
 from .. import CudaStreamPool, StreamLease
-from .common import median_us_per_op
+from .common import interleaved_us_per_op
 
 __all__ = ["run_adapter_benchmarks"]
 
@@ -39,11 +39,15 @@ def _row(
     number: int,
     repeats: int,
 ) -> Row:
+    # Timed in turn, so the pair shares one machine state.
+    us = interleaved_us_per_op(
+        {"adapter": (_loop(call), number), "baseline": (_loop(baseline_call), number)}, repeats
+    )
     return {
         "name": name,
-        "median_us": median_us_per_op(_loop(call), number, repeats),
+        "median_us": us["adapter"],
         "baseline": baseline,
-        "baseline_us": median_us_per_op(_loop(baseline_call), number, repeats),
+        "baseline_us": us["baseline"],
     }
 
 

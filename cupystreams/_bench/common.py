@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Result", "interleaved_medians", "median_ms", "median_us_per_op"]
+__all__ = [
+    "Result",
+    "interleaved_medians",
+    "interleaved_us_per_op",
+    "median_ms",
+]
 
 
 @dataclass(frozen=True)
@@ -36,21 +41,6 @@ class Result:
         return asdict(self)
 
 
-def median_us_per_op(batch: Callable[[int], None], number: int, repeats: int) -> float:
-    """Median over ``repeats`` batches of ``batch(number)``, in µs per operation.
-
-    ``batch(n)`` runs the operation ``n`` times in a tight loop; one batch runs
-    first as a warm-up and is not counted.
-    """
-    batch(number)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter_ns()
-        batch(number)
-        samples.append((time.perf_counter_ns() - start) / number / 1e3)
-    return statistics.median(samples)
-
-
 def median_ms(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``run()`` in ms over ``repeats`` calls, after ``warmup`` calls."""
     for _ in range(warmup):
@@ -76,4 +66,26 @@ def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> 
             start = time.perf_counter()
             run()
             samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_us_per_op(
+    batches: Mapping[str, tuple[Callable[[int], None], int]], repeats: int
+) -> dict[str, float]:
+    """Median µs per operation of each ``(batch, number)``, the batches taken in turn.
+
+    ``batch(n)`` runs its operation ``n`` times in a tight loop. One round of
+    every batch runs first as a warm-up; then ``repeats`` rounds run each batch
+    once. Taking them in turn puts every figure under the same machine state
+    (a host's clock that speeds up under load, a neighbour's burst), so the
+    ratios between figures hold even when the figures themselves drift.
+    """
+    for batch, number in batches.values():
+        batch(number)
+    samples: dict[str, list[float]] = {name: [] for name in batches}
+    for _ in range(repeats):
+        for name, (batch, number) in batches.items():
+            start = time.perf_counter_ns()
+            batch(number)
+            samples[name].append((time.perf_counter_ns() - start) / number / 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -12,9 +12,13 @@ import time
 from collections.abc import Callable
 
 from .. import CudaStreamPool
-from .common import Result, median_us_per_op
+from .common import Result, interleaved_us_per_op
 
 __all__ = ["lease_overhead", "thread_scaling"]
+
+
+# One measured row: its name, its batch, operations per batch, its note.
+_Row = tuple[str, Callable[[int], None], int, str]
 
 
 def _sizes(quick: bool) -> tuple[int, int]:
@@ -23,69 +27,87 @@ def _sizes(quick: bool) -> tuple[int, int]:
 
 
 def lease_overhead(backend: str, quick: bool) -> list[Result]:
-    """Uncontended lease and event costs, with raw CuPy and torch side by side."""
+    """Uncontended lease and event costs, with raw CuPy and torch side by side.
+
+    Every row is timed in the same rounds (``interleaved_us_per_op``), so a
+    lease and the raw call it replaces are compared under one machine state.
+    """
     number, repeats = _sizes(quick)
-    results = []
     with CudaStreamPool(backend=backend) as pool:
-        acquire = pool.acquire_compute
-        acquire_event, release_event = pool.events.acquire, pool.events.release
+        rows = _pool_rows(pool, backend, number)
+        peers, missing = _raw_rows(backend, quick)
+        rows += peers
+        us = interleaved_us_per_op({name: (batch, n) for name, batch, n, _ in rows}, repeats)
+    measured = [Result("lease", name, us[name], "µs", note) for name, _, _, note in rows]
+    return measured + missing
 
-        def acquire_release(n: int) -> None:
-            for _ in range(n):
-                acquire().release()
 
-        def with_block(n: int) -> None:
-            for _ in range(n):
-                with acquire():
-                    pass
+def _pool_rows(pool: CudaStreamPool, backend: str, number: int) -> list[_Row]:
+    acquire = pool.acquire_compute
+    acquire_event, release_event = pool.events.acquire, pool.events.release
 
-        def event_cycle(n: int) -> None:
-            for _ in range(n):
-                release_event(acquire_event())
+    def acquire_release(n: int) -> None:
+        for _ in range(n):
+            acquire().release()
 
-        measured = [
-            ("pool.acquire_compute().release()", acquire_release, "goal < 0.6 µs"),
-            ("with pool.acquire_compute():", with_block, "goal < 1.5 µs"),
-            ("events.acquire() + release", event_cycle, "goal < 0.4 µs"),
-        ]
-        for name, batch, note in measured:
-            value = median_us_per_op(batch, number, repeats)
-            results.append(Result("lease", name, value, "µs", f"{backend} backend; {note}"))
-        if any(stream._capture_handle for stream in pool._streams):
-            # The same loop with the graph-capture check skipped: the
-            # difference is what DESIGN semantic 8 costs each release.
-            handles = [stream._capture_handle for stream in pool._streams]
-            for stream in pool._streams:
-                stream._capture_handle = 0
-            try:
-                value = median_us_per_op(acquire_release, number, repeats)
-            finally:
-                for stream, handle in zip(pool._streams, handles, strict=True):
-                    stream._capture_handle = handle
-            results.append(
-                Result(
-                    "lease",
-                    "  the same without the graph-capture check",
-                    value,
-                    "µs",
-                    f"{backend} backend; cuStreamIsCapturing skipped, for comparison",
-                )
+    def with_block(n: int) -> None:
+        for _ in range(n):
+            with acquire():
+                pass
+
+    def event_cycle(n: int) -> None:
+        for _ in range(n):
+            release_event(acquire_event())
+
+    def without_capture_check(n: int) -> None:
+        # What DESIGN semantic 8 costs each release: the same loop with the
+        # graph-capture check switched off for the batch.
+        streams = pool._streams
+        handles = [stream._capture_handle for stream in streams]
+        for stream in streams:
+            stream._capture_handle = 0
+        try:
+            acquire_release(n)
+        finally:
+            for stream, handle in zip(streams, handles, strict=True):
+                stream._capture_handle = handle
+
+    note = f"{backend} backend; "
+    rows: list[_Row] = [
+        ("pool.acquire_compute().release()", acquire_release, number, note + "goal < 0.6 µs"),
+        ("with pool.acquire_compute():", with_block, number, note + "goal < 1.5 µs"),
+        ("events.acquire() + release", event_cycle, number, note + "goal < 0.4 µs"),
+    ]
+    if any(stream._capture_handle for stream in pool._streams):
+        rows.append(
+            (
+                "  the same without the graph-capture check",
+                without_capture_check,
+                number,
+                note + "cuStreamIsCapturing skipped, for comparison",
             )
-        return results + _raw_peers(backend, quick)
+        )
+    return rows
 
 
-def _raw_peers(backend: str, quick: bool) -> list[Result]:
+_RAW_NAMES = (
+    "cupy.cuda.Stream() create + destroy",
+    "cupy.cuda.Event() create + destroy",
+    "with cupy_stream: (CuPy's own switch)",
+)
+_TORCH_NAME = "torch.cuda.Stream()"
+
+
+def _raw_rows(backend: str, quick: bool) -> tuple[list[_Row], list[Result]]:
+    """The raw peers' rows, and a result without a figure for each peer missing here."""
     if backend != "cupy":
         reason = "needs a GPU (host backend run)"
-        return [
-            Result("lease", "cupy.cuda.Stream() create + destroy", None, "µs", reason),
-            Result("lease", "cupy.cuda.Event() create + destroy", None, "µs", reason),
-            Result("lease", "with cupy_stream: (CuPy's own switch)", None, "µs", reason),
-            Result("lease", "torch.cuda.Stream()", None, "µs", reason),
-        ]
+        names = (*_RAW_NAMES, _TORCH_NAME)
+        return [], [Result("lease", name, None, "µs", reason) for name in names]
     import cupy
 
-    number, repeats = (200, 7) if quick else (1_000, 21)
+    number, _ = _sizes(quick)
+    costly = number // 20  # creating a stream costs 10-40 times a lease
     stream_type, event_type = cupy.cuda.Stream, cupy.cuda.Event
 
     def streams(n: int) -> None:
@@ -103,55 +125,39 @@ def _raw_peers(backend: str, quick: bool) -> list[Result]:
             with prebuilt:
                 pass
 
-    results = [
-        Result(
-            "lease",
-            "cupy.cuda.Stream() create + destroy",
-            median_us_per_op(streams, number, repeats),
-            "µs",
-            "raw peer of a lease",
-        ),
-        Result(
-            "lease",
-            "cupy.cuda.Event() create + destroy",
-            median_us_per_op(events, number, repeats),
-            "µs",
-            "raw peer of an event acquire",
-        ),
-        Result(
-            "lease",
-            "with cupy_stream: (CuPy's own switch)",
-            median_us_per_op(switches, number * 10, repeats),
-            "µs",
+    stream_name, event_name, switch_name = _RAW_NAMES
+    rows: list[_Row] = [
+        (stream_name, streams, costly, "raw peer of a lease"),
+        (event_name, events, costly, "raw peer of an event acquire"),
+        (
+            switch_name,
+            switches,
+            number,
             "a prebuilt stream made current and back: the floor under a lease's with",
         ),
     ]
-    results.append(_torch_stream(quick))
-    return results
+    torch_row = _torch_stream_row(number)
+    if isinstance(torch_row, Result):
+        return rows, [torch_row]
+    return [*rows, torch_row], []
 
 
-def _torch_stream(quick: bool) -> Result:
-    name = "torch.cuda.Stream()"
+def _torch_stream_row(number: int) -> _Row | Result:
+    """The ``torch.cuda.Stream()`` row, or why it cannot be measured here."""
     if importlib.util.find_spec("torch") is None:
-        return Result("lease", name, None, "µs", "torch is not installed")
+        return Result("lease", _TORCH_NAME, None, "µs", "torch is not installed")
     import torch
 
     if not torch.cuda.is_available():
-        return Result("lease", name, None, "µs", "torch sees no GPU")
-    number, repeats = _sizes(quick)
+        return Result("lease", _TORCH_NAME, None, "µs", "torch sees no GPU")
     make = torch.cuda.Stream
 
     def batch(n: int) -> None:
         for _ in range(n):
             make()  # torch's round-robin pool: no exclusivity, nothing destroyed
 
-    return Result(
-        "lease",
-        name,
-        median_us_per_op(batch, number, repeats),
-        "µs",
-        f"torch {torch.__version__}: its own pool, no exclusive use",
-    )
+    note = f"torch {torch.__version__}: its own pool, no exclusive use"
+    return (_TORCH_NAME, batch, number, note)
 
 
 def _threads_ops_per_s(threads: int, per_thread: int, body: Callable[[int], None]) -> float:
