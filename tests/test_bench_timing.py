@@ -1,0 +1,36 @@
+"""The benchmarks' timing helper: rows timed in turn, per-operation medians."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from cupystreams._bench import common
+
+
+def test_rows_are_timed_in_turn_and_divided_per_operation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [0]
+    monkeypatch.setattr(common.time, "perf_counter_ns", lambda: clock[0])
+    calls: list[tuple[str, int]] = []
+
+    def batch(name: str, ns_per_op: int) -> Callable[[int], None]:
+        def run(n: int) -> None:
+            calls.append((name, n))
+            clock[0] += n * ns_per_op
+
+        return run
+
+    # "slow" gets slower each round: its median is the middle round's cost.
+    slow_costs = iter([0, 3_000, 5_000, 4_000])  # warm-up, then three rounds
+
+    def slow(n: int) -> None:
+        calls.append(("slow", n))
+        clock[0] += n * next(slow_costs)
+
+    us = common.interleaved_us_per_op({"fast": (batch("fast", 250), 100), "slow": (slow, 10)}, 3)
+
+    assert calls == [("fast", 100), ("slow", 10)] * 4  # a warm-up round, then three
+    assert us == {"fast": 0.25, "slow": 4.0}
