@@ -21,11 +21,13 @@ __all__ = ["AffinityTable", "KeyState"]
 class KeyState:
     """What the pool remembers about one affinity key."""
 
-    __slots__ = ("holder", "last_event", "last_stream", "queue")
+    __slots__ = ("holder", "last_event", "last_stream_id", "queue")
 
     def __init__(self) -> None:
         self.holder: int | None = None  # thread ident of the live lease's acquirer
-        self.last_stream: PooledStream | None = None
+        # The stream's id, not the stream: the table holds no path back to
+        # the pool, so the pool's finalizer can keep the table's events alive.
+        self.last_stream_id: int | None = None
         self.last_event: PooledEvent | None = None  # recorded when the last lease ended
         self.queue: deque[object] = deque()  # tickets of threads waiting, oldest first
 
@@ -111,7 +113,7 @@ class AffinityTable:
     def unreserve(self, key: Hashable, state: KeyState) -> None:
         """Undo ``reserve`` after a failed acquire."""
         state.holder = None
-        if state.last_stream is None and state.idle() and self._keys.get(key) is state:
+        if state.last_stream_id is None and state.idle() and self._keys.get(key) is state:
             del self._keys[key]
         self.changed.notify_all()
 
@@ -121,7 +123,7 @@ class AffinityTable:
         if state is None:
             return [event]
         stale = [] if state.last_event is None else [state.last_event]
-        state.last_stream, state.last_event, state.holder = stream, event, None
+        state.last_stream_id, state.last_event, state.holder = stream.stream_id, event, None
         excess = len(self._keys) - self.max_keys
         if excess > 0:
             # Oldest first, skipping keys in use (held, or with threads queued);

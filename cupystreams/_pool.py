@@ -20,6 +20,7 @@ from ._lanes import Lane
 from ._lease import StreamLease
 from ._stats import KindStats, PoolStats, StreamStats
 from ._stream import PooledStream
+from ._teardown import destroy_parked, destroy_streams, forget_parked
 from ._types import StreamKind, StreamPriority, StreamState
 from ._validate import check_count, check_flag, check_timeout
 
@@ -40,22 +41,6 @@ _FORKED = (
     "this pool was created before fork(); CUDA streams do not survive fork, "
     "so create a new pool in the child process"
 )
-
-
-def _destroy_handles(backend: Backend, handles: list[Any]) -> None:
-    # The finalizer's target captures the backend and the raw stream handles,
-    # never the pool or its PooledStreams (which point back at the pool), so
-    # a pool dropped without close() can still be collected.
-    # Every stream is destroyed even if one fails (after a faulting kernel,
-    # every CUDA call reports the error); the first failure is raised last.
-    first_error: BaseException | None = None
-    while handles:
-        try:
-            backend.destroy_stream(handles.pop())
-        except Exception as exc:
-            first_error = first_error or exc
-    if first_error is not None:
-        raise first_error
 
 
 class CudaStreamPool(PoolCore):
@@ -120,6 +105,7 @@ class CudaStreamPool(PoolCore):
         check_flag("enable_affinity", enable_affinity)
         check_flag("non_blocking", non_blocking)
 
+        destroy_parked()  # a dropped pool's streams, if a foreign thread collected it
         self._backend: Backend = make_backend(backend, device)
         least, greatest = self._backend.priority_range()
         high = self._resolve_priority(high_priority, least, greatest)
@@ -140,7 +126,13 @@ class CudaStreamPool(PoolCore):
         self._streams: list[PooledStream] = []
         self._lanes: dict[StreamKind, Lane] = {}
         handles: list[Any] = []
-        self._finalizer = weakref.finalize(self, _destroy_handles, self._backend, handles)
+        # The finalizer's arguments hold the backend, the raw stream handles
+        # and the objects holding CUDA events, never the pool or its
+        # PooledStreams (which point back at the pool), so a pool dropped
+        # without close() can still be collected.
+        self._finalizer = weakref.finalize(
+            self, destroy_streams, self._backend, handles, (self.events, self._keys)
+        )
         self._finalizer.atexit = False  # no CUDA calls while the interpreter shuts down
         try:
             for kind, count in sizes.items():
@@ -263,7 +255,8 @@ class CudaStreamPool(PoolCore):
             except PoolExhaustedError:
                 self._exhaustions += 1
                 raise
-        previous = state.last_stream
+        last = state.last_stream_id
+        previous = None if last is None else self._streams[last]
         prefer = previous if self.enable_affinity and previous in lane.streams else None
         try:
             stream = self._take(lane, blocking, deadline, prefer)
@@ -453,6 +446,7 @@ class CudaStreamPool(PoolCore):
         still out become invalid (their methods raise ``PoolClosedError``, and
         their release is a no-op).
         """
+        destroy_parked()
         with self._lock:
             if self._closed:
                 return
@@ -509,6 +503,7 @@ def _mark_closed(streams: list[PooledStream]) -> None:
 
 
 def _after_fork_in_child() -> None:
+    forget_parked()
     for pool in list(_live_pools):
         pool._forked = True
         pool._closed = True

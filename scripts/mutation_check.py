@@ -2,8 +2,9 @@
 
 For each mutation below, a scratch copy of the tree gets one synchronization
 taken out (the line becomes ``pass``, or a hand-off loses the lease's stream,
-or a check of the C hot path is dropped, which rebuilds the extension), and
-the tests that guard it must then FAIL. Before any mutation, all the
+or a check of the C hot path is dropped, which rebuilds the extension, or a
+guard against CUDA calls on CUDA's own threads is switched off), and the tests
+that guard it must then FAIL. Before any mutation, all the
 tests involved must PASS on the untouched tree, and none may skip: a test that
 fails or skips anyway proves nothing when it fails under a mutation.
 
@@ -113,6 +114,15 @@ MUTATIONS = [
         "if (self->key != NULL || stream->state != state_leased",
         "if (stream->state != state_leased",
         ("tests/test_pool_gpu.py::test_moved_affinity_key_orders_on_the_gpu",),
+    ),
+    Mutation(
+        "core-park-on-cuda-thread", "cupystreams/_teardown.py",
+        "return isinstance(threading.current_thread(), threading._DummyThread)",
+        "return False",
+        (
+            "tests/test_pool_gpu.py::"
+            "test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there",
+        ),
     ),
     Mutation(
         "numba-stream", "adapters/numba.py",

@@ -8,6 +8,7 @@ what it should, so a passing fixture means something.
 from __future__ import annotations
 
 import gc
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from reliability_helpers import LiveObjects, live_objects, no_leaks, record_figures
 
-from cupystreams import CudaStreamPool, EventPool
+from cupystreams import CudaStreamPool, EventPool, _teardown
 from cupystreams._backends._host import HostBackend
 
 
@@ -231,3 +232,50 @@ def test_an_array_that_outlives_the_pool_strands_no_memory() -> None:
     mempool.free_all_blocks()
     left = mempool.total_bytes() - baseline
     assert left == 0, f"{left} bytes stranded in the arena of a closed pool's stream"
+
+
+def _collect_on_a_thread_python_did_not_start() -> None:
+    """gc.collect() on a thread started below threading, like CUDA's host-function thread."""
+    import _thread
+
+    done = threading.Event()
+
+    def collect() -> None:
+        try:
+            gc.collect()
+        finally:
+            done.set()
+
+    _thread.start_new_thread(collect, ())
+    assert done.wait(30), "the collecting thread did not finish"
+
+
+def test_a_pool_collected_on_a_foreign_thread_is_destroyed_on_a_python_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    destroyed_on: list[int] = []
+    destroy = HostBackend.destroy_stream
+
+    def recording_destroy(self: HostBackend, stream: Any) -> None:
+        destroyed_on.append(threading.get_ident())
+        destroy(self, stream)
+
+    monkeypatch.setattr(HostBackend, "destroy_stream", recording_destroy)
+    pool = CudaStreamPool(2, 1, 1, backend="host")
+    with pool.acquire_compute(affinity_key="k"):
+        pass  # the key keeps an event recorded at the lease's end
+    events = weakref.ref(pool.events)
+    ref = weakref.ref(pool)
+    del pool
+    _collect_on_a_thread_python_did_not_start()
+    assert ref() is None, "the foreign thread's collection did not free the pool"
+    # No stream destroyed there: CUDA refuses CUDA calls on its own threads.
+    assert destroyed_on == [] and _teardown.parked_count() == 1
+    assert events() is not None, "the event pool (CUDA events) was freed on that thread"
+
+    CudaStreamPool(1, 0, 0, backend="host").close()  # a Python thread: destroys what was parked
+    main = threading.get_ident()
+    assert destroyed_on == [main] * 5  # the dropped pool's four streams, then the new one's
+    assert _teardown.parked_count() == 0
+    gc.collect()
+    assert events() is None

@@ -165,3 +165,29 @@ def test_no_cuda_event_dies_on_a_host_function_thread(pool: CudaStreamPool) -> N
         lease.synchronize()
     # A CUDA event freed there would have raised cudaErrorNotPermitted in its
     # __del__, which pytest reports as an unraisable-exception error.
+
+
+def test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there(
+    pool: CudaStreamPool,
+) -> None:
+    """A pool dropped without close() is freed by the cycle collector, which may
+    run on CUDA's host-function thread. Destroying its streams there would be a
+    CUDA call CUDA refuses (a stream's synchronize could even hang): they wait
+    for the next pool made on a Python thread, and so do its CUDA events."""
+    import gc
+    import weakref
+
+    dropped = CudaStreamPool(2, 1, 0, backend="cupy")
+    with dropped.acquire_compute(affinity_key="k"):
+        pass  # the key keeps a CUDA event recorded at the lease's end
+    handle = weakref.ref(dropped._streams[0]._handle)
+    collected = weakref.ref(dropped)
+    del dropped
+    with pool.acquire_compute() as lease:
+        lease.launch_host_func(gc.collect)  # collects the pool on CUDA's thread
+        lease.synchronize()
+    assert collected() is None
+    assert handle() is not None, "a CUDA stream was freed on the host-function thread"
+    CudaStreamPool(1, 0, 0, backend="cupy").close()  # here, on a Python thread
+    gc.collect()
+    assert handle() is None, "the dropped pool's streams were never destroyed"
