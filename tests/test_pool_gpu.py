@@ -168,7 +168,7 @@ def test_no_cuda_event_dies_on_a_host_function_thread(pool: CudaStreamPool) -> N
 
 
 def test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there(
-    pool: CudaStreamPool,
+    gpu_pool: CudaStreamPool,
 ) -> None:
     """A pool dropped without close() is freed by the cycle collector, which may
     run on CUDA's host-function thread. Destroying its streams there would be a
@@ -183,7 +183,7 @@ def test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there(
     handle = weakref.ref(dropped._streams[0]._handle)
     collected = weakref.ref(dropped)
     del dropped
-    with pool.acquire_compute() as lease:
+    with gpu_pool.acquire_compute() as lease:
         lease.launch_host_func(gc.collect)  # collects the pool on CUDA's thread
         lease.synchronize()
     assert collected() is None
