@@ -13,6 +13,7 @@ from ._errors import LeaseError
 from ._events import PooledEvent
 from ._fastpath import LeaseCore
 from ._stream_args import pooled_source, resolve_stream
+from ._teardown import on_a_thread_python_did_not_start, park_lease
 from ._types import StreamState
 
 if TYPE_CHECKING:
@@ -158,6 +159,9 @@ class StreamLease(LeaseCore):
         """Return the stream of a lease being collected unreleased (LeaseCore calls this)."""
         stream = self._stream
         if stream is None or _is_finalizing() or stream.state is StreamState.CLOSED:
+            return
+        if on_a_thread_python_did_not_start():
+            park_lease(self)  # a release may call CUDA, which CUDA's own threads refuse
             return
         try:
             # e.g. still capturing a graph: a finalizer can do no better than leave it

@@ -20,7 +20,7 @@ from ._lanes import Lane
 from ._lease import StreamLease
 from ._stats import KindStats, PoolStats, StreamStats
 from ._stream import PooledStream
-from ._teardown import destroy_parked, destroy_streams, forget_parked
+from ._teardown import destroy_parked, destroy_streams, forget_parked, release_parked_leases
 from ._types import StreamKind, StreamPriority, StreamState
 from ._validate import check_count, check_flag, check_timeout
 
@@ -236,6 +236,7 @@ class CudaStreamPool(PoolCore):
             raise ValueError(
                 f"this pool has no {lane.kind.value} streams; create it with {name}=N (N > 0)"
             )
+        release_parked_leases()  # a dropped lease may be what this acquire waits for
         deadline = None if seconds is None else time.monotonic() + seconds
         if key is None:
             return new_lease(self._take(lane, blocking, deadline, None), None)

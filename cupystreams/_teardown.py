@@ -1,33 +1,52 @@
-"""Destroying a pool's streams: now, or later when the thread is CUDA's own.
+"""Giving back what is dropped: now, or later when the thread is CUDA's own.
 
-A pool dropped without ``close()`` is freed by the cycle collector (its
-streams point back at it), and a collection runs on whichever thread happens
-to allocate: possibly the thread on which CUDA runs host functions, a thread
-that Python did not start. CUDA calls are refused there (or may deadlock), so
-a finalizer on such a thread only parks the pool's CUDA objects; the next pool
-created or closed on a Python thread destroys them.
+A pool dropped without ``close()``, or a lease dropped unreleased inside a
+reference cycle, is freed by the cycle collector, and a collection runs on
+whichever thread happens to allocate: possibly the thread on which CUDA runs
+host functions, a thread that Python did not start. CUDA calls are refused
+there (or may deadlock), and a release makes some (a capture query, an event
+record). So a finalizer on such a thread only parks what it holds; a Python
+thread finishes the job:
+
+- a parked lease is released by the next acquire that leaves the fast path
+  (one that would wait, a keyed one), by ``close()``, or by a new pool;
+- a parked pool's streams and events are destroyed by a new pool or ``close()``.
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ._backends import Backend
 
-__all__ = ["destroy_parked", "destroy_streams", "forget_parked", "parked_count"]
+__all__ = [
+    "destroy_parked",
+    "destroy_streams",
+    "forget_parked",
+    "on_a_thread_python_did_not_start",
+    "park_lease",
+    "parked_count",
+    "release_parked_leases",
+]
+
+
+class _DroppedLease(Protocol):
+    def _release_dropped(self) -> None: ...
+
 
 # (backend, stream handles, objects whose CUDA events go with them), per pool.
-_parked: list[tuple[Backend, list[Any], object]] = []
+_parked_pools: list[tuple[Backend, list[Any], object]] = []
+_parked_leases: list[_DroppedLease] = []
 _parked_lock = threading.Lock()
 _orphans: list[object] = []  # a forked child's share of the parent's parked objects
 
 
-def _on_a_thread_python_did_not_start() -> bool:
-    # threading answers a thread it did not start (CUDA's host-function
-    # thread, a C++ library's worker) with a stand-in _DummyThread.
+def on_a_thread_python_did_not_start() -> bool:
+    """True on CUDA's host-function thread (and any thread Python did not start)."""
+    # threading answers such a thread with a stand-in _DummyThread.
     return isinstance(threading.current_thread(), threading._DummyThread)
 
 
@@ -39,9 +58,9 @@ def destroy_streams(backend: Backend, handles: list[Any], keep_alive: object) ->
     one fails (after a faulting kernel every CUDA call reports the error) and
     raises the first failure last.
     """
-    if _on_a_thread_python_did_not_start():
+    if on_a_thread_python_did_not_start():
         with _parked_lock:
-            _parked.append((backend, handles, keep_alive))
+            _parked_pools.append((backend, handles, keep_alive))
         return
     first_error: BaseException | None = None
     while handles:
@@ -53,18 +72,39 @@ def destroy_streams(backend: Backend, handles: list[Any], keep_alive: object) ->
         raise first_error
 
 
-def destroy_parked() -> None:
-    """Destroy what finalizers parked on threads Python did not start.
+def park_lease(lease: _DroppedLease) -> None:
+    """Keep a dropped lease (its finalizer runs on a thread Python did not start)."""
+    with _parked_lock:
+        _parked_leases.append(lease)
 
-    A failure is a warning, not an exception: it belongs to a pool nobody
-    holds any more, not to the caller.
-    """
-    if not _parked or _on_a_thread_python_did_not_start():
+
+def release_parked_leases() -> None:
+    """Release the leases parked by ``park_lease``, if this is a Python thread."""
+    if not _parked_leases or on_a_thread_python_did_not_start():
         return
     with _parked_lock:
-        parked = _parked[:]
-        _parked.clear()
-    for backend, handles, _keep_alive in parked:
+        leases = _parked_leases[:]
+        _parked_leases.clear()
+    for lease in leases:
+        lease._release_dropped()  # here it releases, and warns that it was dropped
+
+
+def destroy_parked() -> None:
+    """Release parked leases, then destroy parked pools' streams and events.
+
+    Leases first: a lease of a parked pool is released while its stream
+    still exists. A failure to destroy is a warning, not an exception: it
+    belongs to a pool nobody holds any more, not to the caller.
+    """
+    if on_a_thread_python_did_not_start():
+        return
+    release_parked_leases()
+    if not _parked_pools:
+        return
+    with _parked_lock:
+        pools = _parked_pools[:]
+        _parked_pools.clear()
+    for backend, handles, _keep_alive in pools:
         try:
             destroy_streams(backend, handles, None)
         except Exception as exc:
@@ -82,10 +122,12 @@ def forget_parked() -> None:
     """
     global _parked_lock
     _parked_lock = threading.Lock()  # a parent thread may have held it at fork
-    _orphans.extend(_parked)
-    _parked.clear()
+    _orphans.extend(_parked_pools)
+    _orphans.extend(_parked_leases)
+    _parked_pools.clear()
+    _parked_leases.clear()
 
 
-def parked_count() -> int:
-    """Pools whose streams wait for ``destroy_parked`` (for tests and stats)."""
-    return len(_parked)
+def parked_count() -> tuple[int, int]:
+    """(pools, leases) waiting for a Python thread, for tests."""
+    return len(_parked_pools), len(_parked_leases)

@@ -122,6 +122,7 @@ MUTATIONS = [
         (
             "tests/test_pool_gpu.py::"
             "test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there",
+            "tests/test_pool_gpu.py::test_a_lease_collected_on_a_host_function_thread_is_not_lost",
         ),
     ),
     Mutation(

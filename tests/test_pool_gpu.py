@@ -191,3 +191,25 @@ def test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there(
     CudaStreamPool(1, 0, 0, backend="cupy").close()  # here, on a Python thread
     gc.collect()
     assert handle() is None, "the dropped pool's streams were never destroyed"
+
+
+def test_a_lease_collected_on_a_host_function_thread_is_not_lost(
+    gpu_pool: CudaStreamPool,
+) -> None:
+    """A keyed lease dropped unreleased inside a reference cycle, collected on
+    CUDA's host-function thread: its release records a CUDA event, which CUDA
+    refuses there. It waits for a Python thread, and neither its stream nor
+    its key is lost."""
+    import gc
+
+    lease = gpu_pool.acquire_comm(affinity_key="k")
+    cycle: list[Any] = [lease]
+    cycle.append(cycle)
+    del lease, cycle
+    with gpu_pool.acquire_compute() as other:
+        other.launch_host_func(gc.collect)  # collects the lease on CUDA's thread
+        other.synchronize()
+    with pytest.warns(ResourceWarning, match="dropped without release"):
+        lease = gpu_pool.acquire_comm(affinity_key="k", timeout=5)
+    lease.release()
+    assert gpu_pool.stats().comm.leased == 0
