@@ -12,7 +12,6 @@ from ._errors import LeaseError, PoolClosedError
 from ._fastpath import EventCore, EventPoolCore, new_event
 from ._stats import EventPoolStats
 from ._stream_args import resolve_stream
-from ._teardown import on_a_thread_python_did_not_start, park_object
 from ._validate import check_count, check_flag
 
 if TYPE_CHECKING:
@@ -98,17 +97,6 @@ class PooledEvent(EventCore):
     def release(self) -> None:
         """Return the event to its pool (same as ``pool.release(event)``)."""
         self._pool.release(self)
-
-    def _dropped(self) -> None:
-        """A held event collected unreleased (EventCore calls this).
-
-        Its backend event is freed with it, except on a thread Python did not
-        start (CUDA refuses CUDA calls on its host-function thread): there it
-        is parked, for the next pool created or closed on a Python thread. It
-        stays counted as in use either way: a leak shows in ``stats()``.
-        """
-        if on_a_thread_python_did_not_start():
-            park_object(self._take_hold())
 
     def __repr__(self) -> str:
         state = "held" if self._held else "released"

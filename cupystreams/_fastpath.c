@@ -44,7 +44,6 @@ static PyObject *str_release_slow;     /* "_release_slow" */
 static PyObject *str_pool;             /* "_pool" */
 static PyObject *str_hand_off_locked;  /* "hand_off_locked" */
 static PyObject *str_release_dropped;  /* "_release_dropped" */
-static PyObject *str_dropped;          /* "_dropped" */
 static PyObject *str_check_open;       /* "_check_open" */
 static PyObject *str_enter;            /* "enter" */
 static PyObject *str_exit;             /* "exit" */
@@ -1050,23 +1049,6 @@ event_dealloc(EventCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* An event collected while still held: Python decides where its backend
- * event is freed (not on a thread where CUDA refuses CUDA calls). */
-static void
-event_finalize(EventCore *self)
-{
-    if (!self->held || self->handle == NULL) {
-        return;
-    }
-    PyObject *pending = take_exception();
-    PyObject *result = PyObject_CallMethodNoArgs((PyObject *)self, str_dropped);
-    if (result == NULL) {
-        PyErr_WriteUnraisable((PyObject *)self);
-    }
-    Py_XDECREF(result);
-    give_exception(pending);
-}
-
 /* An empty event, allocated before anything is taken (see the top comment). */
 static inline EventCore *
 alloc_event(void)
@@ -1128,7 +1110,6 @@ static PyTypeObject EventCoreType = {
     .tp_traverse = (traverseproc)event_traverse,
     .tp_clear = (inquiry)event_clear,
     .tp_dealloc = (destructor)event_dealloc,
-    .tp_finalize = (destructor)event_finalize,
     .tp_methods = event_methods,
     .tp_members = event_members,
 };
@@ -1493,7 +1474,6 @@ PyInit__fastpath(void)
         {&str_pool, "_pool"},
         {&str_hand_off_locked, "hand_off_locked"},
         {&str_release_dropped, "_release_dropped"},
-        {&str_dropped, "_dropped"},
         {&str_check_open, "_check_open"},
         {&str_enter, "enter"},
         {&str_exit, "exit"},

@@ -10,8 +10,7 @@ thread finishes the job:
 
 - a parked lease is released by the next acquire that leaves the fast path
   (one that would wait, a keyed one), by ``close()``, or by a new pool;
-- a parked pool's streams and events, and a parked event (one dropped while
-  held), are destroyed by a new pool or ``close()``.
+- a parked pool's streams and events are destroyed by a new pool or ``close()``.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ __all__ = [
     "forget_parked",
     "on_a_thread_python_did_not_start",
     "park_lease",
-    "park_object",
     "parked_count",
     "release_parked_leases",
 ]
@@ -42,7 +40,6 @@ class _DroppedLease(Protocol):
 # (backend, stream handles, objects whose CUDA events go with them), per pool.
 _parked_pools: list[tuple[Backend, list[Any], object]] = []
 _parked_leases: list[_DroppedLease] = []
-_parked_objects: list[object] = []  # backend events of events dropped while held
 _parked_lock = threading.Lock()
 _orphans: list[object] = []  # a forked child's share of the parent's parked objects
 
@@ -81,12 +78,6 @@ def park_lease(lease: _DroppedLease) -> None:
         _parked_leases.append(lease)
 
 
-def park_object(obj: object) -> None:
-    """Keep ``obj`` (say, a CUDA event) to be freed on a Python thread."""
-    with _parked_lock:
-        _parked_objects.append(obj)
-
-
 def release_parked_leases() -> None:
     """Release the leases parked by ``park_lease``, if this is a Python thread."""
     if not _parked_leases or on_a_thread_python_did_not_start():
@@ -108,13 +99,11 @@ def destroy_parked() -> None:
     if on_a_thread_python_did_not_start():
         return
     release_parked_leases()
-    if not (_parked_pools or _parked_objects):
+    if not _parked_pools:
         return
     with _parked_lock:
-        pools, objects = _parked_pools[:], _parked_objects[:]
+        pools = _parked_pools[:]
         _parked_pools.clear()
-        _parked_objects.clear()
-    del objects  # freed here, on this thread, outside the lock
     for backend, handles, _keep_alive in pools:
         try:
             destroy_streams(backend, handles, None)
@@ -135,12 +124,10 @@ def forget_parked() -> None:
     _parked_lock = threading.Lock()  # a parent thread may have held it at fork
     _orphans.extend(_parked_pools)
     _orphans.extend(_parked_leases)
-    _orphans.extend(_parked_objects)
     _parked_pools.clear()
     _parked_leases.clear()
-    _parked_objects.clear()
 
 
-def parked_count() -> tuple[int, int, int]:
-    """(pools, leases, other objects) waiting for a Python thread, for tests."""
-    return len(_parked_pools), len(_parked_leases), len(_parked_objects)
+def parked_count() -> tuple[int, int]:
+    """(pools, leases) waiting for a Python thread, for tests."""
+    return len(_parked_pools), len(_parked_leases)

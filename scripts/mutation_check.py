@@ -123,8 +123,6 @@ MUTATIONS = [
             "tests/test_pool_gpu.py::"
             "test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there",
             "tests/test_pool_gpu.py::test_a_lease_collected_on_a_host_function_thread_is_not_lost",
-            "tests/test_pool_gpu.py::"
-            "test_an_event_dropped_held_is_not_freed_on_a_host_function_thread",
         ),
     ),
     Mutation(

@@ -213,26 +213,3 @@ def test_a_lease_collected_on_a_host_function_thread_is_not_lost(
         lease = gpu_pool.acquire_comm(affinity_key="k", timeout=5)
     lease.release()
     assert gpu_pool.stats().comm.leased == 0
-
-
-def test_an_event_dropped_held_is_not_freed_on_a_host_function_thread(
-    gpu_pool: CudaStreamPool,
-) -> None:
-    """An event dropped while held, inside a reference cycle, and collected on
-    CUDA's host-function thread: its CUDA event is freed on a Python thread
-    later, not there (CUDA refuses the call)."""
-    import gc
-    import weakref
-
-    event = gpu_pool.events.acquire()
-    handle = weakref.ref(event.event)
-    cycle: list[Any] = [event]
-    cycle.append(cycle)
-    del event, cycle
-    with gpu_pool.acquire_compute() as lease:
-        lease.launch_host_func(gc.collect)  # collects the event on CUDA's thread
-        lease.synchronize()
-    assert handle() is not None, "a CUDA event was freed on the host-function thread"
-    CudaStreamPool(1, 0, 0, backend="cupy").close()  # here, on a Python thread
-    gc.collect()
-    assert handle() is None
