@@ -447,7 +447,6 @@ class CudaStreamPool(PoolCore):
         still out become invalid (their methods raise ``PoolClosedError``, and
         their release is a no-op).
         """
-        destroy_parked()
         with self._lock:
             if self._closed:
                 return
@@ -466,6 +465,7 @@ class CudaStreamPool(PoolCore):
                 # user still holds the CuPy stream object (then it is theirs).
                 stream._handle = None
             self.events._close()
+        destroy_parked()  # last: what it raises cannot leave this pool half closed
 
     def __enter__(self) -> CudaStreamPool:
         return self

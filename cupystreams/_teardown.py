@@ -79,40 +79,60 @@ def park_lease(lease: _DroppedLease) -> None:
 
 
 def release_parked_leases() -> None:
-    """Release the leases parked by ``park_lease``, if this is a Python thread."""
+    """Release the leases parked by ``park_lease``, if this is a Python thread.
+
+    Each is released and warned about (``ResourceWarning``). Under
+    ``-W error`` a warning raises: every lease is released first, then the
+    first such error is raised.
+    """
     if not _parked_leases or on_a_thread_python_did_not_start():
         return
     with _parked_lock:
         leases = _parked_leases[:]
         _parked_leases.clear()
+    first_error: Exception | None = None
     for lease in leases:
-        lease._release_dropped()  # here it releases, and warns that it was dropped
+        try:
+            lease._release_dropped()  # here it releases, then warns
+        except Exception as exc:
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
 
 
 def destroy_parked() -> None:
     """Release parked leases, then destroy parked pools' streams and events.
 
     Leases first: a lease of a parked pool is released while its stream
-    still exists. A failure to destroy is a warning, not an exception: it
-    belongs to a pool nobody holds any more, not to the caller.
+    still exists. Everything parked is dealt with before anything is raised.
+    A failure to destroy is a warning, not an exception: it belongs to a pool
+    nobody holds any more, not to the caller.
     """
     if on_a_thread_python_did_not_start():
         return
-    release_parked_leases()
-    if not _parked_pools:
-        return
+    lease_error: Exception | None = None
+    try:
+        release_parked_leases()
+    except Exception as exc:
+        lease_error = exc
     with _parked_lock:
         pools = _parked_pools[:]
         _parked_pools.clear()
+    failures: list[Exception] = []
     for backend, handles, _keep_alive in pools:
         try:
             destroy_streams(backend, handles, None)
         except Exception as exc:
-            warnings.warn(
-                f"a pool dropped without close() left streams that could not be destroyed: {exc}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            failures.append(exc)
+    if failures:
+        warnings.warn(
+            f"{len(failures)} pool(s) dropped without close() left streams that could "
+            f"not be destroyed; the first error: {failures[0]}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if lease_error is not None:
+        raise lease_error
 
 
 def forget_parked() -> None:

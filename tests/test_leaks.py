@@ -299,3 +299,20 @@ def test_a_lease_collected_on_a_foreign_thread_is_released_on_a_python_thread() 
     lease.release()
     assert pool.stats().compute.leased == 0
     pool.close()
+
+
+def test_parked_leases_all_return_when_their_warning_is_an_error() -> None:
+    pool = CudaStreamPool(2, 0, 0, backend="host")
+    cycle: list[Any] = [pool.acquire_compute(), pool.acquire_compute()]
+    cycle.append(cycle)
+    del cycle
+    _collect_on_a_thread_python_did_not_start()
+    assert _teardown.parked_count() == (0, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        with pytest.raises(ResourceWarning, match="dropped without release"):
+            pool.acquire_compute(timeout=5)
+    # Both came back before the error was raised; the acquire took nothing.
+    assert _teardown.parked_count() == (0, 0)
+    assert pool.stats().compute.leased == 0
+    pool.close()
