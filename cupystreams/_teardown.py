@@ -40,7 +40,9 @@ class _DroppedLease(Protocol):
 # (backend, stream handles, objects whose CUDA events go with them), per pool.
 _parked_pools: list[tuple[Backend, list[Any], object]] = []
 _parked_leases: list[_DroppedLease] = []
-_parked_lock = threading.Lock()
+# Re-entrant: a collection may start inside a locked block (any allocation)
+# and run a finalizer that parks on the same thread.
+_parked_lock = threading.RLock()
 _orphans: list[object] = []  # a forked child's share of the parent's parked objects
 
 
@@ -59,8 +61,9 @@ def destroy_streams(backend: Backend, handles: list[Any], keep_alive: object) ->
     raises the first failure last.
     """
     if on_a_thread_python_did_not_start():
+        parked = (backend, handles, keep_alive)
         with _parked_lock:
-            _parked_pools.append((backend, handles, keep_alive))
+            _parked_pools.append(parked)
         return
     first_error: BaseException | None = None
     while handles:
@@ -141,7 +144,7 @@ def forget_parked() -> None:
     They are kept, never freed: freeing a CuPy stream or event calls CUDA.
     """
     global _parked_lock
-    _parked_lock = threading.Lock()  # a parent thread may have held it at fork
+    _parked_lock = threading.RLock()  # a parent thread may have held it at fork
     _orphans.extend(_parked_pools)
     _orphans.extend(_parked_leases)
     _parked_pools.clear()
