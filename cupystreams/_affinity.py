@@ -48,6 +48,10 @@ class AffinityTable:
         self.max_keys = max_keys
         self.changed = threading.Condition(lock)
         self._keys: OrderedDict[Hashable, KeyState] = OrderedDict()
+        # The keys' last events, apart from the keys: the pool's finalizer
+        # keeps these (their CUDA events must not die on CUDA's thread), never
+        # the keys, which are the user's objects and may lead back to the pool.
+        self.events: set[PooledEvent] = set()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -124,6 +128,7 @@ class AffinityTable:
             return [event]
         stale = [] if state.last_event is None else [state.last_event]
         state.last_stream_id, state.last_event, state.holder = stream.stream_id, event, None
+        self.events.add(event)
         excess = len(self._keys) - self.max_keys
         if excess > 0:
             # Oldest first, skipping keys in use (held, or with threads queued);
@@ -138,11 +143,13 @@ class AffinityTable:
                 old = self._keys.pop(old_key)
                 if old.last_event is not None:
                     stale.append(old.last_event)
+        self.events.difference_update(stale)
         self.changed.notify_all()
         return stale
 
     def clear(self) -> list[PooledEvent]:
         events = [s.last_event for s in self._keys.values() if s.last_event is not None]
         self._keys.clear()
+        self.events.clear()
         self.changed.notify_all()
         return events

@@ -176,6 +176,18 @@ class StreamLease(LeaseCore):
                 stacklevel=1,
             )
 
+    def _release_parked(self) -> None:
+        """Release a lease whose finalizer ran on CUDA's thread (the teardown thread calls this)."""
+        stream = self._stream
+        pool = None if stream is None else stream._pool
+        try:
+            self._release_dropped()
+        finally:
+            if pool is not None and not pool._finalizer.alive:
+                # Collected with this lease and brought back by it: its
+                # finalizer is spent, so its CUDA objects go here, by close().
+                pool.close()
+
     def __repr__(self) -> str:
         stream = self._stream
         if stream is None:

@@ -20,7 +20,7 @@ from ._lanes import Lane
 from ._lease import StreamLease
 from ._stats import KindStats, PoolStats, StreamStats
 from ._stream import PooledStream
-from ._teardown import destroy_parked, destroy_streams, forget_parked, release_parked_leases
+from ._teardown import destroy_streams, forget_parked, start_teardown_thread
 from ._types import StreamKind, StreamPriority, StreamState
 from ._validate import check_count, check_flag, check_timeout
 
@@ -105,7 +105,7 @@ class CudaStreamPool(PoolCore):
         check_flag("enable_affinity", enable_affinity)
         check_flag("non_blocking", non_blocking)
 
-        destroy_parked()  # a dropped pool's streams, if a foreign thread collected it
+        start_teardown_thread()  # for this pool's finalizer, should CUDA's thread run it
         self._backend: Backend = make_backend(backend, device)
         least, greatest = self._backend.priority_range()
         high = self._resolve_priority(high_priority, least, greatest)
@@ -131,7 +131,7 @@ class CudaStreamPool(PoolCore):
         # PooledStreams (which point back at the pool), so a pool dropped
         # without close() can still be collected.
         self._finalizer = weakref.finalize(
-            self, destroy_streams, self._backend, handles, (self.events, self._keys)
+            self, destroy_streams, self._backend, handles, (self.events, self._keys.events)
         )
         self._finalizer.atexit = False  # no CUDA calls while the interpreter shuts down
         try:
@@ -236,7 +236,6 @@ class CudaStreamPool(PoolCore):
             raise ValueError(
                 f"this pool has no {lane.kind.value} streams; create it with {name}=N (N > 0)"
             )
-        release_parked_leases()  # a dropped lease may be what this acquire waits for
         deadline = None if seconds is None else time.monotonic() + seconds
         if key is None:
             return new_lease(self._take(lane, blocking, deadline, None), None)
@@ -465,7 +464,6 @@ class CudaStreamPool(PoolCore):
                 # user still holds the CuPy stream object (then it is theirs).
                 stream._handle = None
             self.events._close()
-        destroy_parked()  # last: what it raises cannot leave this pool half closed
 
     def __enter__(self) -> CudaStreamPool:
         return self

@@ -1,48 +1,55 @@
-"""Giving back what is dropped: now, or later when the thread is CUDA's own.
+"""Giving back what is dropped: here, or on a thread of ours when this one is CUDA's.
 
 A pool dropped without ``close()``, or a lease dropped unreleased inside a
 reference cycle, is freed by the cycle collector, and a collection runs on
 whichever thread happens to allocate: possibly the thread on which CUDA runs
 host functions, a thread that Python did not start. CUDA calls are refused
-there (or may deadlock), and a release makes some (a capture query, an event
-record). So a finalizer on such a thread only parks what it holds; a Python
-thread finishes the job:
+there (or may deadlock), and both a pool's teardown and a release make some
+(a synchronize, a capture query, an event record).
 
-- a parked lease is released by the next acquire that leaves the fast path
-  (one that would wait, a keyed one), by ``close()``, or by a new pool;
-- a parked pool's streams and events are destroyed by a new pool or ``close()``.
+So a finalizer on such a thread only hands what it holds to the teardown
+thread, a daemon thread of this module, through a ``queue.SimpleQueue``:
+its ``put`` is reentrant, safe inside a finalizer that interrupted another
+``put`` on the same thread, and takes no lock a finalizer could deadlock on.
+The teardown thread releases the leases (waiters get their streams as from any
+release), then destroys the pools' streams; a pool that one of those leases
+brought back to life is closed there too.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import sys
 import threading
-import warnings
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ._backends import Backend
 
 __all__ = [
-    "destroy_parked",
     "destroy_streams",
     "forget_parked",
     "on_a_thread_python_did_not_start",
     "park_lease",
-    "parked_count",
-    "release_parked_leases",
+    "start_teardown_thread",
+    "wait_settled",
 ]
 
-
-class _DroppedLease(Protocol):
-    def _release_dropped(self) -> None: ...
+THREAD_NAME = "cupystreams-teardown"
 
 
-# (backend, stream handles, objects whose CUDA events go with them), per pool.
-_parked_pools: list[tuple[Backend, list[Any], object]] = []
-_parked_leases: list[_DroppedLease] = []
-# Re-entrant: a collection may start inside a locked block (any allocation)
-# and run a finalizer that parks on the same thread.
-_parked_lock = threading.RLock()
+class _ParkedLease(Protocol):
+    def _release_parked(self) -> None: ...
+
+
+# ("lease", lease), ("pool", backend, stream handles, objects holding CUDA
+# events), or ("flush", threading.Event) from wait_settled.
+_Parked = tuple[Any, ...]
+
+_parked: queue.SimpleQueue[_Parked] = queue.SimpleQueue()
+_started_in: int | None = None  # the pid whose teardown thread is running
+_start_lock = threading.Lock()
 _orphans: list[object] = []  # a forked child's share of the parent's parked objects
 
 
@@ -52,18 +59,27 @@ def on_a_thread_python_did_not_start() -> bool:
     return isinstance(threading.current_thread(), threading._DummyThread)
 
 
+def start_teardown_thread() -> None:
+    """Start this process's teardown thread, once (every pool calls this)."""
+    global _started_in
+    if _started_in == os.getpid():
+        return
+    with _start_lock:
+        if _started_in != os.getpid():
+            threading.Thread(target=_serve, name=THREAD_NAME, daemon=True).start()
+            _started_in = os.getpid()
+
+
 def destroy_streams(backend: Backend, handles: list[Any], keep_alive: object) -> None:
     """Destroy every stream in ``handles``; ``keep_alive`` is dropped with them.
 
-    The target of a pool's finalizer. On a thread Python did not start, parks
-    everything for ``destroy_parked``. Otherwise destroys every stream even if
-    one fails (after a faulting kernel every CUDA call reports the error) and
-    raises the first failure last.
+    The target of a pool's finalizer. On a thread Python did not start, hands
+    everything to the teardown thread. Otherwise destroys every stream even
+    if one fails (after a faulting kernel every CUDA call reports the error)
+    and raises the first failure last.
     """
     if on_a_thread_python_did_not_start():
-        parked = (backend, handles, keep_alive)
-        with _parked_lock:
-            _parked_pools.append(parked)
+        _parked.put(("pool", backend, handles, keep_alive))
         return
     first_error: BaseException | None = None
     while handles:
@@ -75,82 +91,68 @@ def destroy_streams(backend: Backend, handles: list[Any], keep_alive: object) ->
         raise first_error
 
 
-def park_lease(lease: _DroppedLease) -> None:
-    """Keep a dropped lease (its finalizer runs on a thread Python did not start)."""
-    with _parked_lock:
-        _parked_leases.append(lease)
+def park_lease(lease: _ParkedLease) -> None:
+    """Hand a dropped lease to the teardown thread, which releases it."""
+    _parked.put(("lease", lease))
 
 
-def release_parked_leases() -> None:
-    """Release the leases parked by ``park_lease``, if this is a Python thread.
+def wait_settled(timeout: float = 10.0) -> bool:
+    """Wait until everything parked before this call has been dealt with.
 
-    Each is released and warned about (``ResourceWarning``). Under
-    ``-W error`` a warning raises: every lease is released first, then the
-    first such error is raised.
+    For tests; call from a Python thread of a process that has made a pool.
+    Returns False on timeout.
     """
-    if not _parked_leases or on_a_thread_python_did_not_start():
-        return
-    with _parked_lock:
-        leases = _parked_leases[:]
-        _parked_leases.clear()
-    first_error: Exception | None = None
-    for lease in leases:
-        try:
-            lease._release_dropped()  # here it releases, then warns
-        except Exception as exc:
-            first_error = first_error or exc
-    if first_error is not None:
-        raise first_error
+    done = threading.Event()
+    _parked.put(("flush", done))
+    return done.wait(timeout)
 
 
-def destroy_parked() -> None:
-    """Release parked leases, then destroy parked pools' streams and events.
+def _serve() -> None:
+    while True:
+        batch = [_parked.get()]
+        while True:
+            try:
+                batch.append(_parked.get_nowait())
+            except queue.Empty:
+                break
+        # Leases first, so that one of a parked pool is released while its
+        # stream is alive; the sort is stable, so a flush stays behind what
+        # was parked before it.
+        batch.sort(key=lambda item: item[0] != "lease")
+        for item in batch:
+            try:
+                _deal_with(item)
+            except Exception:
+                _report()
+        del batch, item  # nothing parked stays alive in this thread's frame
 
-    Leases first: a lease of a parked pool is released while its stream
-    still exists. Everything parked is dealt with before anything is raised.
-    A failure to destroy is a warning, not an exception: it belongs to a pool
-    nobody holds any more, not to the caller.
-    """
-    if on_a_thread_python_did_not_start():
-        return
-    lease_error: Exception | None = None
-    try:
-        release_parked_leases()
-    except Exception as exc:
-        lease_error = exc
-    with _parked_lock:
-        pools = _parked_pools[:]
-        _parked_pools.clear()
-    failures: list[Exception] = []
-    for backend, handles, _keep_alive in pools:
-        try:
-            destroy_streams(backend, handles, None)
-        except Exception as exc:
-            failures.append(exc)
-    if failures:
-        warnings.warn(
-            f"{len(failures)} pool(s) dropped without close() left streams that could "
-            f"not be destroyed; the first error: {failures[0]}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    if lease_error is not None:
-        raise lease_error
+
+def _deal_with(item: _Parked) -> None:
+    kind = item[0]
+    if kind == "lease":
+        item[1]._release_parked()
+    elif kind == "pool":
+        _, backend, handles, _keep_alive = item
+        destroy_streams(backend, handles, None)
+    else:
+        item[1].set()
+
+
+def _report() -> None:
+    # As an exception in a finalizer is reported: printed, and the thread goes on.
+    exc_type, exc, tb = sys.exc_info()
+    assert exc_type is not None
+    threading.excepthook(threading.ExceptHookArgs((exc_type, exc, tb, threading.current_thread())))
 
 
 def forget_parked() -> None:
     """After fork, in the child: the parent's CUDA objects are not ours to destroy.
 
-    They are kept, never freed: freeing a CuPy stream or event calls CUDA.
+    They are kept, never freed (freeing a CuPy stream or event calls CUDA),
+    and the child starts its own teardown thread with its first pool.
     """
-    global _parked_lock
-    _parked_lock = threading.RLock()  # a parent thread may have held it at fork
-    _orphans.extend(_parked_pools)
-    _orphans.extend(_parked_leases)
-    _parked_pools.clear()
-    _parked_leases.clear()
-
-
-def parked_count() -> tuple[int, int]:
-    """(pools, leases) waiting for a Python thread, for tests."""
-    return len(_parked_pools), len(_parked_leases)
+    global _parked, _started_in, _start_lock
+    _orphans.append(_parked)
+    _parked = queue.SimpleQueue()
+    _started_in = None
+    _start_lock = threading.Lock()  # a parent thread may have held it at fork

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from reliability_helpers import LiveObjects, live_objects, no_leaks, record_figu
 
 from cupystreams import CudaStreamPool, EventPool, _teardown
 from cupystreams._backends._host import HostBackend
+from cupystreams._lease import StreamLease
 
 
 @pytest.fixture(autouse=True)
@@ -250,69 +252,137 @@ def _collect_on_a_thread_python_did_not_start() -> None:
     assert done.wait(30), "the collecting thread did not finish"
 
 
-def test_a_pool_collected_on_a_foreign_thread_is_destroyed_on_a_python_thread(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    destroyed_on: list[int] = []
+@pytest.fixture
+def destroyed_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread of every host-backend stream destroyed from now on."""
+    names: list[str] = []
     destroy = HostBackend.destroy_stream
 
     def recording_destroy(self: HostBackend, stream: Any) -> None:
-        destroyed_on.append(threading.get_ident())
+        names.append(threading.current_thread().name)
         destroy(self, stream)
 
     monkeypatch.setattr(HostBackend, "destroy_stream", recording_destroy)
+    return names
+
+
+@pytest.fixture
+def released_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread of every lease released through Python from now on."""
+    names: list[str] = []
+    release = StreamLease.release
+
+    def recording_release(self: StreamLease) -> None:
+        names.append(threading.current_thread().name)
+        release(self)
+
+    monkeypatch.setattr(StreamLease, "release", recording_release)
+    return names
+
+
+def test_a_pool_collected_on_a_foreign_thread_is_destroyed_on_the_teardown_thread(
+    destroyed_on: list[str],
+) -> None:
     pool = CudaStreamPool(2, 1, 1, backend="host")
     with pool.acquire_compute(affinity_key="k"):
         pass  # the key keeps an event recorded at the lease's end
     events = weakref.ref(pool.events)
     ref = weakref.ref(pool)
-    del pool
-    _collect_on_a_thread_python_did_not_start()
+    gc.disable()  # no collection on this thread in between
+    try:
+        del pool
+        _collect_on_a_thread_python_did_not_start()
+    finally:
+        gc.enable()
     assert ref() is None, "the foreign thread's collection did not free the pool"
-    # No stream destroyed there: CUDA refuses CUDA calls on its own threads.
-    assert destroyed_on == [] and _teardown.parked_count() == (1, 0)
-    assert events() is not None, "the event pool (CUDA events) was freed on that thread"
-
-    CudaStreamPool(1, 0, 0, backend="host").close()  # a Python thread: destroys what was parked
-    main = threading.get_ident()
-    assert destroyed_on == [main] * 5  # the dropped pool's four streams, then the new one's
-    assert _teardown.parked_count() == (0, 0)
+    assert _teardown.wait_settled()
+    # Not one stream destroyed on the collecting thread: CUDA refuses CUDA
+    # calls on its own threads. The teardown thread destroyed them all.
+    assert destroyed_on == [_teardown.THREAD_NAME] * 4
     gc.collect()
     assert events() is None
 
 
-def test_a_lease_collected_on_a_foreign_thread_is_released_on_a_python_thread() -> None:
+def test_a_pool_whose_key_leads_back_to_it_is_still_collected() -> None:
+    class Worker:
+        def __init__(self, pool: CudaStreamPool) -> None:
+            self.pool = pool
+
+        def step(self) -> None:
+            with self.pool.acquire_compute(affinity_key=self):
+                pass
+
+    pool = CudaStreamPool(1, 0, 0, backend="host")
+    worker = Worker(pool)
+    worker.step()
+    ref = weakref.ref(pool)
+    del pool, worker
+    gc.collect()
+    assert ref() is None, "the pool's finalizer keeps the user's key, which keeps the pool"
+
+
+def test_a_lease_collected_on_a_foreign_thread_is_released_on_the_teardown_thread(
+    released_on: list[str],
+) -> None:
     pool = CudaStreamPool(1, 0, 0, backend="host")
     lease = pool.acquire_compute(affinity_key="k")
     cycle: list[Any] = [lease]
     cycle.append(cycle)
     del lease, cycle
-    _collect_on_a_thread_python_did_not_start()
-    # Parked, not released: a release may call CUDA, refused on CUDA's threads.
-    assert _teardown.parked_count() == (0, 1)
-    assert pool.stats().compute.leased == 1
-    # The next acquire that leaves the fast path releases it first, so the
-    # key is free again (otherwise: "this thread already holds a lease").
     with pytest.warns(ResourceWarning, match="dropped without release"):
-        lease = pool.acquire_compute(affinity_key="k", timeout=5)
-    assert _teardown.parked_count() == (0, 0)
-    lease.release()
+        _collect_on_a_thread_python_did_not_start()
+        assert _teardown.wait_settled()
     assert pool.stats().compute.leased == 0
+    assert released_on == [_teardown.THREAD_NAME]  # not the collecting thread
+    # The key is free again (not "this thread already holds a lease").
+    pool.acquire_compute(affinity_key="k", blocking=False).release()
     pool.close()
 
 
-def test_parked_leases_all_return_when_their_warning_is_an_error() -> None:
-    pool = CudaStreamPool(2, 0, 0, backend="host")
-    cycle: list[Any] = [pool.acquire_compute(), pool.acquire_compute()]
+def test_a_thread_waiting_for_a_stream_gets_the_one_a_dropped_lease_held() -> None:
+    pool = CudaStreamPool(1, 0, 0, backend="host")
+    lease = pool.acquire_compute()
+    got: list[bool] = []
+
+    def wait_for_the_stream() -> None:
+        with pool.acquire_compute(timeout=10):
+            got.append(True)
+
+    waiter = threading.Thread(target=wait_for_the_stream)
+    waiter.start()
+    while pool.stats().compute.waiting == 0:
+        time.sleep(0.001)
+    cycle: list[Any] = [lease]
     cycle.append(cycle)
-    del cycle
-    _collect_on_a_thread_python_did_not_start()
-    assert _teardown.parked_count() == (0, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ResourceWarning)
-        with pytest.raises(ResourceWarning, match="dropped without release"):
-            pool.acquire_compute(timeout=5)
-    # Both came back before the error was raised; the acquire took nothing.
-    assert _teardown.parked_count() == (0, 0)
-    assert pool.stats().compute.leased == 0
+    del lease, cycle
+    with pytest.warns(ResourceWarning, match="dropped without release"):
+        _collect_on_a_thread_python_did_not_start()
+        waiter.join(10)
+    assert got == [True], "the waiter never got the dropped lease's stream"
     pool.close()
+
+
+def test_a_lease_and_its_pool_collected_together_on_a_foreign_thread(
+    destroyed_on: list[str],
+) -> None:
+    pool = CudaStreamPool(1, 0, 0, backend="host")
+    lease = pool.acquire_compute()
+    worker = pool._streams[0]._handle._worker
+    events = pool.events  # holds nothing that leads back to the pool
+    cycle: list[Any] = [lease, pool]
+    cycle.append(cycle)
+    gc.disable()
+    try:
+        del lease, pool, cycle
+        with pytest.warns(ResourceWarning, match="dropped without release"):
+            _collect_on_a_thread_python_did_not_start()
+            assert _teardown.wait_settled()
+        # The lease brought its pool back to life after the pool's finalizer
+        # ran; the teardown thread released the lease, then closed the pool
+        # (which closed its events too).
+        assert events._closed_reason is not None
+    finally:
+        gc.enable()
+    assert destroyed_on == [_teardown.THREAD_NAME]
+    worker.join(10)
+    assert not worker.is_alive()

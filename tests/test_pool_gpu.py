@@ -172,25 +172,33 @@ def test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there(
 ) -> None:
     """A pool dropped without close() is freed by the cycle collector, which may
     run on CUDA's host-function thread. Destroying its streams there would be a
-    CUDA call CUDA refuses (a stream's synchronize could even hang): they wait
-    for the next pool made on a Python thread, and so do its CUDA events."""
+    CUDA call CUDA refuses (a stream's synchronize could even hang): the
+    teardown thread destroys them, and frees their CUDA events."""
     import gc
+    import threading
     import weakref
+
+    from cupystreams import _teardown
 
     dropped = CudaStreamPool(2, 1, 0, backend="cupy")
     with dropped.acquire_compute(affinity_key="k"):
         pass  # the key keeps a CUDA event recorded at the lease's end
-    handle = weakref.ref(dropped._streams[0]._handle)
+    freed_on: list[str] = []
+    for stream in dropped._streams:
+        weakref.finalize(stream._handle, lambda: freed_on.append(threading.current_thread().name))
     collected = weakref.ref(dropped)
-    del dropped
-    with gpu_pool.acquire_compute() as lease:
-        lease.launch_host_func(gc.collect)  # collects the pool on CUDA's thread
-        lease.synchronize()
-    assert collected() is None
-    assert handle() is not None, "a CUDA stream was freed on the host-function thread"
-    CudaStreamPool(1, 0, 0, backend="cupy").close()  # here, on a Python thread
+    gc.disable()  # no collection on this thread in between
+    try:
+        del dropped, stream
+        with gpu_pool.acquire_compute() as lease:
+            lease.launch_host_func(gc.collect)  # collects the pool on CUDA's thread
+            lease.synchronize()
+        assert collected() is None
+        assert _teardown.wait_settled()
+    finally:
+        gc.enable()
     gc.collect()
-    assert handle() is None, "the dropped pool's streams were never destroyed"
+    assert freed_on == [_teardown.THREAD_NAME] * 3, "streams freed elsewhere, or never"
 
 
 def test_a_lease_collected_on_a_host_function_thread_is_not_lost(
@@ -198,18 +206,20 @@ def test_a_lease_collected_on_a_host_function_thread_is_not_lost(
 ) -> None:
     """A keyed lease dropped unreleased inside a reference cycle, collected on
     CUDA's host-function thread: its release records a CUDA event, which CUDA
-    refuses there. It waits for a Python thread, and neither its stream nor
+    refuses there. The teardown thread releases it; neither its stream nor
     its key is lost."""
     import gc
+
+    from cupystreams import _teardown
 
     lease = gpu_pool.acquire_comm(affinity_key="k")
     cycle: list[Any] = [lease]
     cycle.append(cycle)
     del lease, cycle
-    with gpu_pool.acquire_compute() as other:
-        other.launch_host_func(gc.collect)  # collects the lease on CUDA's thread
-        other.synchronize()
     with pytest.warns(ResourceWarning, match="dropped without release"):
-        lease = gpu_pool.acquire_comm(affinity_key="k", timeout=5)
-    lease.release()
+        with gpu_pool.acquire_compute() as other:
+            other.launch_host_func(gc.collect)  # collects the lease on CUDA's thread
+            other.synchronize()
+        assert _teardown.wait_settled()
     assert gpu_pool.stats().comm.leased == 0
+    gpu_pool.acquire_comm(affinity_key="k", blocking=False).release()
