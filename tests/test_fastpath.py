@@ -25,6 +25,9 @@ CYCLES = 1000
 
 
 def _counts(*objects: object) -> list[int]:
+    # Garbage of earlier tests holds instances, and each holds its class: a
+    # collection in the middle of a test would change the classes' counts.
+    gc.collect()
     return [sys.getrefcount(obj) for obj in objects]
 
 
