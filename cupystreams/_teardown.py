@@ -10,18 +10,20 @@ there (or may deadlock), and both a pool's teardown and a release make some
 So a finalizer on such a thread only hands what it holds to the teardown
 thread, a daemon thread of this module, through a ``queue.SimpleQueue``:
 its ``put`` is reentrant, safe inside a finalizer that interrupted another
-``put`` on the same thread, and takes no lock a finalizer could deadlock on.
-The teardown thread releases the leases (waiters get their streams as from any
-release), then destroys the pools' streams; a pool that one of those leases
-brought back to life is closed there too.
+``put`` on the same thread. The teardown thread releases the leases (waiters
+get their streams as from any release) and destroys the pools' streams; a pool
+that one of those leases brought back to life is closed there too. An error
+there is printed, and the thread goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
 import threading
+import traceback
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -48,7 +50,8 @@ class _ParkedLease(Protocol):
 _Parked = tuple[Any, ...]
 
 _parked: queue.SimpleQueue[_Parked] = queue.SimpleQueue()
-_started_in: int | None = None  # the pid whose teardown thread is running
+_thread: threading.Thread | None = None  # this process's teardown thread
+_started_in: int | None = None  # the pid that started it (a fork's child has none)
 _start_lock = threading.Lock()
 _orphans: list[object] = []  # a forked child's share of the parent's parked objects
 
@@ -60,14 +63,19 @@ def on_a_thread_python_did_not_start() -> bool:
 
 
 def start_teardown_thread() -> None:
-    """Start this process's teardown thread, once (every pool calls this)."""
-    global _started_in
-    if _started_in == os.getpid():
+    """Start this process's teardown thread unless it runs (every pool calls this)."""
+    global _thread, _started_in
+    if _started_in == os.getpid() and _thread is not None and _thread.is_alive():
         return
     with _start_lock:
-        if _started_in != os.getpid():
-            threading.Thread(target=_serve, name=THREAD_NAME, daemon=True).start()
-            _started_in = os.getpid()
+        if _started_in == os.getpid() and _thread is not None and _thread.is_alive():
+            return
+        thread = threading.Thread(target=_serve, name=THREAD_NAME, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            return  # at interpreter shutdown (3.12+): nothing will be parked any more
+        _thread, _started_in = thread, os.getpid()
 
 
 def destroy_streams(backend: Backend, handles: list[Any], keep_alive: object) -> None:
@@ -109,40 +117,50 @@ def wait_settled(timeout: float = 10.0) -> bool:
 
 def _serve() -> None:
     while True:
-        batch = [_parked.get()]
-        while True:
-            try:
-                batch.append(_parked.get_nowait())
-            except queue.Empty:
-                break
-        # Leases first, so that one of a parked pool is released while its
-        # stream is alive; the sort is stable, so a flush stays behind what
-        # was parked before it.
-        batch.sort(key=lambda item: item[0] != "lease")
-        for item in batch:
-            try:
-                _deal_with(item)
-            except Exception:
-                _report()
-        del batch, item  # nothing parked stays alive in this thread's frame
+        # What was parked lives only in _serve_batch's frame: gone when the
+        # flushes are set, so a waiter of wait_settled finds it all freed.
+        for done in _serve_batch(_take_batch()):
+            done.set()
+
+
+def _take_batch() -> list[_Parked]:
+    batch = [_parked.get()]
+    while True:
+        try:
+            batch.append(_parked.get_nowait())
+        except queue.Empty:
+            return batch
+
+
+def _serve_batch(batch: list[_Parked]) -> list[threading.Event]:
+    """Deal with ``batch``; return the events of the flushes in it."""
+    # Leases first within a batch: one collected with its pool is usually
+    # released before the pool's streams are destroyed (a pool served in an
+    # earlier batch is closed by the lease's release anyway).
+    work = sorted((item for item in batch if item[0] != "flush"), key=lambda i: i[0] != "lease")
+    flushes = [item[1] for item in batch if item[0] == "flush"]
+    batch.clear()
+    while work:
+        try:
+            _deal_with(work.pop(0))
+        except BaseException:
+            _report()
+    return flushes
 
 
 def _deal_with(item: _Parked) -> None:
-    kind = item[0]
-    if kind == "lease":
+    if item[0] == "lease":
         item[1]._release_parked()
-    elif kind == "pool":
+    else:
         _, backend, handles, _keep_alive = item
         destroy_streams(backend, handles, None)
-    else:
-        item[1].set()
 
 
 def _report() -> None:
-    # As an exception in a finalizer is reported: printed, and the thread goes on.
-    exc_type, exc, tb = sys.exc_info()
-    assert exc_type is not None
-    threading.excepthook(threading.ExceptHookArgs((exc_type, exc, tb, threading.current_thread())))
+    # As an exception in a finalizer is reported: printed, and the thread goes
+    # on, whatever printing does (a closed stderr must not stop the teardown).
+    with contextlib.suppress(BaseException):
+        traceback.print_exc(file=sys.stderr)
 
 
 def forget_parked() -> None:
@@ -151,8 +169,8 @@ def forget_parked() -> None:
     They are kept, never freed (freeing a CuPy stream or event calls CUDA),
     and the child starts its own teardown thread with its first pool.
     """
-    global _parked, _started_in, _start_lock
+    global _parked, _thread, _started_in, _start_lock
     _orphans.append(_parked)
     _parked = queue.SimpleQueue()
-    _started_in = None
+    _thread = _started_in = None
     _start_lock = threading.Lock()  # a parent thread may have held it at fork

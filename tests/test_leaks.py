@@ -7,6 +7,7 @@ what it should, so a passing fixture means something.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -252,6 +253,16 @@ def _collect_on_a_thread_python_did_not_start() -> None:
     assert done.wait(30), "the collecting thread did not finish"
 
 
+@contextlib.contextmanager
+def no_collection_here() -> Iterator[None]:
+    """No automatic collection on this thread: the foreign thread's must find the garbage."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 @pytest.fixture
 def destroyed_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The name of the thread of every host-backend stream destroyed from now on."""
@@ -288,12 +299,9 @@ def test_a_pool_collected_on_a_foreign_thread_is_destroyed_on_the_teardown_threa
         pass  # the key keeps an event recorded at the lease's end
     events = weakref.ref(pool.events)
     ref = weakref.ref(pool)
-    gc.disable()  # no collection on this thread in between
-    try:
+    with no_collection_here():
         del pool
         _collect_on_a_thread_python_did_not_start()
-    finally:
-        gc.enable()
     assert ref() is None, "the foreign thread's collection did not free the pool"
     assert _teardown.wait_settled()
     # Not one stream destroyed on the collecting thread: CUDA refuses CUDA
@@ -328,8 +336,8 @@ def test_a_lease_collected_on_a_foreign_thread_is_released_on_the_teardown_threa
     lease = pool.acquire_compute(affinity_key="k")
     cycle: list[Any] = [lease]
     cycle.append(cycle)
-    del lease, cycle
-    with pytest.warns(ResourceWarning, match="dropped without release"):
+    with no_collection_here(), pytest.warns(ResourceWarning, match="dropped without release"):
+        del lease, cycle
         _collect_on_a_thread_python_did_not_start()
         assert _teardown.wait_settled()
     assert pool.stats().compute.leased == 0
@@ -350,12 +358,14 @@ def test_a_thread_waiting_for_a_stream_gets_the_one_a_dropped_lease_held() -> No
 
     waiter = threading.Thread(target=wait_for_the_stream)
     waiter.start()
+    deadline = time.monotonic() + 10
     while pool.stats().compute.waiting == 0:
+        assert time.monotonic() < deadline, "the waiter never started waiting"
         time.sleep(0.001)
     cycle: list[Any] = [lease]
     cycle.append(cycle)
-    del lease, cycle
-    with pytest.warns(ResourceWarning, match="dropped without release"):
+    with no_collection_here(), pytest.warns(ResourceWarning, match="dropped without release"):
+        del lease, cycle
         _collect_on_a_thread_python_did_not_start()
         waiter.join(10)
     assert got == [True], "the waiter never got the dropped lease's stream"
@@ -371,8 +381,7 @@ def test_a_lease_and_its_pool_collected_together_on_a_foreign_thread(
     events = pool.events  # holds nothing that leads back to the pool
     cycle: list[Any] = [lease, pool]
     cycle.append(cycle)
-    gc.disable()
-    try:
+    with no_collection_here():
         del lease, pool, cycle
         with pytest.warns(ResourceWarning, match="dropped without release"):
             _collect_on_a_thread_python_did_not_start()
@@ -381,8 +390,31 @@ def test_a_lease_and_its_pool_collected_together_on_a_foreign_thread(
         # ran; the teardown thread released the lease, then closed the pool
         # (which closed its events too).
         assert events._closed_reason is not None
-    finally:
-        gc.enable()
     assert destroyed_on == [_teardown.THREAD_NAME]
     worker.join(10)
     assert not worker.is_alive()
+
+
+def test_the_teardown_thread_outlives_a_warning_made_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pool = CudaStreamPool(2, 0, 0, backend="host")
+    cycle: list[Any] = [pool.acquire_compute()]
+    cycle.append(cycle)
+    with no_collection_here(), warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        del cycle
+        _collect_on_a_thread_python_did_not_start()
+        assert _teardown.wait_settled()
+    # The warning raised on the teardown thread: printed, the lease released.
+    assert "ResourceWarning" in capsys.readouterr().err
+    assert pool.stats().compute.leased == 0
+    # And the thread still serves what is parked after it.
+    cycle = [pool.acquire_compute()]
+    cycle.append(cycle)
+    with no_collection_here(), pytest.warns(ResourceWarning, match="dropped without release"):
+        del cycle
+        _collect_on_a_thread_python_did_not_start()
+        assert _teardown.wait_settled()
+    assert pool.stats().compute.leased == 0
+    pool.close()
