@@ -56,17 +56,18 @@ def median_ms(run: Callable[[], object], repeats: int, warmup: int = 1) -> float
 def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall time in ms of each run, the runs taken in turn ``repeats`` times.
 
-    Every run is called once first as a warm-up.
+    Every run is called once first as a warm-up (``interleaved_us_per_op``
+    with one operation per batch).
     """
-    for run in runs.values():
-        run()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
+
+    def batch_of(run: Callable[[], object]) -> Callable[[int], None]:
+        def batch(_one: int) -> None:
             run()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+
+        return batch
+
+    us = interleaved_us_per_op({name: (batch_of(run), 1) for name, run in runs.items()}, repeats)
+    return {name: value / 1e3 for name, value in us.items()}
 
 
 def interleaved_us_per_op(

@@ -35,7 +35,7 @@ def lease_overhead(backend: str, quick: bool) -> list[Result]:
     number, repeats = _sizes(quick)
     with CudaStreamPool(backend=backend) as pool:
         rows = _pool_rows(pool, backend, number)
-        peers, missing = _raw_rows(backend, quick)
+        peers, missing = _raw_rows(backend, number)
         rows += peers
         us = interleaved_us_per_op({name: (batch, n) for name, batch, n, _ in rows}, repeats)
     measured = [Result("lease", name, us[name], "µs", note) for name, _, _, note in rows]
@@ -98,7 +98,7 @@ _RAW_NAMES = (
 _TORCH_NAME = "torch.cuda.Stream()"
 
 
-def _raw_rows(backend: str, quick: bool) -> tuple[list[_Row], list[Result]]:
+def _raw_rows(backend: str, number: int) -> tuple[list[_Row], list[Result]]:
     """The raw peers' rows, and a result without a figure for each peer missing here."""
     if backend != "cupy":
         reason = "needs a GPU (host backend run)"
@@ -106,7 +106,6 @@ def _raw_rows(backend: str, quick: bool) -> tuple[list[_Row], list[Result]]:
         return [], [Result("lease", name, None, "µs", reason) for name in names]
     import cupy
 
-    number, _ = _sizes(quick)
     costly = number // 20  # creating a stream costs 10-40 times a lease
     stream_type, event_type = cupy.cuda.Stream, cupy.cuda.Event
 
