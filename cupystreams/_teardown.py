@@ -19,7 +19,6 @@ there is printed, and the thread goes on.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import sys
 import threading
@@ -50,8 +49,7 @@ class _ParkedLease(Protocol):
 _Parked = tuple[Any, ...]
 
 _parked: queue.SimpleQueue[_Parked] = queue.SimpleQueue()
-_thread: threading.Thread | None = None  # this process's teardown thread
-_started_in: int | None = None  # the pid that started it (a fork's child has none)
+_thread: threading.Thread | None = None  # this process's teardown thread (a fork's child: none)
 _start_lock = threading.Lock()
 _orphans: list[object] = []  # a forked child's share of the parent's parked objects
 
@@ -64,18 +62,18 @@ def on_a_thread_python_did_not_start() -> bool:
 
 def start_teardown_thread() -> None:
     """Start this process's teardown thread unless it runs (every pool calls this)."""
-    global _thread, _started_in
-    if _started_in == os.getpid() and _thread is not None and _thread.is_alive():
+    global _thread
+    if _thread is not None and _thread.is_alive():
         return
     with _start_lock:
-        if _started_in == os.getpid() and _thread is not None and _thread.is_alive():
+        if _thread is not None and _thread.is_alive():
             return
         thread = threading.Thread(target=_serve, name=THREAD_NAME, daemon=True)
         try:
             thread.start()
         except RuntimeError:
             return  # at interpreter shutdown (3.12+): nothing will be parked any more
-        _thread, _started_in = thread, os.getpid()
+        _thread = thread
 
 
 def destroy_streams(backend: Backend, handles: list[Any], keep_alive: object) -> None:
@@ -169,8 +167,8 @@ def forget_parked() -> None:
     They are kept, never freed (freeing a CuPy stream or event calls CUDA),
     and the child starts its own teardown thread with its first pool.
     """
-    global _parked, _thread, _started_in, _start_lock
+    global _parked, _thread, _start_lock
     _orphans.append(_parked)
     _parked = queue.SimpleQueue()
-    _thread = _started_in = None
+    _thread = None
     _start_lock = threading.Lock()  # a parent thread may have held it at fork
