@@ -263,32 +263,29 @@ def no_collection_here() -> Iterator[None]:
         gc.enable()
 
 
+def _record_threads(monkeypatch: pytest.MonkeyPatch, cls: type, method: str) -> list[str]:
+    """The name of the thread of every call of ``cls.method`` from now on."""
+    names: list[str] = []
+    original = getattr(cls, method)
+
+    def recording(self: object, *args: Any) -> Any:
+        names.append(threading.current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(cls, method, recording)
+    return names
+
+
 @pytest.fixture
 def destroyed_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The name of the thread of every host-backend stream destroyed from now on."""
-    names: list[str] = []
-    destroy = HostBackend.destroy_stream
-
-    def recording_destroy(self: HostBackend, stream: Any) -> None:
-        names.append(threading.current_thread().name)
-        destroy(self, stream)
-
-    monkeypatch.setattr(HostBackend, "destroy_stream", recording_destroy)
-    return names
+    """The threads on which host-backend streams are destroyed from now on."""
+    return _record_threads(monkeypatch, HostBackend, "destroy_stream")
 
 
 @pytest.fixture
 def released_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The name of the thread of every lease released through Python from now on."""
-    names: list[str] = []
-    release = StreamLease.release
-
-    def recording_release(self: StreamLease) -> None:
-        names.append(threading.current_thread().name)
-        release(self)
-
-    monkeypatch.setattr(StreamLease, "release", recording_release)
-    return names
+    """The threads on which leases are released through Python from now on."""
+    return _record_threads(monkeypatch, StreamLease, "release")
 
 
 def test_a_pool_collected_on_a_foreign_thread_is_destroyed_on_the_teardown_thread(
