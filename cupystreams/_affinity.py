@@ -1,4 +1,12 @@
-"""The affinity-key table: which stream served a key last, and where its work ends."""
+"""The affinity-key table: which stream served a key last, and where its work ends.
+
+Every method needs the pool's lock held; the rules that call them are in
+``_core``. A key's end is recorded lazily: a keyed release records nothing,
+and the stream remembers the key (``PooledStream._unrecorded_key``). Only
+when that stream goes to another holder, or the key moves to another
+stream, is an event recorded on it; until then nothing else has been queued
+there, so the event marks exactly the end of the key's work.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from typing import TYPE_CHECKING
 from ._errors import LeaseError, PoolClosedError, PoolExhaustedError, PoolTimeoutError
 
 if TYPE_CHECKING:
-    from ._events import PooledEvent
+    from ._events import EventPool, PooledEvent
     from ._lanes import Lane
     from ._stream import PooledStream
 
@@ -21,14 +29,13 @@ __all__ = ["AffinityTable", "KeyState"]
 class KeyState:
     """What the pool remembers about one affinity key."""
 
-    __slots__ = ("holder", "last_event", "last_stream_id", "queue")
+    __slots__ = ("holder", "last_event", "last_stream", "queue")
 
     def __init__(self) -> None:
         self.holder: int | None = None  # thread ident of the live lease's acquirer
-        # The stream's id, not the stream: the table holds no path back to
-        # the pool, so the pool's finalizer can keep the table's events alive.
-        self.last_stream_id: int | None = None
-        self.last_event: PooledEvent | None = None  # recorded when the last lease ended
+        self.last_stream: PooledStream | None = None  # where the key's last lease ran
+        # The end of the key's last lease, once recorded (see the module's docstring).
+        self.last_event: PooledEvent | None = None
         self.queue: deque[object] = deque()  # tickets of threads waiting, oldest first
 
     def idle(self) -> bool:
@@ -36,27 +43,29 @@ class KeyState:
 
 
 class AffinityTable:
-    """Bounded LRU table of affinity keys; every method needs ``lock`` held.
+    """Bounded LRU table of affinity keys.
 
-    At most one live lease per key: ``reserve`` queues the caller and waits on
-    the pool's condition until the key is free and the caller is first in
-    line. Only idle keys are forgotten (least recently used first); a
-    forgotten key starts afresh, without ordering against its old leases.
+    At most one live lease per key: ``reserve_locked`` queues the caller and
+    waits on ``changed`` (a condition over the pool's lock) until the key is
+    free and the caller is first in line. Only idle keys are forgotten (least
+    recently used first); a forgotten key starts afresh, without ordering
+    against its old leases.
     """
 
-    def __init__(self, max_keys: int, lock: threading.RLock) -> None:
+    def __init__(self, max_keys: int, lock: threading.Lock, events: EventPool) -> None:
         self.max_keys = max_keys
         self.changed = threading.Condition(lock)
+        self.events = events
         self._keys: OrderedDict[Hashable, KeyState] = OrderedDict()
-        # The keys' last events, apart from the keys: the pool's finalizer
-        # keeps these (their CUDA events must not die on CUDA's thread), never
-        # the keys, which are the user's objects and may lead back to the pool.
-        self.events: set[PooledEvent] = set()
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def reserve(
+    def held_events(self) -> int:
+        """Events the table holds: one per key whose stream went to another holder."""
+        return sum(state.last_event is not None for state in self._keys.values())
+
+    def reserve_locked(
         self,
         key: Hashable,
         thread: int,
@@ -70,25 +79,30 @@ class AffinityTable:
         ``lane.key_waiting`` counts this thread while it waits, so the pool's
         statistics show threads blocked on a key as waiting.
         """
-        state = self._keys.get(key)
-        if state is None:
-            state = self._keys[key] = KeyState()
-        elif state.holder == thread:
-            raise LeaseError(
-                f"this thread already holds a lease with affinity_key={key!r}; "
-                "release it first (waiting here would deadlock)"
-            )
-        if not state.idle():
-            if not blocking:
-                raise PoolExhaustedError(
-                    f"affinity_key={key!r} is held by a live lease; wait with blocking=True"
-                )
-            self._wait_turn(key, state, deadline, closed_error, lane)
-        self._keys.move_to_end(key)
+        keys = self._keys
+        try:
+            state = keys[key]
+        except KeyError:
+            state = keys[key] = KeyState()
+        except TypeError:
+            raise TypeError(f"affinity_key={key!r} must be hashable") from None
+        else:
+            if state.holder is not None or state.queue:
+                if state.holder == thread:
+                    raise LeaseError(
+                        f"this thread already holds a lease with affinity_key={key!r}; "
+                        "release it first (waiting here would deadlock)"
+                    )
+                if not blocking:
+                    raise PoolExhaustedError(
+                        f"affinity_key={key!r} is held by a live lease; wait with blocking=True"
+                    )
+                self._wait_turn_locked(key, state, deadline, closed_error, lane)
+            keys.move_to_end(key)
         state.holder = thread
         return state
 
-    def _wait_turn(
+    def _wait_turn_locked(
         self,
         key: Hashable,
         state: KeyState,
@@ -112,44 +126,91 @@ class AffinityTable:
         finally:
             state.queue.remove(ticket)
             lane.key_waiting -= 1
-            self.changed.notify_all()  # the next ticket may be first now
+            if state.queue:
+                self.changed.notify_all()  # the next ticket may be first now
 
-    def unreserve(self, key: Hashable, state: KeyState) -> None:
-        """Undo ``reserve`` after a failed acquire."""
+    def unreserve_locked(self, key: Hashable, state: KeyState) -> None:
+        """Undo ``reserve_locked`` after a failed acquire."""
         state.holder = None
-        if state.last_stream_id is None and state.idle() and self._keys.get(key) is state:
+        if state.queue:
+            self.changed.notify_all()
+        elif state.last_stream is None and self._keys.get(key) is state:
             del self._keys[key]
-        self.changed.notify_all()
 
-    def finish(self, key: Hashable, stream: PooledStream, event: PooledEvent) -> list[PooledEvent]:
-        """Record the end of the key's live lease; return events no longer needed."""
-        state = self._keys.get(key)  # held keys are never evicted, only cleared by close()
-        if state is None:
-            return [event]
-        stale = [] if state.last_event is None else [state.last_event]
-        state.last_stream_id, state.last_event, state.holder = stream.stream_id, event, None
-        self.events.add(event)
+    def begin_locked(self, state: KeyState, stream: PooledStream) -> bool:
+        """Order the key's new lease on ``stream`` after its earlier work.
+
+        On the key's last stream, stream order already holds. On another one
+        (the key moves), ``stream`` waits, on the device, for the key's
+        recorded end; returns True when it did.
+        """
+        last = state.last_stream
+        if last is not None and last is not stream and last._unrecorded_key is state:
+            self.record_end_locked(state, last)  # the key moves away from an idle stream
+        event, state.last_event = state.last_event, None
+        try:
+            if last is stream or event is None:
+                return False
+            stream._backend.wait_event(stream._handle, event._handle)
+            return True
+        finally:
+            if event is not None:
+                # CUDA takes the event's state at the wait: it can be reused now.
+                self.events.release(event)
+
+    def record_end_locked(self, state: KeyState, stream: PooledStream) -> None:
+        """Record the end of ``state``'s last lease, which ran on the idle ``stream``."""
+        event = self.events.acquire()
+        try:
+            stream._backend.record(event._handle, stream._handle)
+        except BaseException:
+            self.events.release(event)
+            raise
+        if state.last_event is not None:
+            self.events.release(state.last_event)
+        state.last_event = event
+        stream._unrecorded_key = None
+
+    def finish_locked(self, state: KeyState, stream: PooledStream) -> None:
+        """The key's live lease on ``stream`` ended: remember the stream, free the key.
+
+        Held keys are never forgotten, so ``state`` is still the key's (close()
+        clears the table, but then nothing is finished any more).
+        """
+        state.holder = None
+        state.last_stream = stream
+        stream._unrecorded_key = state
+        if len(self._keys) > self.max_keys:
+            self._evict_locked()
+        if state.queue:
+            self.changed.notify_all()  # a thread waits for this key
+
+    def _evict_locked(self) -> None:
         excess = len(self._keys) - self.max_keys
-        if excess > 0:
-            # Oldest first, skipping keys in use (held, or with threads queued);
-            # usually the very oldest is idle and the scan stops there.
-            victims: list[Hashable] = []
-            for old_key, old in self._keys.items():
-                if old.idle():
-                    victims.append(old_key)
-                    if len(victims) == excess:
-                        break
-            for old_key in victims:
-                old = self._keys.pop(old_key)
-                if old.last_event is not None:
-                    stale.append(old.last_event)
-        self.events.difference_update(stale)
-        self.changed.notify_all()
-        return stale
+        if excess <= 0:
+            return
+        # Oldest first, skipping keys in use (held, or with threads queued);
+        # usually the very oldest is idle and the scan stops there.
+        victims: list[Hashable] = []
+        for old_key, old in self._keys.items():
+            if old.idle():
+                victims.append(old_key)
+                if len(victims) == excess:
+                    break
+        for old_key in victims:
+            self._forget_locked(self._keys.pop(old_key))
 
-    def clear(self) -> list[PooledEvent]:
-        events = [s.last_event for s in self._keys.values() if s.last_event is not None]
+    def _forget_locked(self, state: KeyState) -> None:
+        if state.last_stream is not None and state.last_stream._unrecorded_key is state:
+            state.last_stream._unrecorded_key = None
+        if state.last_event is not None:
+            self.events.release(state.last_event)
+            state.last_event = None
+        state.last_stream = None
+
+    def clear_locked(self) -> None:
+        """Forget every key (``close``): their events go back, no stream is referenced."""
+        for state in self._keys.values():
+            self._forget_locked(state)
         self._keys.clear()
-        self.events.clear()
         self.changed.notify_all()
-        return events

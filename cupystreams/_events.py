@@ -1,4 +1,12 @@
-"""EventPool and PooledEvent: reusable CUDA events."""
+"""EventPool and PooledEvent: reusable CUDA events.
+
+Locking: ``EventPool._lock`` (a plain ``threading.Lock``) guards the pool's
+``_idle`` list, its ``_created`` / ``_destroyed`` counters, ``_closed_reason``
+and every event's ``_held`` flag. It is never held while another of the
+library's locks is taken, and no Python code of a user's runs under it. A
+stream pool may take it while it holds its own lock (to record a key's end),
+never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._backends import make_backend
 from ._errors import LeaseError, PoolClosedError
-from ._fastpath import EventCore, EventPoolCore, new_event
 from ._stats import EventPoolStats
 from ._stream_args import resolve_stream
 from ._validate import check_count, check_flag
@@ -19,19 +26,25 @@ if TYPE_CHECKING:
 
 __all__ = ["EventPool", "PooledEvent"]
 
-class PooledEvent(EventCore):
+_new = object.__new__
+
+
+class PooledEvent:
     """An event borrowed from an ``EventPool``; return it with ``release()``.
 
     Recording and waiting follow CUDA: ``record`` captures the work queued on a
     stream so far, and a wait on the event orders only against that capture.
-    Not thread-safe by itself: one holder uses it at a time. Its fields
-    (handle, pool, id, whether it is held) live in the C base ``EventCore``.
+    Not thread-safe by itself: one holder uses it at a time.
     """
 
-    __slots__ = ()
+    __slots__ = ("__weakref__", "_handle", "_held", "_pool", "event_id")
+
+    _handle: Any
+    _held: bool
+    _pool: EventPool
+    event_id: int
 
     def __new__(cls, *_: object) -> PooledEvent:
-        # new_event is how the pool makes them, bypassing this.
         raise TypeError("PooledEvent has no public constructor; use pool.events.acquire()")
 
     @property
@@ -57,22 +70,17 @@ class PooledEvent(EventCore):
         Args:
             stream: Anything accepted as a stream (a lease, a pooled stream, a
                 ``cupy.cuda.Stream``, an object with ``__cuda_stream__``, a raw
-                pointer), or None for the calling thread's current stream.
+                pointer, 0 for the legacy default stream), or None for the
+                calling thread's current stream.
         """
         self._record(stream, "stream")
 
     def _record(self, stream: object, argument: str) -> None:
         handle = self._live_handle()
         backend = self._pool._backend
-        if stream is None:
-            target = backend.current_stream()
-            if target is None:
-                raise ValueError(
-                    f"{argument}=None needs a current stream, and this thread has none "
-                    f"on the host backend; enter a lease or pass {argument}="
-                )
-        else:
-            target = resolve_stream(backend, stream, argument)
+        target = backend.current_stream() if stream is None else resolve_stream(
+            backend, stream, argument
+        )
         backend.record(handle, target)
 
     def synchronize(self) -> None:
@@ -103,16 +111,18 @@ class PooledEvent(EventCore):
         return f"<PooledEvent #{self.event_id} timing={self.timing} {state}>"
 
 
-class EventPool(EventPoolCore):
+class EventPool:
     """A pool of reusable events on one device.
 
     Creating a CUDA event costs microseconds and may take a driver lock;
-    reusing one costs a list pop and append. ``acquire`` and ``release`` are
-    thread-safe and lock-free on the fast path (in C).
+    reusing one costs a list pop and append under a lock. ``acquire`` and
+    ``release`` are thread-safe. ``acquire`` never blocks: with no idle event
+    it creates one.
 
     Args:
-        initial_size: Events created up front.
-        max_size: Bound on the idle events kept; a release beyond it destroys
+        initial_size: Events created up front; None (the default) means
+            ``min(8, max_size)``.
+        max_size: Bound on the idle events kept; a release beyond it frees
             the event.
         timing: Create timing events (needed by ``elapsed_time``).
         device: Device ordinal, or None for the current device.
@@ -121,70 +131,84 @@ class EventPool(EventPoolCore):
 
     def __init__(
         self,
-        initial_size: int = 8,
+        initial_size: int | None = None,
         max_size: int = 64,
         timing: bool = False,
         device: int | None = None,
         backend: str | Backend = "auto",
     ) -> None:
-        check_count("initial_size", initial_size)
         check_count("max_size", max_size)
+        if initial_size is None:
+            initial_size = min(8, max_size)
+        check_count("initial_size", initial_size)
         if initial_size > max_size:
-            raise ValueError(f"initial_size={initial_size} exceeds max_size={max_size}")
+            raise ValueError(
+                f"initial_size={initial_size} exceeds max_size={max_size}; "
+                f"pass max_size >= {initial_size} or a smaller initial_size"
+            )
         check_flag("timing", timing)
         self._backend: Backend = (
             make_backend(backend, device) if isinstance(backend, str) else backend
         )
         self.timing = timing
         self.max_size = max_size
-        # Re-entrant: a dropped lease collected while this thread holds the lock
-        # (GC runs on any allocation) may acquire an event for its release.
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         # Idle events are kept as (backend handle, event_id); every acquire
         # wraps one in a fresh PooledEvent, so a released PooledEvent stays
         # dead even after its CUDA event is handed to someone else.
-        self._idle = []
+        self._idle: list[tuple[Any, int]] = []
         self._created = 0
         self._destroyed = 0
-        self._closed_reason = None  # why the pool stopped serving, once it has
-        for _ in range(initial_size):
-            self._idle.append(self._create())
+        self._closed_reason: str | None = None  # why the pool stopped serving, once it has
+        self._idle.extend(self._create() for _ in range(initial_size))
 
     def _create(self) -> tuple[Any, int]:
-        handle = self._backend.create_event(self.timing)
+        handle = self._backend.create_event(self.timing)  # outside the lock: a CUDA call
         with self._lock:
             event_id = self._created
             self._created += 1
         return handle, event_id
 
-    # acquire() and release(event) are EventPoolCore's, in C: a wait between
-    # leases takes one of each. Anything unusual comes to the two methods below.
+    def acquire(self) -> PooledEvent:
+        """An idle event, or a new one when none is idle.
 
-    def _acquire_slow(self) -> PooledEvent:
-        """Acquire when the pool is closed or has no idle event."""
-        if self._closed_reason is not None:
-            raise PoolClosedError(self._closed_reason)
-        handle, event_id = self._create()
-        return new_event(self, handle, event_id)
+        Raises:
+            PoolClosedError: The stream pool that owns this event pool was closed.
+        """
+        event = _new(PooledEvent)  # allocated first: nothing below can then fail half-way
+        event._pool = self
+        with self._lock:
+            if self._closed_reason is not None:
+                event._held = False
+                raise PoolClosedError(self._closed_reason)
+            taken = self._idle.pop() if self._idle else None
+            event._held = taken is not None
+        if taken is None:
+            taken = self._create()
+            event._held = True
+        event._handle, event.event_id = taken
+        return event
 
-    def _release_slow(self, event: PooledEvent) -> None:
-        """Release a bad argument, an event released already, or into a closed or full pool."""
-        if not isinstance(event, PooledEvent):
+    def release(self, event: PooledEvent) -> None:
+        """Return ``event``; the same as ``event.release()``.
+
+        Raises:
+            TypeError: Not a ``PooledEvent``.
+            LeaseError: Released already, or an event of another pool.
+        """
+        if type(event) is not PooledEvent:
             raise TypeError(f"event={event!r} must be a PooledEvent from this pool")
         if event._pool is not self:
             raise LeaseError(f"event {event.event_id} belongs to another EventPool")
-        handle = event._take_hold()  # atomic: of two racing releases, one gets the handle
-        if handle is None:
-            raise LeaseError(f"event {event.event_id} was already released")
-        if self._closed_reason is not None or len(self._idle) >= self.max_size:
-            self._destroy(handle)
-        else:
-            self._idle.append((handle, event.event_id))
-
-    def _destroy(self, handle: Any) -> None:
-        self._backend.destroy_event(handle)
         with self._lock:
-            self._destroyed += 1
+            if not event._held:
+                raise LeaseError(f"event {event.event_id} was already released")
+            event._held = False
+            if self._closed_reason is None and len(self._idle) < self.max_size:
+                self._idle.append((event._handle, event.event_id))
+            else:
+                self._destroyed += 1  # freed with its last reference, below
+        event._handle = None
 
     @contextlib.contextmanager
     def event_context(self) -> Iterator[PooledEvent]:
@@ -196,16 +220,15 @@ class EventPool(EventPoolCore):
             self.release(event)
 
     def clear(self) -> None:
-        """Destroy the idle events; events still held are destroyed on release."""
-        while True:
-            try:
-                handle, _ = self._idle.pop()
-            except IndexError:
-                return
-            self._destroy(handle)
+        """Free the idle events; events still held are freed on release."""
+        with self._lock:
+            freed, self._idle = self._idle, []
+            self._destroyed += len(freed)
+        del freed  # CUDA events go with their last reference, outside the lock
 
-    def _close(self) -> None:
-        self._closed_reason = "the pool that owns this EventPool was closed"
+    def _close(self, reason: str) -> None:
+        with self._lock:
+            self._closed_reason = reason
         self.clear()
 
     def stats(self) -> EventPoolStats:

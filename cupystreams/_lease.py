@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _fastpath
-from ._errors import LeaseError
+from ._errors import LeaseError, PoolClosedError
 from ._events import PooledEvent
-from ._fastpath import LeaseCore
 from ._stream_args import pooled_source, resolve_stream
-from ._teardown import on_a_thread_python_did_not_start, park_lease
-from ._types import StreamState
 
 if TYPE_CHECKING:
+    from ._affinity import KeyState
     from ._stream import PooledStream
 
 __all__ = ["StreamLease"]
 
-# Bound early, as CuPy does, so a lease collected at interpreter shutdown does
-# not touch half-torn-down modules.
-_is_finalizing = sys.is_finalizing
 
-
-class StreamLease(LeaseCore):
+class StreamLease:
     """Exclusive use of one pooled stream until ``release()``.
 
     Entering the lease (``with``) makes its device and stream current on the
@@ -35,16 +28,18 @@ class StreamLease(LeaseCore):
     A lease is meant for one thread at a time; the pool itself is
     thread-safe. A lease dropped without release goes back to the pool when it
     is collected, with a ``ResourceWarning``.
-
-    ``release()``, ``__enter__``, ``__exit__`` and the fields they touch
-    live in the C base ``LeaseCore`` (``new_lease`` makes leases); a released
-    lease holds no stream.
     """
 
-    __slots__ = ()
+    __slots__ = ("__weakref__", "_entered", "_key", "_key_state", "_saved", "_serial", "_stream")
+
+    _entered: PooledStream | None  # the stream made current by __enter__
+    _key: Hashable | None
+    _key_state: KeyState | None  # the pool's record of the key, ended with the lease
+    _saved: Any  # what entering saved, for __exit__
+    _serial: int  # the stream's acquisition number: tags this lease's host-function errors
+    _stream: PooledStream | None  # None once released
 
     def __new__(cls, *_: object) -> StreamLease:
-        # new_lease is how the pool makes them, bypassing this.
         raise TypeError(
             "StreamLease has no public constructor; use pool.acquire_compute() "
             "or another pool.acquire_*() method"
@@ -110,6 +105,10 @@ class StreamLease(LeaseCore):
             other: Another lease, a ``PooledEvent``, a pooled stream, a
                 ``cupy.cuda.Stream``, an object with ``__cuda_stream__``, or a
                 raw stream pointer int (0 is the legacy default stream).
+
+        Raises:
+            ValueError: ``other`` is this lease (or its stream): a stream is
+                always ordered after its own work, so the call is a mistake.
         """
         stream = self._live()
         if isinstance(other, PooledEvent):
@@ -119,11 +118,14 @@ class StreamLease(LeaseCore):
         # device brings its pool's events); CUDA lets a stream wait on an
         # event of any device.
         source = pooled_source(other)
+        if source is stream:
+            raise ValueError(
+                "other= is this lease's own stream, which is always ordered after its "
+                "own work; pass another lease, stream or event"
+            )
         backend = stream._backend if source is None else source._backend
         handle = resolve_stream(backend, other, "other")
-        if handle is stream._handle:
-            return  # a stream is already ordered after its own work
-        events = stream._pool.events if source is None else source._pool.events
+        events = stream._core.events if source is None else source._core.events
         event = events.acquire()
         try:
             backend.record(event._handle, handle)
@@ -137,56 +139,95 @@ class StreamLease(LeaseCore):
 
         Release the event (``event.release()``) when done with it.
         """
-        return self._live()._pool.record_event(self)
+        stream = self._live()
+        events = stream._core.events
+        event = events.acquire()
+        try:
+            stream._backend.record(event._handle, stream._handle)
+        except BaseException:
+            events.release(event)
+            raise
+        return event
 
     def launch_host_func(self, fn: Callable[[], None]) -> None:
-        """Run ``fn()`` on a host thread after the work queued so far on this lease.
+        """Run ``fn()`` on a thread of the library after the work queued so far.
 
-        ``fn`` must not call CUDA. An exception it raises is raised by this
-        lease's next ``synchronize()`` (or by ``pool.sync_all()``), never by a
-        later lease of the same stream.
+        ``fn`` must not call CUDA. Later work on the stream does not wait for
+        ``fn``; this lease's ``synchronize()`` does. An exception ``fn``
+        raises is raised by this lease's next ``synchronize()`` (or by
+        ``pool.sync_all()``), never by a later lease of the same stream.
         """
         self._live()._launch_host_func(fn, self._serial)
 
-    # -- ending the lease --------------------------------------------------
+    # -- entering and ending the lease ---------------------------------------
 
-    # release(), __enter__ and __exit__ are LeaseCore's, in C: the library's
-    # hot loop. Anything unusual (a key, a capturing or closed stream) goes to
-    # pool._release_slow; entering goes through backend.enter, or on the cupy
-    # backend through make_current, also in C.
-
-    def _release_dropped(self) -> None:
-        """Return the stream of a lease being collected unreleased (LeaseCore calls this)."""
+    def __enter__(self) -> StreamLease:
         stream = self._stream
-        if stream is None or _is_finalizing() or stream.state is StreamState.CLOSED:
-            return
-        if on_a_thread_python_did_not_start():
-            park_lease(self)  # a release may call CUDA, which CUDA's own threads refuse
-            return
-        try:
-            # e.g. still capturing a graph: a finalizer can do no better than leave it
-            with contextlib.suppress(Exception):
+        if stream is None:
+            raise LeaseError("this lease was released; acquire a new one")
+        if self._entered is not None:
+            raise LeaseError("this lease is already entered; a lease is entered once")
+        if (reason := stream._core.closed_reason) is not None:
+            raise PoolClosedError(reason)
+        self._saved = stream._backend.enter(stream._handle)
+        self._entered = stream
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        entered = self._entered
+        failure: BaseException | None = None
+        if entered is not None:
+            # The stream entered, not the lease's: the block may have released it.
+            self._entered = None
+            try:
+                entered._backend.exit(self._saved)
+            except BaseException as error:
+                failure = error
+        if self._stream is not None:
+            try:
                 self.release()
-        finally:
-            # After the release: a warning turned into an error must not keep the stream.
-            warnings.warn(
-                f"a lease of {stream!r} was dropped without release(); it was returned "
-                "to the pool. Use `with pool.acquire_*():` or call lease.release().",
-                ResourceWarning,
-                stacklevel=1,
-            )
+            except BaseException as error:
+                error.__context__ = failure
+                raise
+        if failure is not None:
+            raise failure
 
-    def _release_parked(self) -> None:
-        """Release a lease whose finalizer ran on CUDA's thread (the teardown thread calls this)."""
+    def release(self) -> None:
+        """Return the stream to the pool; a second call raises ``LeaseError``.
+
+        A no-op once the pool is closed.
+
+        Raises:
+            LeaseError: Released already, or the stream is still capturing a
+                CUDA graph (end the capture first).
+        """
         stream = self._stream
-        pool = None if stream is None else stream._pool
-        try:
-            self._release_dropped()
-        finally:
-            if pool is not None and not pool._finalizer.alive:
-                # Collected with this lease and brought back by it: its
-                # finalizer is spent, so its CUDA objects go here, by close().
-                pool.close()
+        if stream is None:
+            raise LeaseError("this lease was already released")
+        stream._core.release(self, stream)
+
+    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        # The safety net for a lease dropped unreleased. Bound early, as CuPy
+        # does: at interpreter shutdown the modules it needs may be gone.
+        stream = self._stream
+        if stream is None or _finalizing():
+            return
+        core = stream._core
+        if core.closed_reason is not None:
+            return
+        core.return_dropped(stream, self._key_state)
+        # After the return: a warning turned into an error must not keep the stream.
+        warnings.warn(
+            f"a lease of {stream!r} was dropped without release(); it was returned "
+            "to the pool. Use `with pool.acquire_*():` or call lease.release().",
+            ResourceWarning,
+            stacklevel=1,
+        )
 
     def __repr__(self) -> str:
         stream = self._stream
@@ -194,12 +235,3 @@ class StreamLease(LeaseCore):
             return "<StreamLease released>"
         key = "" if self._key is None else f" key={self._key!r}"
         return f"<StreamLease of {stream!r}{key}>"
-
-
-_fastpath.configure(
-    lease_class=StreamLease,
-    event_class=PooledEvent,
-    lease_error=LeaseError,
-    leased=StreamState.LEASED,
-    idle=StreamState.IDLE,
-)

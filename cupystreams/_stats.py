@@ -77,7 +77,11 @@ class PoolStats:
         acquisitions: Leases handed out, all kinds.
         timeouts: Blocking acquires that raised ``PoolTimeoutError``.
         exhaustions: Non-blocking acquires that raised ``PoolExhaustedError``.
-        events: The event pool's figures.
+        events: The event pool's figures. Its ``in_use`` includes
+            ``key_events``.
+        key_events: Events the pool holds for affinity keys: one per key
+            whose stream went to another holder, marking where the key's
+            work ended, until the key's next lease waits on it.
         closed: Whether the pool was closed.
     """
 
@@ -88,6 +92,7 @@ class PoolStats:
     timeouts: int
     exhaustions: int
     events: EventPoolStats
+    key_events: int
     closed: bool
 
     @property

@@ -2,76 +2,88 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
-from ._fastpath import StreamCore, now_ns
+from ._errors import PoolClosedError
 from ._stats import StreamStats
 from ._types import StreamKind, StreamState
 
 if TYPE_CHECKING:
+    from ._affinity import KeyState
     from ._backends import Backend
+    from ._core import PoolCore
     from ._events import PooledEvent
-    from ._pool import CudaStreamPool
+    from ._lanes import Lane
 
 __all__ = ["PooledStream"]
 
 
-class PooledStream(StreamCore):
+class PooledStream:
     """A stream that belongs to a ``CudaStreamPool`` for the pool's whole life.
 
     Users meet it as ``lease.stream``; it has no public constructor. Its
-    counters are written only by the lease that holds it, which is exclusive,
-    so they need no lock; ``stats`` reads them as a frozen snapshot. The
-    fields the lease hot path touches (``state``, the lease counters, the
-    lane, what entering needs) live in the C base ``StreamCore``.
+    state and counters change under the pool's lock (see ``_core``), and
+    ``stats`` reads them there as a frozen snapshot.
     """
 
     __slots__ = (
+        "__weakref__",
+        "_acquisitions",
+        "_active_ns",
         "_affinity_hits",
-        "_capturing",
+        "_backend",
+        "_capture_probe",
+        "_core",
+        "_handle",
         "_host_errors",
-        "_pool",
+        "_lane",
+        "_lease_start",
+        "_unrecorded_key",
         "_waits",
         "kind",
         "priority",
+        "state",
         "stream_id",
     )
 
+    _acquisitions: int
+    _active_ns: int  # leased time of the finished leases
     _affinity_hits: int
-    _capturing: Callable[[], int] | None
-    _host_errors: deque[tuple[int | None, BaseException]]  # (lease serial or None, error)
-    _pool: CudaStreamPool
+    _backend: Backend
+    # Answers "is this stream capturing a CUDA graph?" (non-zero: yes) in one
+    # call; None on backends without graphs.
+    _capture_probe: Callable[[], int] | None
+    _core: PoolCore
+    _handle: Any  # the backend's stream; None once the pool closed
+    _host_errors: list[tuple[int | None, BaseException]]  # (lease serial or None, error)
+    _lane: Lane
+    _lease_start: int  # perf_counter_ns() when the current lease began
+    # The key whose last lease ended here and whose end has not been recorded
+    # in an event yet: recorded when the stream goes to another holder.
+    _unrecorded_key: KeyState | None
     _waits: int
     kind: StreamKind
     priority: int
+    state: StreamState
     stream_id: int
 
     def __new__(cls, *_: object) -> PooledStream:
-        # StreamCore.__new__ is how the pool makes them, bypassing this.
         raise TypeError("PooledStream has no public constructor; lease one with pool.acquire_*()")
 
     @classmethod
     def _create(
-        cls,
-        pool: CudaStreamPool,
-        backend: Backend,
-        stream_id: int,
-        kind: StreamKind,
-        priority: int,
-        non_blocking: bool,
+        cls, core: PoolCore, lane: Lane, stream_id: int, priority: int, non_blocking: bool
     ) -> PooledStream:
-        self = StreamCore.__new__(cls)
-        self._pool = pool
-        self._backend = backend
-        self._handle = backend.create_stream(priority, non_blocking)
-        self._capturing = backend.capture_probe(self._handle)
-        self._capture_handle = backend.capture_handle(self._handle)
-        self._device = backend.device
-        self._cupy_current = backend.cupy_current
+        self = object.__new__(cls)
+        self._core = core
+        self._lane = lane
+        self._backend = core.backend
+        self._handle = core.backend.create_stream(priority, non_blocking)
+        self._capture_probe = core.backend.capture_probe(self._handle)
         self.stream_id = stream_id
-        self.kind = kind
+        self.kind = lane.kind
         self.priority = priority
         self.state = StreamState.IDLE
         self._acquisitions = 0
@@ -79,7 +91,8 @@ class PooledStream(StreamCore):
         self._affinity_hits = 0
         self._waits = 0
         self._lease_start = 0
-        self._host_errors = deque()
+        self._unrecorded_key = None
+        self._host_errors = []
         return self
 
     @property
@@ -105,27 +118,26 @@ class PooledStream(StreamCore):
     @property
     def stats(self) -> StreamStats:
         """A frozen snapshot of this stream's counters."""
-        active_ns = self._active_ns
-        if self.state is StreamState.LEASED:
-            active_ns += now_ns() - self._lease_start
-        return StreamStats(
-            stream_id=self.stream_id,
-            kind=self.kind.value,
-            priority=self.priority,
-            acquisitions=self._acquisitions,
-            total_active_ms=active_ns / 1e6,
-            affinity_hits=self._affinity_hits,
-            waits=self._waits,
-        )
+        with self._core.lock:
+            active_ns = self._active_ns
+            if self.state is StreamState.LEASED:
+                active_ns += perf_counter_ns() - self._lease_start
+            return StreamStats(
+                stream_id=self.stream_id,
+                kind=self.kind.value,
+                priority=self.priority,
+                acquisitions=self._acquisitions,
+                total_active_ms=active_ns / 1e6,
+                affinity_hits=self._affinity_hits,
+                waits=self._waits,
+            )
 
     def _check_open(self) -> None:
-        # The pool's flag, not this stream's state: an acquire racing close()
-        # may have stamped the state LEASED after close() stamped it CLOSED.
-        if (error := self._pool._closed_error()) is not None:
-            raise error
+        if (reason := self._core.closed_reason) is not None:
+            raise PoolClosedError(reason)
 
     def synchronize(self) -> None:
-        """Block until all work queued on the stream is done.
+        """Block until all work queued on the stream (host functions too) is done.
 
         Re-raises the first exception that a host function launched on this
         stream raised and nobody has reported yet (any lease's).
@@ -136,23 +148,14 @@ class PooledStream(StreamCore):
         """Synchronize; report host-function errors of lease ``owner`` (None: of anyone)."""
         self._check_open()
         self._backend.synchronize_stream(self._handle)
-        errors = self._host_errors
-        if not errors:
-            return
         # Each error is reported once, to its lease (or to a stream-wide call):
         # a later lease of this stream never sees an earlier lease's failure.
-        mine = [entry for entry in list(errors) if owner is None or entry[0] == owner]
-        for entry in mine:
-            errors.remove(entry)  # one atomic removal each: callbacks may append meanwhile
+        with self._core.lock:
+            errors = self._host_errors
+            mine = [entry for entry in errors if owner is None or entry[0] == owner]
+            errors[:] = [entry for entry in errors if entry not in mine]
         if mine:
             raise mine[0][1]
-
-    def _check_event(self, event: object) -> Any:
-        from ._events import PooledEvent
-
-        if not isinstance(event, PooledEvent):
-            raise TypeError(f"event={event!r} must be a PooledEvent (from pool.events.acquire())")
-        return event._live_handle()
 
     def query(self) -> bool:
         """True when all work queued on the stream has finished."""
@@ -161,15 +164,21 @@ class PooledStream(StreamCore):
 
     def wait_event(self, event: PooledEvent) -> None:
         """Make later work on this stream wait, on the device, for ``event``."""
+        from ._events import PooledEvent
+
         self._check_open()
-        self._backend.wait_event(self._handle, self._check_event(event))
-        self._waits += 1
+        if not isinstance(event, PooledEvent):
+            raise TypeError(f"event={event!r} must be a PooledEvent (from pool.events.acquire())")
+        self._backend.wait_event(self._handle, event._live_handle())
+        with self._core.lock:
+            self._waits += 1
 
     def launch_host_func(self, fn: Callable[[], None]) -> None:
-        """Run ``fn()`` on a host thread after the stream's earlier work.
+        """Run ``fn()`` on a thread of the library after the stream's earlier work.
 
-        ``fn`` must not call CUDA. An exception it raises is kept and raised by
-        the stream's next ``synchronize()``.
+        ``fn`` must not call CUDA. Later work on the stream does not wait for
+        ``fn``; ``synchronize()`` does. An exception ``fn`` raises is kept and
+        raised by the stream's next ``synchronize()``.
         """
         self._launch_host_func(fn, None)
 
@@ -177,13 +186,16 @@ class PooledStream(StreamCore):
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn={fn!r} must be a callable taking no arguments")
-        errors = self._host_errors
+        core, errors = self._core, self._host_errors
 
-        def run() -> None:
+        def run(device_error: BaseException | None) -> None:
             try:
+                if device_error is not None:
+                    raise device_error
                 fn()
             except BaseException as exc:  # kept for synchronize(), never lost
-                errors.append((owner, exc))
+                with core.lock:
+                    errors.append((owner, exc))
 
         self._backend.launch_host_func(self._handle, run)
 

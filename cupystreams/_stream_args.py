@@ -1,4 +1,4 @@
-"""One notion of "a stream" in arguments (DESIGN semantic 0)."""
+"""One notion of "a stream" in arguments, shared by every call that takes one."""
 
 from __future__ import annotations
 

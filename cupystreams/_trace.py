@@ -41,7 +41,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Lane", "Span", "Trace", "render_timeline", "trace_pool"]
 
-_SHADOWED = ("acquire_compute", "acquire_comm", "acquire_high_priority")
+_SHADOWED = (
+    "acquire_compute",
+    "acquire_comm",
+    "acquire_high_priority",
+    "compute_context",
+    "comm_context",
+    "high_priority_context",
+)
 _COLORS = {"compute": "#4C72B0", "comm": "#55A868", "high_priority": "#C44E52"}
 
 
@@ -147,7 +154,7 @@ class Trace:
         if stream.state is StreamState.CLOSED:
             self._drop(entry)
             return
-        if stream._capturing is not None and stream._capturing():
+        if stream._backend.is_capturing(stream._handle):
             # The release will fail; an event recorded now would join the graph.
             self._open[id(lease)] = entry
             return
@@ -198,7 +205,7 @@ class Trace:
                 for s in spans
             ]
         self._events.release(origin)
-        self._events._close()
+        self._events._close("the trace ended")
         backend.destroy_stream(self._origin_stream)
         self._spans = spans
 
@@ -346,7 +353,7 @@ def trace_pool(pool: CudaStreamPool) -> Iterator[Trace]:
     """Shadow ``pool``'s acquire methods with traced ones for the ``with`` block."""
     if any(name in vars(pool) for name in _SHADOWED):
         raise RuntimeError("this pool is already being traced; one trace at a time per pool")
-    if (error := pool._closed_error()) is not None:
+    if (error := pool._core.closed_error()) is not None:
         raise error
     trace = Trace(pool)
     leases = _traced_lease_class(trace)

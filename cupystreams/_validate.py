@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 import threading
 
-__all__ = ["MAX_COUNT", "check_count", "check_flag", "check_int", "check_timeout"]
+__all__ = [
+    "MAX_COUNT",
+    "check_count",
+    "check_flag",
+    "check_int",
+    "check_timeout",
+    "check_wait",
+]
 
 # Far beyond any useful pool (a GPU has at most 32 hardware queues), small
 # enough that a typo such as 10**9 fails at once instead of exhausting memory.
@@ -44,3 +51,19 @@ def check_timeout(timeout: object) -> float | None:
         raise ValueError(f"timeout={timeout!r} must be >= 0 seconds, or None to wait for ever")
     # Beyond what a lock can wait for, a timeout means "for ever".
     return None if timeout >= threading.TIMEOUT_MAX else float(timeout)
+
+
+def check_wait(blocking: object, timeout: object) -> float | None:
+    """The ``blocking`` / ``timeout`` pair of an acquire: seconds to wait at most, or None.
+
+    ``timeout`` with ``blocking=False`` is refused rather than ignored: the
+    caller meant one of the two.
+    """
+    check_flag("blocking", blocking)
+    seconds = check_timeout(timeout)
+    if timeout is not None and blocking is False:
+        raise ValueError(
+            f"timeout={timeout!r} has no effect with blocking=False (which never waits); "
+            "pass blocking=True with the timeout, or drop the timeout"
+        )
+    return seconds

@@ -102,7 +102,7 @@ class PoolStateMachine(RuleBasedStateMachine):
 
     def _acquire(self, kind: str, key: str | None, blocking: bool) -> StreamLease:
         if kind == "high_priority":
-            return self.pool.acquire_high_priority(blocking=blocking, timeout=0)
+            return self.pool.acquire_high_priority(blocking=blocking, timeout=0 if blocking else None)
         method = self.pool.acquire_compute if kind == "compute" else self.pool.acquire_comm
         return method(affinity_key=key, blocking=blocking, timeout=0 if blocking else None)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -335,11 +336,11 @@ def event_pool_cases() -> list[Case]:
     for arg, kwargs, error in (
         ("initial_size", {"initial_size": -1}, ValueError),
         ("initial_size", {"initial_size": 2.0}, TypeError),
-        ("initial_size", {"initial_size": None}, TypeError),
+        ("initial_size", {"initial_size": "8"}, TypeError),
         ("max_size", {"max_size": -1}, ValueError),
         ("max_size", {"max_size": "64"}, TypeError),
         ("initial_size", {"initial_size": 9, "max_size": 8}, ValueError),
-        ("initial_size", {"initial_size": 2**40, "max_size": 2**40}, ValueError),
+        ("max_size", {"initial_size": 2**40, "max_size": 2**40}, ValueError),
         ("timing", {"timing": "yes"}, TypeError),
         ("device", {"device": -1}, ValueError),
     ):
@@ -458,13 +459,6 @@ def stream_argument_cases() -> list[Case]:
             lambda c: c.lease.launch_host_func(None),
             TypeError,
             "fn",
-        ),
-        Case(
-            "event.record-no-current-stream-on-host",
-            lambda c: c.event.record(),
-            ValueError,
-            "stream",
-            backends=("host",),
         ),
         Case(
             "event.record-released-lease",
@@ -743,14 +737,14 @@ def test_the_table_covers_every_public_entry_point() -> None:
     )
 
 
-# -- huge timeouts: wait (as for None) or refuse, never crash -----------------------------
+# -- huge timeouts: wait as for None, never crash -----------------------------------------
 
 
 @pytest.mark.parametrize("where", ["stream", "key"])
-@pytest.mark.parametrize("timeout", [1e10, 1e300, float(2**63)])
-def test_huge_timeout_waits_or_is_refused(backend: str, where: str, timeout: float) -> None:
-    """A timeout beyond what the OS can wait for must mean "wait" (like None) or be
-    refused up front with a ValueError naming timeout; it must not blow up mid-wait."""
+@pytest.mark.parametrize("timeout", [1e10, 1e300, float(2**63), float("inf")])
+def test_a_huge_timeout_waits_as_none_does(backend: str, where: str, timeout: float) -> None:
+    """A timeout beyond what the OS can wait for means "wait for ever", like None:
+    the acquire returns when the holder releases, and does not blow up mid-wait."""
     with CudaStreamPool(1, 1, 0, backend=backend) as pool:
         if where == "stream":
             holder = pool.acquire_compute()
@@ -763,15 +757,13 @@ def test_huge_timeout_waits_or_is_refused(backend: str, where: str, timeout: flo
             taker.join()
             holder = held[0]
         releaser = threading.Timer(0.2, holder.release)
+        started = time.monotonic()
         releaser.start()
         try:
             key = "k" if where == "key" else None
             pool.acquire_compute(affinity_key=key, timeout=timeout).release()
-        except ValueError as exc:
-            assert "timeout" in str(exc), exc
-        except PoolTimeoutError:
-            pytest.fail(f"timeout={timeout} timed out after a fraction of a second")
         finally:
             releaser.join()
+        assert time.monotonic() - started >= 0.15, "returned before the holder released"
         stats = pool.stats()
         assert (stats.waiting, stats.timeouts) == (0, 0), stats

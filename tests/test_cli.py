@@ -84,14 +84,25 @@ def test_bench_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     assert document["backend"] == "host" and document["quick"] is True
     results = document["results"]
     groups = {r["group"] for r in results}
-    assert groups == {"lease", "threads", "pipeline", "priority", "memory", "adapters"}
+    assert groups == {
+        "lease", "peer", "goal", "threads", "pipeline", "priority", "memory", "adapters"
+    }
+    ids = [r["id"] for r in results]
+    assert len(ids) == len(set(ids)), "every result has its own stable id"
+    by_id = {r["id"]: r for r in results}
+    for row in ("acquire_release", "acquire_release_timeout", "same_key", "two_keys", "with",
+                "compute_context", "event_cycle"):
+        assert by_id[f"lease.{row}"]["value"] > 0, row
+    # The ratios that need no GPU are computed from the same run.
+    goal = by_id["goal.timeout_vs_plain"]
+    ratio = by_id["lease.acquire_release_timeout"]["value"] / by_id["lease.acquire_release"]["value"]
+    assert goal["value"] == pytest.approx(ratio)
     by_name = {r["name"]: r for r in results}
-    assert by_name["pool.acquire_compute().release()"]["value"] > 0
-    assert by_name["events.acquire() + release"]["value"] > 0
     assert by_name["speedup of the pool over one stream"]["extra"]["identical"] is True
     assert by_name["stage bound"]["value"] > 0
     # Peers that need a GPU are reported as missing, not invented.
-    assert by_name["cupy.cuda.Stream() create + destroy"]["value"] is None
+    assert by_id["peer.cupy_stream"]["value"] is None
+    assert by_id["goal.with_vs_cupy_with"]["value"] is None
     text = capsys.readouterr().out
     assert "stage bound" in text and str(path) in text
 

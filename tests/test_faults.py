@@ -281,27 +281,32 @@ def test_failed_device_wait_in_a_keyed_acquire_loses_nothing(
         assert_all_idle(pool)
 
 
-def test_failed_record_in_a_keyed_release_loses_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """cudaEventRecord failing when a keyed lease ends: release raises, then a retry
-    (or the raise itself) returns the stream, and no event is stranded."""
+def test_failed_record_of_a_keys_end_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cudaEventRecord failing when a key's stream goes to another holder (the moment
+    the key's end is recorded): that acquire raises, the stream stays idle and still
+    the key's, and the next acquire succeeds. No event is stranded."""
     with CudaStreamPool(1, 0, 0, backend="host") as pool:
         in_use = pool.stats().events.in_use
-        lease = pool.acquire_compute(affinity_key="k")
+        with pool.acquire_compute(affinity_key="k") as lease:
+            keyed = lease.stream
+        record = pool._backend.record
 
         def failing_record(event: object, stream: object) -> None:
             raise RuntimeError("injected: cudaEventRecord failed")
 
         monkeypatch.setattr(pool._backend, "record", failing_record)
         with pytest.raises(RuntimeError, match="injected"):
-            lease.release()
-        monkeypatch.undo()
-        if not lease.released:
-            lease.release()
-        assert_all_idle(pool)
-        # One event may stay with the key (it marks where the key's work ends).
-        assert pool.stats().events.in_use <= in_use + 1, pool.stats().events
+            pool.acquire_compute()  # not the key's: the key's end must be recorded first
+        assert pool.stats().compute.idle == 1
+        assert pool.stats().events.in_use == in_use, pool.stats().events
+        assert keyed._unrecorded_key is not None, "the key lost its claim on the stream"
+        monkeypatch.setattr(pool._backend, "record", record)
+        with pool.acquire_compute() as other:
+            assert other.stream is keyed
+        assert pool.stats().key_events == 1  # recorded this time, held for the key
+        with pool.acquire_compute(affinity_key="k") as again:
+            assert again.stream is keyed
+        assert pool.stats().events.in_use == in_use
 
 
 # -- host functions that raise ---------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 import threading
 import time
 import warnings
@@ -19,9 +20,9 @@ from typing import Any
 import pytest
 from reliability_helpers import LiveObjects, live_objects, no_leaks, record_figures
 
-from cupystreams import CudaStreamPool, EventPool, _teardown
+from cupystreams import CudaStreamPool, EventPool
+from cupystreams._core import PoolCore
 from cupystreams._backends._host import HostBackend
-from cupystreams._lease import StreamLease
 
 
 @pytest.fixture(autouse=True)
@@ -237,25 +238,18 @@ def test_an_array_that_outlives_the_pool_strands_no_memory() -> None:
     assert left == 0, f"{left} bytes stranded in the arena of a closed pool's stream"
 
 
-def _collect_on_a_thread_python_did_not_start() -> None:
-    """gc.collect() on a thread started below threading, like CUDA's host-function thread."""
-    import _thread
-
-    done = threading.Event()
-
-    def collect() -> None:
-        try:
-            gc.collect()
-        finally:
-            done.set()
-
-    _thread.start_new_thread(collect, ())
-    assert done.wait(30), "the collecting thread did not finish"
+def _collect_on_another_thread() -> str:
+    """gc.collect() on a new thread; returns its name."""
+    thread = threading.Thread(target=gc.collect, name="collector")
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the collecting thread did not finish"
+    return thread.name
 
 
 @contextlib.contextmanager
 def no_collection_here() -> Iterator[None]:
-    """No automatic collection on this thread: the foreign thread's must find the garbage."""
+    """No automatic collection on this thread: only an explicit one finds the garbage."""
     gc.disable()
     try:
         yield
@@ -282,30 +276,20 @@ def destroyed_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return _record_threads(monkeypatch, HostBackend, "destroy_stream")
 
 
-@pytest.fixture
-def released_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The threads on which leases are released through Python from now on."""
-    return _record_threads(monkeypatch, StreamLease, "release")
-
-
-def test_a_pool_collected_on_a_foreign_thread_is_destroyed_on_the_teardown_thread(
-    destroyed_on: list[str],
-) -> None:
+def test_a_dropped_pool_is_freed_where_it_is_dropped(destroyed_on: list[str]) -> None:
+    """No reference cycle holds a pool: dropping the last reference closes it at once,
+    on the dropping thread, without the cycle collector."""
     pool = CudaStreamPool(2, 1, 1, backend="host")
     with pool.acquire_compute(affinity_key="k"):
-        pass  # the key keeps an event recorded at the lease's end
+        pass
+    pool.acquire_compute().release()  # the key's stream goes elsewhere: its end is recorded
     events = weakref.ref(pool.events)
     ref = weakref.ref(pool)
     with no_collection_here():
         del pool
-        _collect_on_a_thread_python_did_not_start()
-    assert ref() is None, "the foreign thread's collection did not free the pool"
-    assert _teardown.wait_settled()
-    # Not one stream destroyed on the collecting thread: CUDA refuses CUDA
-    # calls on its own threads. The teardown thread destroyed them all.
-    assert destroyed_on == [_teardown.THREAD_NAME] * 4
-    gc.collect()
-    assert events() is None
+        assert ref() is None, "a reference cycle keeps a dropped pool"
+        assert events() is None, "a reference cycle keeps a dropped pool's events"
+    assert destroyed_on == [threading.current_thread().name] * 4
 
 
 def test_a_pool_whose_key_leads_back_to_it_is_still_collected() -> None:
@@ -326,19 +310,19 @@ def test_a_pool_whose_key_leads_back_to_it_is_still_collected() -> None:
     assert ref() is None, "the pool's finalizer keeps the user's key, which keeps the pool"
 
 
-def test_a_lease_collected_on_a_foreign_thread_is_released_on_the_teardown_thread(
-    released_on: list[str],
+def test_a_lease_collected_in_a_cycle_is_released_by_the_collecting_thread(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    released_on = _record_threads(monkeypatch, PoolCore, "return_dropped")
     pool = CudaStreamPool(1, 0, 0, backend="host")
     lease = pool.acquire_compute(affinity_key="k")
     cycle: list[Any] = [lease]
     cycle.append(cycle)
     with no_collection_here(), pytest.warns(ResourceWarning, match="dropped without release"):
         del lease, cycle
-        _collect_on_a_thread_python_did_not_start()
-        assert _teardown.wait_settled()
+        collector = _collect_on_another_thread()
+    assert released_on == [collector]
     assert pool.stats().compute.leased == 0
-    assert released_on == [_teardown.THREAD_NAME]  # not the collecting thread
     # The key is free again (not "this thread already holds a lease").
     pool.acquire_compute(affinity_key="k", blocking=False).release()
     pool.close()
@@ -363,55 +347,60 @@ def test_a_thread_waiting_for_a_stream_gets_the_one_a_dropped_lease_held() -> No
     cycle.append(cycle)
     with no_collection_here(), pytest.warns(ResourceWarning, match="dropped without release"):
         del lease, cycle
-        _collect_on_a_thread_python_did_not_start()
+        _collect_on_another_thread()
         waiter.join(10)
     assert got == [True], "the waiter never got the dropped lease's stream"
     pool.close()
 
 
-def test_a_lease_and_its_pool_collected_together_on_a_foreign_thread(
-    destroyed_on: list[str],
-) -> None:
+def test_a_lease_collected_while_its_thread_holds_the_lock_comes_back_next_time() -> None:
+    """A collection can run inside one of the pool's own critical sections: the
+    finalizer must neither deadlock on the lock nor lose the stream."""
+    pool = CudaStreamPool(1, 0, 0, backend="host")
+    cycle: list[Any] = [pool.acquire_compute()]
+    cycle.append(cycle)
+    with no_collection_here(), pytest.warns(ResourceWarning, match="dropped without release"):
+        del cycle
+        with pool._core.lock:  # as if the collection interrupted a critical section
+            started = time.monotonic()
+            gc.collect()
+            assert time.monotonic() - started < 5, "the finalizer waited for its own lock"
+    # Nobody could return the stream while the lock was held; the next
+    # acquire that finds no idle stream does.
+    with pool.acquire_compute(blocking=False) as lease:
+        assert lease.stream is pool._streams[0]
+    assert pool.stats().compute.leased == 0
+    pool.close()
+
+
+def test_a_lease_and_its_pool_collected_together(destroyed_on: list[str]) -> None:
     pool = CudaStreamPool(1, 0, 0, backend="host")
     lease = pool.acquire_compute()
     worker = pool._streams[0]._handle._worker
-    events = pool.events  # holds nothing that leads back to the pool
+    events = pool.events
     cycle: list[Any] = [lease, pool]
     cycle.append(cycle)
     with no_collection_here():
         del lease, pool, cycle
-        with pytest.warns(ResourceWarning, match="dropped without release"):
-            _collect_on_a_thread_python_did_not_start()
-            assert _teardown.wait_settled()
-        # The lease brought its pool back to life after the pool's finalizer
-        # ran; the teardown thread released the lease, then closed the pool
-        # (which closed its events too).
+        collector = _collect_on_another_thread()
+        # The pool's finalizer closed it; the lease, collected with it, had
+        # nothing left to return.
         assert events._closed_reason is not None
-    assert destroyed_on == [_teardown.THREAD_NAME]
+    assert destroyed_on == [collector]
     worker.join(10)
     assert not worker.is_alive()
 
 
-def test_the_teardown_thread_outlives_a_warning_made_an_error(
-    capsys: pytest.CaptureFixture[str],
+def test_a_warning_made_an_error_does_not_keep_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    unraisable: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: unraisable.append(info.exc_value))
     pool = CudaStreamPool(2, 0, 0, backend="host")
-    cycle: list[Any] = [pool.acquire_compute()]
-    cycle.append(cycle)
-    with no_collection_here(), warnings.catch_warnings():
+    lease = pool.acquire_compute()
+    with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
-        del cycle
-        _collect_on_a_thread_python_did_not_start()
-        assert _teardown.wait_settled()
-    # The warning raised on the teardown thread: printed, the lease released.
-    assert "ResourceWarning" in capsys.readouterr().err
-    assert pool.stats().compute.leased == 0
-    # And the thread still serves what is parked after it.
-    cycle = [pool.acquire_compute()]
-    cycle.append(cycle)
-    with no_collection_here(), pytest.warns(ResourceWarning, match="dropped without release"):
-        del cycle
-        _collect_on_a_thread_python_did_not_start()
-        assert _teardown.wait_settled()
+        del lease
+    assert [type(error) for error in unraisable] == [ResourceWarning]
     assert pool.stats().compute.leased == 0
     pool.close()

@@ -165,8 +165,11 @@ def test_moved_key_waits_for_its_earlier_work_host() -> None:
         with pool.acquire_compute(affinity_key="k") as first:
             first.launch_host_func(lambda: (time.sleep(0.1), log.append("first")))
             keyed_stream = first.stream
+        other = pool.acquire_compute()
+        assert other.stream is not keyed_stream  # kept for the key while another is idle
         blocker = pool.acquire_compute()
-        assert blocker.stream is keyed_stream  # LIFO: the key's stream went to the blocker
+        assert blocker.stream is keyed_stream  # none other idle: the key's stream goes
+        other.release()
         with pool.acquire_compute(affinity_key="k") as second:
             moved_to = second.stream
             assert moved_to is not keyed_stream
@@ -181,8 +184,11 @@ def test_key_table_is_bounded(backend: str) -> None:
     with CudaStreamPool(1, 0, 0, backend=backend, max_affinity_keys=4) as pool:
         for key in range(10):
             pool.acquire_compute(affinity_key=key).release()
-        assert len(pool._keys) == 4
-        assert pool.events.stats().in_use == 4  # one end-of-work event per remembered key
+        assert len(pool._core.keys) == 4
+        # Each key moved off the one stream's previous key: three remembered
+        # keys hold the end of their work; the last one's stream is still its own.
+        assert pool.stats().key_events == 3
+        assert pool.events.stats().in_use == 3
 
 
 def test_priorities_come_from_the_device(backend: str) -> None:
@@ -378,10 +384,10 @@ def test_too_many_streams_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
     pool = CudaStreamPool(1, 0, 0, backend="host")
     monkeypatch.setattr(pool._backend, "hardware_queues", lambda: 2)
     with pytest.warns(RuntimeWarning, match="CUDA_DEVICE_MAX_CONNECTIONS"):
-        pool._warn_if_over_hardware_queues(3)
+        _pool._warn_if_over_hardware_queues(pool._backend, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pool._warn_if_over_hardware_queues(3)
+        _pool._warn_if_over_hardware_queues(pool._backend, 3)
     pool.close()
 
 
@@ -409,7 +415,7 @@ def test_global_pools(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pools[0].closed
     assert get_global_stream_pool(compute_streams=8).stats().compute.capacity == 8
     with compute_stream() as lease:  # the helpers use the pool whatever its sizes
-        assert lease.stream._pool is get_global_stream_pool(compute_streams=8)
+        assert lease.stream._core is get_global_stream_pool(compute_streams=8)._core
 
 
 def test_fork_child_sees_a_closed_pool(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -443,8 +449,10 @@ def test_a_held_key_does_not_stop_the_table_from_forgetting_others(backend: str)
         held = pool.acquire_compute(affinity_key="held")
         for key in range(50):
             pool.acquire_compute(affinity_key=key).release()
-        assert len(pool._keys) == 2
-        assert pool.events.stats().in_use == 1  # the last key's end-of-work event
+        assert len(pool._core.keys) == 2
+        # A forgotten key gives its end-of-work event back; the last key's
+        # stream is still its own, so its end is not recorded yet.
+        assert pool.events.stats().in_use == 0
         held.release()
 
 

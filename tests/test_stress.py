@@ -223,6 +223,8 @@ class Worker:
         blocking = rng.random() < 0.85
         roll = rng.random()
         timeout = None if roll < 0.5 else 0.0 if roll < 0.6 else rng.uniform(0.001, 0.05)
+        if not blocking:
+            timeout = None  # a timeout with blocking=False is refused as a mistake
         if nested and blocking and timeout is None:
             timeout = 0.01  # a holder never waits for ever: no deadlock between holders
         return self.acquire(kind, key, blocking, timeout), kind, key

@@ -14,14 +14,11 @@ class Backend(Protocol):
     Stream and event handles are opaque to the pool (``Any`` here): the cupy
     backend hands out ``cupy.cuda.Stream`` / ``cupy.cuda.Event``, the host
     backend its own thread-driven objects. Every method may be called from any
-    thread.
+    thread, and none runs Python code on a thread that CUDA started.
     """
 
     name: str
     device: int
-    #: Entering a stream is CuPy's ``make_current(device, stream)``: leases
-    #: then do it in C instead of calling ``enter`` and ``exit``.
-    cupy_current: bool
 
     def priority_range(self) -> tuple[int, int]:
         """``(least, greatest)`` priority, in CUDA's numbers (greatest is lowest)."""
@@ -41,15 +38,15 @@ class Backend(Protocol):
 
     def create_event(self, timing: bool) -> Any: ...
 
-    def destroy_event(self, event: Any) -> None: ...
-
     def record(self, event: Any, stream: Any) -> None: ...
 
     def wait_event(self, stream: Any, event: Any) -> None: ...
 
     def query_stream(self, stream: Any) -> bool: ...
 
-    def synchronize_stream(self, stream: Any) -> None: ...
+    def synchronize_stream(self, stream: Any) -> None:
+        """Wait for the stream's work and for the host functions launched on it so far."""
+        ...
 
     def query_event(self, event: Any) -> bool: ...
 
@@ -60,17 +57,23 @@ class Backend(Protocol):
         ...
 
     def launch_host_func(self, stream: Any, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on a host thread once the stream's earlier work is done."""
+        """Run ``fn`` on a thread of the library once the stream's earlier work is done.
+
+        ``fn`` must not raise (the pool wraps users' functions).
+        """
+        ...
+
+    def is_capturing(self, stream: Any) -> bool:
+        """True while ``stream`` is capturing a CUDA graph (never on backends without graphs)."""
         ...
 
     def capture_probe(self, stream: Any) -> Callable[[], int] | None:
-        """A cheap callable answering "is ``stream`` capturing a graph?" (non-zero
-        when it is), or None when the backend has no graphs."""
+        """A callable answering ``is_capturing(stream)`` in one cheap call (non-zero:
+        capturing), or None on backends without graphs."""
         ...
 
-    def capture_handle(self, stream: Any) -> int:
-        """The raw ``CUstream`` that the C release path asks the driver about, or
-        0 when the backend has no graphs."""
+    def default_stream(self) -> Any:
+        """The device's legacy default stream (pointer 0 in CUDA's numbers)."""
         ...
 
     def current_stream(self) -> Any:
@@ -88,4 +91,8 @@ class Backend(Protocol):
     def as_stream(self, obj: object) -> Any:
         """Turn a foreign stream (a framework stream, ``__cuda_stream__``, a raw
         pointer) into a handle, or raise ``TypeError``."""
+        ...
+
+    def close(self) -> None:
+        """Stop the backend's own threads once their work is done (idempotent)."""
         ...

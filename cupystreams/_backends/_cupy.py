@@ -10,7 +10,7 @@ from typing import Any
 
 import cupy
 
-from .. import _fastpath
+from ._callbacks import CallbackThread, HostCall
 
 __all__ = [
     "CUPY_STREAMS",
@@ -22,15 +22,48 @@ __all__ = [
 ]
 
 _MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
-# make_current(device, stream) and restore_current(device, saved) are in C:
-# leases call them on every `with`, the adapters on every hand-off.
-_fastpath.configure_cupy(
-    get_device=cupy.cuda.runtime.getDevice,
-    set_device=cupy.cuda.runtime.setDevice,
-    get_current_stream=cupy.cuda.get_current_stream,
-)
-make_current = _fastpath.make_current
-restore_current = _fastpath.restore_current
+_get_device = cupy.cuda.runtime.getDevice
+_set_device = cupy.cuda.runtime.setDevice
+_get_current_stream = cupy.cuda.get_current_stream
+_is_capturing = cupy.cuda.runtime.streamIsCapturing
+
+
+def make_current(device: int, stream: Any) -> tuple[int, Any]:
+    """Make ``device`` and its CuPy ``stream`` current on this thread.
+
+    Returns what ``restore_current`` needs: the device current before, and
+    the stream that was current on ``device``. A failed step undoes the
+    device switch.
+    """
+    previous = _get_device()
+    if previous != device:
+        _set_device(device)  # CuPy makes a stream current only on its own device
+    try:
+        saved = (previous, _get_current_stream(device))
+        stream.use()
+    except BaseException:
+        if previous != device:
+            _set_device(previous)
+        raise
+    return saved
+
+
+def restore_current(device: int, saved: tuple[int, Any]) -> None:
+    """Undo ``make_current(device, ...)``, which returned ``saved``.
+
+    The block may have left another device current: the stream is restored
+    on ``device`` all the same, and the device current before
+    ``make_current`` comes back even if restoring the stream fails.
+    """
+    previous, stream = saved
+    now = _get_device()
+    if now != device:
+        _set_device(device)
+    try:
+        stream.use()
+    finally:
+        if previous != device:
+            _set_device(previous)
 
 
 def hardware_queues_from_env() -> int:
@@ -51,19 +84,13 @@ def hardware_queues_from_env() -> int:
 @functools.cache
 def _libcuda() -> ctypes.CDLL:
     # The driver library is always there where CuPy runs and needs no extra
-    # package; it has the two calls below that CuPy does not expose cheaply.
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    # The release hot path (C) asks it about graph capture without going
-    # through Python: a pointer to cuStreamIsCapturing, which takes a
-    # cudaStream_t as it is (CUstream) and answers for the stream's context.
-    address = ctypes.cast(libcuda.cuStreamIsCapturing, ctypes.c_void_p).value
-    _fastpath.set_capture_query(address or 0)
-    return libcuda
+    # package; it answers the priority range, which CuPy does not expose.
+    return ctypes.CDLL("libcuda.so.1")
 
 
 def _driver_priority_range() -> tuple[int, int]:
-    # CuPy does not expose cudaDeviceGetStreamPriorityRange; the driver call
-    # answers for the context the runtime made current on this thread.
+    # The driver call answers for the context the runtime made current on
+    # this thread.
     least, greatest = ctypes.c_int(), ctypes.c_int()
     status = _libcuda().cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest))
     if status != 0:
@@ -71,11 +98,14 @@ def _driver_priority_range() -> tuple[int, int]:
     return least.value, greatest.value
 
 
+def _wait_for_event(event: Any) -> None:
+    event.synchronize()
+
+
 class CupyBackend:
     """CuPy streams and events bound to one device; see ``Backend``."""
 
     name = "cupy"
-    cupy_current = True
 
     def __init__(self, device: int) -> None:
         self.device = device
@@ -83,6 +113,7 @@ class CupyBackend:
         with self._device:
             cupy.cuda.runtime.free(0)  # make the primary context current
             self._priority_range = _driver_priority_range()
+        self._callbacks = CallbackThread(_wait_for_event, f"cupystreams-host-functions-{device}")
 
     def priority_range(self) -> tuple[int, int]:
         return self._priority_range
@@ -113,9 +144,6 @@ class CupyBackend:
         with self._device:
             return cupy.cuda.Event(block=False, disable_timing=not timing)
 
-    def destroy_event(self, event: Any) -> None:
-        pass  # freed with its last reference, like streams
-
     def record(self, event: Any, stream: Any) -> None:
         event.record(stream)
 
@@ -127,6 +155,7 @@ class CupyBackend:
 
     def synchronize_stream(self, stream: Any) -> None:
         stream.synchronize()
+        self._callbacks.wait_for(stream.ptr)
 
     def query_event(self, event: Any) -> bool:
         return bool(event.done)
@@ -137,19 +166,30 @@ class CupyBackend:
     def elapsed_time(self, start: Any, end: Any) -> float:
         return float(cupy.cuda.get_elapsed_time(start, end))
 
-    def launch_host_func(self, stream: Any, fn: Callable[[], None]) -> None:
-        stream.launch_host_func(lambda _arg: fn(), None)
+    def launch_host_func(self, stream: Any, fn: HostCall) -> None:
+        if self.is_capturing(stream):
+            raise RuntimeError(
+                "a host function cannot be captured into a CUDA graph by this pool; "
+                "launch it after the capture ends"
+            )
+        with self._device:
+            # A blocking-sync event lets the waiting thread sleep instead of spin.
+            event = cupy.cuda.Event(block=True, disable_timing=True)
+        event.record(stream)
+        self._callbacks.launch(stream.ptr, event, fn)
+
+    def is_capturing(self, stream: Any) -> bool:
+        return bool(_is_capturing(stream.ptr))
 
     def capture_probe(self, stream: Any) -> Callable[[], int]:
-        # Bound once per stream: the release fast path pays one C call
-        # (cudaStreamIsCapturing; 0 means not capturing).
-        return functools.partial(cupy.cuda.runtime.streamIsCapturing, stream.ptr)
+        # Bound once per stream: a release pays one call (cudaStreamIsCapturing).
+        return functools.partial(_is_capturing, stream.ptr)
 
-    def capture_handle(self, stream: Any) -> int:
-        return int(stream.ptr)
+    def default_stream(self) -> Any:
+        return cupy.cuda.Stream.null
 
     def current_stream(self) -> Any:
-        return cupy.cuda.get_current_stream(self.device)
+        return _get_current_stream(self.device)
 
     def enter(self, stream: Any) -> Any:
         return make_current(self.device, stream)
@@ -160,6 +200,9 @@ class CupyBackend:
     def as_stream(self, obj: object) -> Any:
         with self._device:  # a foreign pointer is taken to be on this device
             return foreign_stream(obj)
+
+    def close(self) -> None:
+        self._callbacks.close()
 
 
 CUPY_STREAMS = (cupy.cuda.Stream, cupy.cuda.ExternalStream)
@@ -202,3 +245,5 @@ def foreign_stream(obj: object) -> Any:
             f"{type(obj).__name__}.__cuda_stream__() must return a tuple (0, ptr) of ints: {exc}"
         ) from None
     return cupy.cuda.Stream.null if handle.ptr == 0 else handle
+
+

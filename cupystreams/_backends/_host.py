@@ -2,20 +2,26 @@
 
 Each stream is a FIFO run by its own worker thread; an event marks a position
 in a stream, and ``wait_event`` enqueues a task that blocks the waiting stream
-until that position has run. It exists so that pool logic and users' pipeline
+until that position has run. Each device has a legacy default stream, shared
+by every host-backend pool of the process and named by pointer 0 as in CUDA,
+so that code written for the GPU (``record_event(None)``, ``wait(0)``) runs
+unchanged. It exists so that pool logic and users' pipeline
 code can be tested without a GPU, and never passes itself off as CUDA: its
 streams have no device pointer.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["HostBackend", "HostEvent", "HostStream"]
+from ._callbacks import HostCall
+
+__all__ = ["HostBackend", "HostEvent", "HostStream", "legacy_stream"]
 
 _Task = Callable[[], None]
 
@@ -44,9 +50,7 @@ class HostStream:
     def __init__(self, priority: int, name: str) -> None:
         self.priority = priority
         self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
-        # Re-entrant: a lease collected while this thread holds the lock may
-        # record its end on this very stream.
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # guards _submitted (and orders it with the queue)
         self._submitted = 0
         self._completed = 0
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
@@ -66,6 +70,8 @@ class HostStream:
 
     def idle(self) -> bool:
         with self._lock:
+            # _completed is written by the worker alone; a stale read only
+            # answers "busy" a moment longer.
             return self._completed == self._submitted
 
     def synchronize(self) -> None:
@@ -91,11 +97,32 @@ class HostEvent:
         self.mark: _Mark | None = None
 
 
+_legacy_lock = threading.Lock()  # guards _legacy_streams
+_legacy_streams: dict[int, HostStream] = {}
+
+
+def legacy_stream(device: int) -> HostStream:
+    """The legacy default stream of host ``device``, created on first use."""
+    with _legacy_lock:
+        stream = _legacy_streams.get(device)
+        if stream is None:
+            stream = _legacy_streams[device] = HostStream(0, f"cupystreams-legacy-stream-{device}")
+        return stream
+
+
+def _forget_legacy_streams_after_fork() -> None:
+    global _legacy_lock
+    _legacy_lock = threading.Lock()  # a parent thread may have held it at fork
+    _legacy_streams.clear()  # their worker threads do not exist in the child
+
+
+os.register_at_fork(after_in_child=_forget_legacy_streams_after_fork)
+
+
 class HostBackend:
     """Streams and events on host threads; see the module docstring."""
 
     name = "host"
-    cupy_current = False
 
     def __init__(self, device: int | None = None) -> None:
         self.device = 0 if device is None else device
@@ -127,9 +154,6 @@ class HostBackend:
     def create_event(self, timing: bool) -> HostEvent:
         return HostEvent(timing)
 
-    def destroy_event(self, event: HostEvent) -> None:
-        event.mark = None
-
     def record(self, event: HostEvent, stream: HostStream) -> None:
         mark = _Mark()
         event.mark = mark
@@ -160,17 +184,21 @@ class HostBackend:
             raise ValueError("elapsed_time needs both events completed: synchronize first")
         return (end.mark.timestamp - start.mark.timestamp) * 1e3
 
-    def launch_host_func(self, stream: HostStream, fn: Callable[[], None]) -> None:
-        stream.submit(fn)
+    def launch_host_func(self, stream: HostStream, fn: HostCall) -> None:
+        stream.submit(lambda: fn(None))  # on the stream's worker, a thread of the library
+
+    def is_capturing(self, stream: HostStream) -> bool:
+        return False
 
     def capture_probe(self, stream: HostStream) -> None:
         return None
 
-    def capture_handle(self, stream: HostStream) -> int:
-        return 0
+    def default_stream(self) -> HostStream:
+        return legacy_stream(self.device)
 
-    def current_stream(self) -> HostStream | None:
-        return getattr(self._current, "stream", None)
+    def current_stream(self) -> HostStream:
+        current = getattr(self._current, "stream", None)
+        return self.default_stream() if current is None else current
 
     def enter(self, stream: HostStream) -> Any:
         previous = getattr(self._current, "stream", None)
@@ -181,4 +209,12 @@ class HostBackend:
         self._current.stream = token
 
     def as_stream(self, obj: object) -> Any:
-        raise TypeError("the host backend has no CUDA streams (use backend='cupy' for those)")
+        if obj == 0 and type(obj) is int:
+            return self.default_stream()
+        raise TypeError(
+            "the host backend has no CUDA streams, only its legacy default stream 0 "
+            "(use backend='cupy' for CUDA streams)"
+        )
+
+    def close(self) -> None:
+        pass  # each stream's worker stops with destroy_stream

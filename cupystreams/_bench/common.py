@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +29,8 @@ class Result:
         note: Context a reader needs: the peer it compares with, a goal, why
             it is missing.
         extra: Further machine-readable figures (JSON only).
+        id: A stable identifier (``"lease.with"``) that scripts and the
+            documents key on; derived from ``group`` and ``name`` when not given.
     """
 
     group: str
@@ -36,6 +39,12 @@ class Result:
     unit: str
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            slug = re.sub(r"[^a-z0-9]+", "_", self.name.lower()).strip("_")
+            object.__setattr__(self, "id", f"{self.group}.{slug}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

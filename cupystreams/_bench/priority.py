@@ -160,7 +160,7 @@ def measure_priority(backend: str, repeats: int, trace: bool = False) -> Priorit
             recorded,
         )
     finally:
-        timing._close()
+        timing._close("the measurement ended")
         pool.close()
         work.close()
 
