@@ -362,22 +362,28 @@ def test_the_install_hint_survives_printing(
     assert hint in " ".join(" ".join(line.split()) for line in out[1:])  # the GPU row
 
 
-def test_without_a_driver_the_message_says_so_not_that_the_driver_is_old(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # What the CUDA runtime reports when there is no libcuda.so.1 at all.
+def fake_cupy(monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+    """A CuPy whose device count fails with the CUDA runtime's ``error``."""
+
     class Runtime:
         @staticmethod
         def getDeviceCount() -> int:
-            raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+            raise RuntimeError(error)
 
     class Cuda:
         runtime = Runtime
 
-    class FakeCupy:
+    class Cupy:
         cuda = Cuda
 
-    monkeypatch.setitem(sys.modules, "cupy", FakeCupy)
+    monkeypatch.setitem(sys.modules, "cupy", Cupy)
+
+
+def test_without_a_driver_the_message_says_so_not_that_the_driver_is_old(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the CUDA runtime reports when there is no libcuda.so.1 at all.
+    fake_cupy(monkeypatch, "cudaErrorInsufficientDriver: CUDA driver version is insufficient")
     monkeypatch.setattr(_backends, "_driver_problem", lambda: "libcuda.so.1: cannot open")
     problem = _backends.gpu_problem()
     assert problem is not None
@@ -388,6 +394,17 @@ def test_without_a_driver_the_message_says_so_not_that_the_driver_is_old(
     monkeypatch.setattr(_backends, "_driver_problem", lambda: None)
     problem = _backends.gpu_problem()
     assert problem is not None and problem.summary == "CuPy cannot use the CUDA driver"
+
+
+def test_a_driver_without_a_visible_device_says_which_variable_hides_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_cupy(monkeypatch, "cudaErrorNoDevice: no CUDA-capable device is detected")
+    monkeypatch.setattr(_backends, "_driver_problem", lambda: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    problem = _backends.gpu_problem()
+    assert problem is not None and problem.summary == "no CUDA device is visible"
+    assert problem.detail.endswith("; CUDA_VISIBLE_DEVICES=''")
 
 
 @pytest.mark.parametrize(
