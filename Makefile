@@ -1,11 +1,15 @@
 # make test      — CPU checks from nothing: venv, install, ruff, mypy --strict, pytest.
 # make gpu-test  — on a GPU machine whose Python already has CuPy (no registry needed).
 # make demo      — the main job: overlap, priority and memory, on the GPU or the host backend.
+#                  Installs only the cli extra, and CuPy for CUDA 12 where nvidia-smi
+#                  finds a GPU (make demo GPU_EXTRA=,cuda13 for CUDA 13).
 
 PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
+GPU_EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda12)
 
 .PHONY: test lint gpu-test demo bench clean
 
@@ -14,6 +18,12 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -e '.[cuda12,test]'
 	touch $(STAMP)
+
+# The demo's own stamp in the same venv: no test tools, no CUDA wheel without a GPU.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet -e '.[cli$(GPU_EXTRA)]'
+	touch $(DEMO_STAMP)
 
 lint: $(STAMP)
 	$(VPY) -m ruff check cupystreams adapters tests examples scripts
@@ -26,10 +36,10 @@ gpu-test:
 	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 	CUPYSTREAMS_REQUIRE_GPU=$${CUPYSTREAMS_REQUIRE_GPU:-1} $(PYTHON) -m pytest -q -rs
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VPY) -m cupystreams demo
 
-bench: $(STAMP)
+bench: $(DEMO_STAMP)
 	$(VPY) -m cupystreams bench
 
 clean:

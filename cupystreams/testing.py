@@ -23,17 +23,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import (
-    Bundle,
-    RuleBasedStateMachine,
-    consumes,
-    invariant,
-    precondition,
-    rule,
-    run_state_machine_as_test,
-)
+try:
+    from hypothesis import settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import (
+        Bundle,
+        RuleBasedStateMachine,
+        consumes,
+        invariant,
+        precondition,
+        rule,
+        run_state_machine_as_test,
+    )
+except ModuleNotFoundError as exc:
+    if exc.name != "hypothesis":
+        raise
+    raise ImportError(
+        "cupystreams.testing needs Hypothesis, which comes with the test extra: "
+        "pip install 'cupystreams[test]'",
+        name="hypothesis",
+    ) from exc
 
 from ._errors import LeaseError, PoolClosedError, PoolExhaustedError, PoolTimeoutError
 from ._events import PooledEvent

@@ -6,7 +6,10 @@ error that says why and how to opt in.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+from dataclasses import dataclass, field
 
 from .._errors import BackendUnavailableError
 from ._base import Backend
@@ -14,7 +17,9 @@ from ._base import Backend
 __all__ = [
     "BACKEND_ENV_VAR",
     "Backend",
+    "GpuProblem",
     "current_device",
+    "gpu_problem",
     "make_backend",
     "resolve_backend_name",
 ]
@@ -22,6 +27,29 @@ __all__ = [
 BACKEND_ENV_VAR = "CUPYSTREAMS_BACKEND"
 _NAMES = ("auto", "cupy", "host")
 _OPT_IN = f"pass backend='host' or set {BACKEND_ENV_VAR}=host to use host threads instead"
+# The CUDA driver's own library: the CUDA runtime reports its absence as an
+# "insufficient driver", which misleads on a machine that has no GPU at all.
+_DRIVER_LIBRARY = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+
+
+@dataclass(frozen=True)
+class GpuProblem:
+    """Why the cupy backend cannot run here.
+
+    Attributes:
+        summary: What is wrong, in plain words, e.g. "no NVIDIA GPU or CUDA
+            driver found".
+        detail: The evidence behind the summary (the loader's or CuPy's own
+            message), or "".
+        cause: The exception that revealed the problem, if any.
+    """
+
+    summary: str
+    detail: str = ""
+    cause: BaseException | None = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.summary} ({self.detail})" if self.detail else self.summary
 
 
 def resolve_backend_name(backend: str) -> str:
@@ -36,23 +64,63 @@ def resolve_backend_name(backend: str) -> str:
     return chosen
 
 
-def _cupy_device_count() -> int:
+def _driver_problem() -> str | None:
+    """Why the CUDA driver library cannot be loaded, or None when it can."""
+    try:
+        ctypes.CDLL(_DRIVER_LIBRARY)
+    except OSError as exc:
+        return str(exc) or f"{_DRIVER_LIBRARY} cannot be loaded"
+    return None
+
+
+def _no_device(detail: str, cause: BaseException | None = None) -> GpuProblem:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # with a driver present, the usual reason
+        detail = "; ".join(part for part in (detail, f"CUDA_VISIBLE_DEVICES={visible!r}") if part)
+    return GpuProblem("no CUDA device is visible", detail, cause)
+
+
+def _probe_cupy() -> int | GpuProblem:
+    """The number of CUDA devices CuPy sees, or why it cannot use any."""
     try:
         import cupy
     except ImportError as exc:
-        raise BackendUnavailableError(
-            f"CuPy is not installed ({exc}); install cupystreams[cuda12] or "
-            f"cupystreams[cuda13], or {_OPT_IN}"
-        ) from exc
+        driver = _driver_problem()
+        if driver is not None:
+            # CuPy would not help on this machine: say what is really missing.
+            return GpuProblem(
+                "no NVIDIA GPU or CUDA driver found", f"{driver}; CuPy is not installed either", exc
+            )
+        return GpuProblem(
+            "CuPy is not installed: pip install 'cupystreams[cuda12]' or 'cupystreams[cuda13]'",
+            str(exc),
+            exc,
+        )
     try:
         count = int(cupy.cuda.runtime.getDeviceCount())
     except Exception as exc:  # CUDARuntimeError, or a driver library that fails to load
-        raise BackendUnavailableError(
-            f"CuPy cannot reach a CUDA driver ({exc}); {_OPT_IN}"
-        ) from exc
+        driver = _driver_problem()
+        if driver is not None:
+            return GpuProblem("no NVIDIA GPU or CUDA driver found", f"{driver}; CuPy: {exc}", exc)
+        if "cudaErrorNoDevice" in str(exc):
+            return _no_device(str(exc), exc)
+        return GpuProblem("CuPy cannot use the CUDA driver", str(exc), exc)
     if count == 0:
-        raise BackendUnavailableError(f"no CUDA device is visible; {_OPT_IN}")
+        return _no_device("")
     return count
+
+
+def gpu_problem() -> GpuProblem | None:
+    """Why the cupy backend cannot run here, or None when a CUDA device is usable."""
+    found = _probe_cupy()
+    return found if isinstance(found, GpuProblem) else None
+
+
+def _cupy_device_count() -> int:
+    found = _probe_cupy()
+    if isinstance(found, GpuProblem):
+        raise BackendUnavailableError(f"{found}; {_OPT_IN}") from found.cause
+    return found
 
 
 def _check_device(device: int | None, count: int) -> None:

@@ -8,8 +8,7 @@ import importlib.util
 import os
 
 from .. import __version__
-from .._backends import make_backend
-from .._errors import BackendUnavailableError
+from .._backends import gpu_problem, make_backend
 
 __all__ = ["collect_info", "device_name"]
 
@@ -74,11 +73,10 @@ def collect_info(backend: str) -> list[tuple[str, str]]:
     else:
         host = make_backend("host", None)
         least, greatest = host.priority_range()
-        try:
-            make_backend("cupy", None)
-            gpu = "present (run without --backend host to use it)"
-        except BackendUnavailableError as exc:
-            gpu = f"none usable: {exc}"
+        # Why there is no GPU, in full, and no advice to use the host backend:
+        # this already is it.
+        problem = gpu_problem()
+        gpu = "present (--backend cupy uses it)" if problem is None else f"none usable: {problem}"
         rows += [
             ("GPU", gpu),
             ("stream priorities", f"least {least}, greatest {greatest} (simulated)"),
