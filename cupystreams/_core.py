@@ -13,7 +13,8 @@ Locking: one ``threading.Lock`` per pool, ``PoolCore.lock``. It guards:
 | --- | --- |
 | this object | ``closed_reason``, ``timeouts``, ``exhaustions`` |
 | each ``Lane`` | ``idle``, ``waiters``, ``key_waiting``, ``streams`` |
-| each ``PooledStream`` | ``state``, ``_acquisitions``, ``_lease_start``, ``_active_ns``, ``_affinity_hits``, ``_waits``, ``_unrecorded_key``, ``_host_errors`` |
+| each ``PooledStream`` | ``state``, ``_unrecorded_key``, ``_host_errors`` and |
+| | its counters (``_acquisitions``, ``_lease_start``, ``_active_ns``, ...) |
 | each ``StreamLease`` | ``_stream`` (cleared under it by the one release that wins) |
 | the ``AffinityTable`` | all of it (its condition ``changed`` is over this lock) |
 
@@ -102,7 +103,7 @@ class PoolCore:
             and (
                 blocking is False
                 or (type(timeout) is not float and type(timeout) is not int)
-                or not timeout >= 0  # type: ignore[operator]
+                or not timeout >= 0
             )
         ):
             check_wait(blocking, timeout)  # raises the error that names the argument

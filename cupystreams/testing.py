@@ -10,9 +10,14 @@ Run it against your own configuration::
 
 After every step the machine compares the pool with a plain-Python model: no
 stream in two leases, leased + idle = capacity per kind, one live lease per
-affinity key, statistics equal to the model's, and host functions enqueued
-across waits run in the order the waits imply. Acquires are non-blocking (or
-time out at once) because the machine drives the pool from one thread.
+affinity key, statistics equal to the model's, and tasks enqueued across
+waits run in the order the waits imply. Acquires are non-blocking (or time
+out at once) because the machine drives the pool from one thread.
+
+The tasks are what the backend runs in stream order: on the host backend,
+host functions (a held-back one blocks its stream, as on a GPU); on the
+cupy backend, a tiny kernel that takes a ticket from a device counter (a
+held-back one spins first), so the order is checked on the device itself.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 try:
     from hypothesis import settings
@@ -54,10 +59,106 @@ __all__ = ["PoolStateMachine", "run_pool_state_machine"]
 
 KINDS = ("compute", "comm", "high_priority")
 KEYS = ("a", "b", "c")
-# How long a producer's host function is held back after a wait was queued:
-# ample for a consumer's host function to run first if the wait were missing.
+# How long a producer's task is held back after a wait was queued: ample for
+# a consumer's task to run first if the wait were missing.
 GATE_SECONDS = 0.002
 CLOSE_AFTER_STEPS = 10
+
+
+class _TaskOrder(Protocol):
+    """Runs numbered tasks in stream order and reports the order they ran in."""
+
+    def enqueue(self, lease: StreamLease, token: int, gate: threading.Event | None) -> None:
+        """Queue task ``token`` on ``lease``; while ``gate`` is shut, hold it back."""
+        ...
+
+    def ran(self) -> list[int]:
+        """The tokens of the tasks that ran, in the order they ran (after a sync)."""
+        ...
+
+
+class _HostFunctionOrder:
+    """Tasks as host functions: a held-back one blocks its host stream."""
+
+    def __init__(self) -> None:
+        self._log: list[int] = []
+        self._lock = threading.Lock()
+
+    def enqueue(self, lease: StreamLease, token: int, gate: threading.Event | None) -> None:
+        log, lock = self._log, self._lock
+
+        def append() -> None:
+            if gate is not None:
+                gate.wait()
+            with lock:
+                log.append(token)
+
+        lease.launch_host_func(append)
+
+    def ran(self) -> list[int]:
+        with self._lock:
+            return list(self._log)
+
+
+_TICKET_KERNEL = r"""
+extern "C" __global__ void take_ticket(int* counter, int* tickets, int token, long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while ((long long)(now - start) < ns);
+    tickets[token] = atomicAdd(counter, 1);
+}
+"""
+
+
+class _DeviceTicketOrder:
+    """Tasks as one-thread kernels that take a ticket from a device counter.
+
+    A held-back task spins ``GATE_SECONDS`` on the device first: were a wait
+    missing, a task queued after it on another stream would take its ticket
+    first.
+    """
+
+    MAX_TOKENS = 1 << 16
+
+    def __init__(self, device: int) -> None:
+        import cupy
+
+        with cupy.cuda.Device(device):
+            self._counter = cupy.zeros(1, dtype=cupy.int32)
+            self._tickets = cupy.full(self.MAX_TOKENS, -1, dtype=cupy.int32)
+            self._kernel = cupy.RawKernel(_TICKET_KERNEL, "take_ticket")
+            cupy.cuda.Device().synchronize()  # visible to every pool stream from now on
+        self._device = device
+        self._tokens = 0
+
+    def enqueue(self, lease: StreamLease, token: int, gate: threading.Event | None) -> None:
+        import numpy
+
+        if token >= self.MAX_TOKENS:
+            raise RuntimeError("the order check ran out of tickets; run fewer steps")
+        self._tokens = max(self._tokens, token + 1)
+        hold_ns = int(GATE_SECONDS * 1e9) if gate is not None else 0
+        with lease.cupy_stream:
+            self._kernel(
+                (1,), (1,), (self._counter, self._tickets, numpy.int32(token), numpy.int64(hold_ns))
+            )
+
+    def ran(self) -> list[int]:
+        import cupy
+
+        with cupy.cuda.Device(self._device):
+            cupy.cuda.Device().synchronize()
+            tickets = self._tickets[: self._tokens].get()
+        taken = [(int(ticket), token) for token, ticket in enumerate(tickets) if ticket >= 0]
+        return [token for _, token in sorted(taken)]
+
+
+def _task_order(pool: CudaStreamPool) -> _TaskOrder:
+    if pool.backend == "cupy":
+        return _DeviceTicketOrder(pool.device)
+    return _HostFunctionOrder()
 
 
 @dataclass
@@ -98,8 +199,7 @@ class PoolStateMachine(RuleBasedStateMachine):
         self.exhaustions = start.exhaustions
         self.timeouts = start.timeouts
         self.closed = False
-        self.log: list[int] = []  # host-function tokens in the order they ran
-        self.log_lock = threading.Lock()
+        self.order = _task_order(self.pool)
         self.orderings: list[_Ordering] = []
         self.next_token = 0
         self.steps = 0
@@ -111,22 +211,15 @@ class PoolStateMachine(RuleBasedStateMachine):
 
     def _acquire(self, kind: str, key: str | None, blocking: bool) -> StreamLease:
         if kind == "high_priority":
-            return self.pool.acquire_high_priority(blocking=blocking, timeout=0 if blocking else None)
+            timeout = 0 if blocking else None
+            return self.pool.acquire_high_priority(blocking=blocking, timeout=timeout)
         method = self.pool.acquire_compute if kind == "compute" else self.pool.acquire_comm
         return method(affinity_key=key, blocking=blocking, timeout=0 if blocking else None)
 
     def _enqueue(self, model: _ModelLease, gate: threading.Event | None = None) -> int:
         token = self.next_token
         self.next_token += 1
-        log, lock = self.log, self.log_lock
-
-        def append() -> None:
-            if gate is not None:
-                gate.wait()
-            with lock:
-                log.append(token)
-
-        model.lease.launch_host_func(append)
+        self.order.enqueue(model.lease, token, gate)
         model.tasks.append(token)
         return token
 
@@ -204,7 +297,7 @@ class PoolStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: not self.closed)
     @rule(lease=leases)
-    def enqueue_host_function(self, lease: StreamLease | None) -> None:
+    def enqueue_task(self, lease: StreamLease | None) -> None:
         if lease is not None and id(lease) in self.live:
             self._enqueue(self.live[id(lease)])
 
@@ -229,7 +322,7 @@ class PoolStateMachine(RuleBasedStateMachine):
 
     def _order(self, consumer: _ModelLease, producer: _ModelLease, through_event: bool) -> None:
         """Make ``consumer`` wait for ``producer`` and record what must run in which order."""
-        # The producer's last host function is held at a gate until the
+        # The producer's last task is held at a gate until the
         # consumer's first one had time to run: were the wait missing, the
         # consumer's would run first, and the order check would see it.
         gate = threading.Event()
@@ -245,7 +338,8 @@ class PoolStateMachine(RuleBasedStateMachine):
             consumer.tasks = []  # tokens enqueued from now on must follow `produced`
             self.orderings.append(_Ordering(produced, consumer.tasks))
             self._enqueue(consumer)
-            time.sleep(GATE_SECONDS)
+            if self.pool.backend == "host":
+                time.sleep(GATE_SECONDS)  # the consumer's chance to run first
         finally:
             gate.set()  # never left shut: a shut gate would hold the stream for good
 
@@ -288,15 +382,14 @@ class PoolStateMachine(RuleBasedStateMachine):
     # -- invariants --------------------------------------------------------------
 
     def _check_orderings(self) -> None:
-        with self.log_lock:
-            position = {token: i for i, token in enumerate(self.log)}
+        position = {token: i for i, token in enumerate(self.order.ran())}
         for ordering in self.orderings:
             ran_after = [position[t] for t in ordering.after if t in position]
             if not ran_after:
                 continue
             for token in ordering.before:
                 assert token in position, f"token {token} never ran but a later wait passed"
-                assert position[token] < min(ran_after), "a wait did not order host functions"
+                assert position[token] < min(ran_after), "a wait did not order tasks"
 
     @invariant()
     def count_steps(self) -> None:
@@ -330,7 +423,7 @@ class PoolStateMachine(RuleBasedStateMachine):
                 assert figures.leased + figures.idle == figures.capacity
 
     def teardown(self) -> None:
-        self.pool.close()  # waits for every stream: every host function has run
+        self.pool.close()  # waits for every stream: every task has run
         self._check_orderings()
 
 

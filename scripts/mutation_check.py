@@ -1,11 +1,10 @@
 """Mutation check for the GPU race tests: remove one synchronization at a time.
 
 For each mutation below, a scratch copy of the tree gets one synchronization
-taken out (the line becomes ``pass``, or a hand-off loses the lease's stream,
-or a check of the C hot path is dropped, which rebuilds the extension, or a
-guard against CUDA calls on CUDA's own threads is switched off), and the tests
-that guard it must then FAIL. Before any mutation, all the
-tests involved must PASS on the untouched tree, and none may skip: a test that
+taken out (the line becomes ``pass``, a key's end is forgotten instead of
+recorded, a host function stops waiting for its event, the capture check
+before a release is dropped), and the tests that guard it must then FAIL.
+Before any mutation, all the tests involved must PASS on the untouched tree, and none may skip: a test that
 fails or skips anyway proves nothing when it fails under a mutation.
 
     python3 scripts/mutation_check.py                 # every mutation
@@ -50,14 +49,15 @@ def _pass(line: str) -> str:
 
 
 LEASE_WAIT = " " * 12 + "stream.wait_event(event)"
-MOVED_KEY_WAIT = " " * 16 + "self._backend.wait_event(stream._handle, state.last_event._handle)"
+MOVED_KEY_WAIT = " " * 12 + "stream._backend.wait_event(stream._handle, event._handle)"
+KEY_END_RECORD = " " * 16 + "self.keys.record_end_locked(unrecorded, stream)"
+CAPTURE_CHECK = "        if probe is not None and self.closed_reason is None and probe():"
+HOST_FUNCTION_WAIT = " " * 16 + "self._wait(event)"
 NCCL_WAIT = " " * 16 + "comm.wait(compute)  # bucket complete before it is reduced"
 PEER_WAIT = " " * 16 + "comm.wait(producer)"
 TORCHRUN_WAIT = (
     " " * 8 + "comm.wait(compute)  # on the device: bucket i is complete before it is reduced"
 )
-
-CAPTURE_CHECK = "|| lane->idle == NULL || stream_may_be_capturing(stream)) {"
 
 MUTATIONS = [
     Mutation(
@@ -69,8 +69,25 @@ MUTATIONS = [
         ("tests/test_multi_gpu.py::test_cross_device_wait_orders_a_peer_copy",), gpus=2,
     ),
     Mutation(
-        "core-moved-key-wait", "cupystreams/_pool.py", MOVED_KEY_WAIT, _pass(MOVED_KEY_WAIT),
+        "core-moved-key-wait", "cupystreams/_affinity.py", MOVED_KEY_WAIT, _pass(MOVED_KEY_WAIT),
         ("tests/test_pool_gpu.py::test_moved_affinity_key_orders_on_the_gpu",),
+    ),
+    Mutation(
+        "core-key-end-record", "cupystreams/_core.py", KEY_END_RECORD,
+        " " * 16 + "stream._unrecorded_key = None  # the key's end forgotten, not recorded",
+        ("tests/test_pool_gpu.py::test_moved_affinity_key_orders_on_the_gpu[stream-busy]",),
+    ),
+    Mutation(
+        "core-capture-check", "cupystreams/_core.py", CAPTURE_CHECK, "        if False:",
+        ("tests/test_pool_gpu.py::test_a_capturing_stream_cannot_be_released",),
+    ),
+    Mutation(
+        "core-host-function-waits", "cupystreams/_backends/_callbacks.py",
+        HOST_FUNCTION_WAIT, _pass(HOST_FUNCTION_WAIT),
+        (
+            "tests/test_pool_gpu.py::"
+            "test_host_functions_run_on_a_thread_of_the_library_after_the_work",
+        ),
     ),
     Mutation(
         "torch-waits-for-lease", "adapters/torch.py",
@@ -103,27 +120,6 @@ MUTATIONS = [
         "with CupyCurrent(handle):\n        return jax.dlpack.from_dlpack(array)",
         "with cupy.cuda.Device(device):\n        return jax.dlpack.from_dlpack(array)",
         (J + "test_jax_reads_a_lease_result_only_after_the_lease_work",),
-    ),
-    Mutation(
-        "core-c-capture-check", "cupystreams/_fastpath.c",
-        CAPTURE_CHECK, CAPTURE_CHECK.replace(" || stream_may_be_capturing(stream)", ""),
-        ("tests/test_pool_gpu.py::test_a_capturing_stream_cannot_be_released",),
-    ),
-    Mutation(
-        "core-c-keyed-release", "cupystreams/_fastpath.c",
-        "if (self->key != NULL || stream->state != state_leased",
-        "if (stream->state != state_leased",
-        ("tests/test_pool_gpu.py::test_moved_affinity_key_orders_on_the_gpu",),
-    ),
-    Mutation(
-        "core-park-on-cuda-thread", "cupystreams/_teardown.py",
-        "return isinstance(threading.current_thread(), threading._DummyThread)",
-        "return False",
-        (
-            "tests/test_pool_gpu.py::"
-            "test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there",
-            "tests/test_pool_gpu.py::test_a_lease_collected_on_a_host_function_thread_is_not_lost",
-        ),
     ),
     Mutation(
         "numba-stream", "adapters/numba.py",
@@ -190,16 +186,6 @@ def pytest(tree: Path, tests: tuple[str, ...]) -> Outcome:
     )
 
 
-def build(tree: Path) -> None:
-    """Rebuild the C extension in ``tree`` in place (after a change to a .c file)."""
-    done = subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
-        cwd=tree, capture_output=True, text=True,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"the build failed:\n{done.stderr[-3000:]}")
-
-
 def main(prefixes: list[str]) -> int:
     named = [m for m in MUTATIONS if not prefixes or m.name.startswith(tuple(prefixes))]
     if not named:
@@ -241,13 +227,9 @@ def main(prefixes: list[str]) -> int:
             original = file.read_text()
             file.write_text(original.replace(m.old, m.new))
             try:
-                if file.suffix == ".c":
-                    build(tree)
                 outcome = pytest(tree, m.tests)
             finally:
                 file.write_text(original)
-                if file.suffix == ".c":
-                    build(tree)
             # Caught only if every test case it guards failed, and nothing else happened.
             if outcome.count("failed") and not (
                 outcome.count("passed") or outcome.count("skipped")

@@ -28,7 +28,6 @@ from cupystreams import (
     EventPool,
     LeaseError,
     PoolClosedError,
-    PoolTimeoutError,
     StreamLease,
     comm_stream,
     compute_stream,

@@ -145,7 +145,9 @@ def test_bench_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
         assert by_id[f"lease.{row}"]["value"] > 0, row
     # The ratios that need no GPU are computed from the same run.
     goal = by_id["goal.timeout_vs_plain"]
-    ratio = by_id["lease.acquire_release_timeout"]["value"] / by_id["lease.acquire_release"]["value"]
+    ratio = (
+        by_id["lease.acquire_release_timeout"]["value"] / by_id["lease.acquire_release"]["value"]
+    )
     assert goal["value"] == pytest.approx(ratio)
     by_name = {r["name"]: r for r in results}
     assert by_name["speedup of the pool over one stream"]["extra"]["identical"] is True

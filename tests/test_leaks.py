@@ -21,8 +21,8 @@ import pytest
 from reliability_helpers import LiveObjects, live_objects, no_leaks, record_figures
 
 from cupystreams import CudaStreamPool, EventPool
-from cupystreams._core import PoolCore
 from cupystreams._backends._host import HostBackend
+from cupystreams._core import PoolCore
 
 
 @pytest.fixture(autouse=True)

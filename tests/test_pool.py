@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import random
 import threading
 import time
 import warnings
@@ -467,3 +468,59 @@ def test_a_released_event_stays_dead_when_its_cuda_event_is_reused(backend: str)
         first.query()
     assert second.query()
     second.release()
+
+
+def test_a_key_keeps_its_stream_while_another_is_idle(backend: str) -> None:
+    """Lease key "a", release; hold a lease with key "b"; lease "a" again: it gets its
+    own stream back (an affinity hit), because "b" took another idle stream."""
+    with CudaStreamPool(4, 0, 0, backend=backend) as pool:
+        with pool.acquire_compute(affinity_key="a") as first:
+            a_stream = first.stream
+        with pool.acquire_compute(affinity_key="b") as b:
+            assert b.stream is not a_stream
+            with pool.acquire_compute(affinity_key="a") as again:
+                assert again.stream is a_stream
+        assert a_stream.stats.affinity_hits == 1
+        assert pool.stats().key_events == 0  # no key's stream changed hands
+
+
+def test_every_keyed_acquire_after_the_first_is_a_hit_without_contention(backend: str) -> None:
+    """With no more keys than streams and nobody waiting, keys never move (plain
+    leases in between take a key's stream only when no other is idle)."""
+    rng = random.Random(7)
+    keys = ["a", "b", "c", "d"]
+    with CudaStreamPool(4, 0, 0, backend=backend) as pool:
+        keyed = 0
+        for _ in range(200):
+            key = rng.choice([*keys, None])
+            with pool.acquire_compute(affinity_key=key):
+                keyed += key is not None
+        stats = pool.stream_stats()
+        first_leases = len({k for k in keys})
+        assert sum(s.affinity_hits for s in stats) == keyed - first_leases
+        assert sum(s.waits for s in stats) == 0, "a key moved although its stream was idle"
+
+
+def test_the_host_backend_has_a_legacy_default_stream() -> None:
+    """The tour's calls that name the current or the legacy default stream run
+    unchanged on the host backend."""
+    with CudaStreamPool(2, 0, 0, backend="host") as pool:
+        outside = pool.record_event(None)  # no lease entered: the legacy stream
+        outside.synchronize()
+        assert outside.query()
+        outside.release()
+        zero = pool.record_event(0)
+        zero.synchronize()
+        zero.release()
+        gate = threading.Event()
+        with pool.acquire_compute() as lease:
+            lease.wait(0)  # orders after the legacy stream's work: none is queued
+            lease.launch_host_func(gate.wait)
+            inside = pool.record_event(None)  # the entered lease's stream
+            assert not inside.query(), "recorded on another stream than the current one"
+            gate.set()
+            inside.synchronize()
+            assert inside.query()
+            inside.release()
+        with pytest.raises(TypeError, match="legacy default stream 0"):
+            pool.record_event(7)

@@ -88,23 +88,31 @@ def test_wait_accepts_cupy_streams_of_no_particular_device(gpu_pool: CudaStreamP
         lease.synchronize()
 
 
-def test_moved_affinity_key_orders_on_the_gpu() -> None:
+@pytest.mark.parametrize("why", ["stream-busy", "affinity-off"])
+def test_moved_affinity_key_orders_on_the_gpu(why: str) -> None:
+    """A key that moves to another stream (its own is busy, or affinity is off) waits,
+    on the device, for the slow work of its previous lease."""
     import cupy
 
-    with CudaStreamPool(2, 0, 0, backend="cupy") as pool:
+    with CudaStreamPool(2, 0, 0, backend="cupy", enable_affinity=why != "affinity-off") as pool:
         data = cupy.zeros(1 << 20, dtype=cupy.float32)
         warm_copy(data)
         with pool.acquire_compute(affinity_key="k") as first:
             slow_fill(data, 3.0)
             keyed = first.stream
-        blocker = pool.acquire_compute()
-        assert blocker.stream is keyed
+        blocker = None
+        if why == "stream-busy":
+            other = pool.acquire_compute()
+            blocker = pool.acquire_compute()  # no other stream idle: the key's goes
+            assert blocker.stream is keyed
+            other.release()
         with pool.acquire_compute(affinity_key="k") as second:
             assert second.stream is not keyed
             copy = data.copy()
             second.synchronize()
         assert float(copy.min()) == 3.0, "the moved key ran before its earlier work"
-        blocker.release()
+        if blocker is not None:
+            blocker.release()
 
 
 def test_close_frees_the_memory_pool_arenas_of_its_streams() -> None:
@@ -147,79 +155,69 @@ def test_a_capturing_stream_cannot_be_released(gpu_pool: CudaStreamPool) -> None
     assert float(data.sum()) == 16.0
 
 
-def test_no_cuda_event_dies_on_a_host_function_thread(pool: CudaStreamPool) -> None:
-    """CUDA refuses CUDA calls on the thread that runs host functions, and a
-    garbage collection there frees whatever cyclic garbage holds. A released
-    event must hold no CUDA event by then (it is destroyed where released)."""
-    import gc
-
-    events_pool = CudaStreamPool(1, 0, 0, backend="cupy")
-    event = events_pool.events.acquire()
-    cycle: list[Any] = [event]
-    cycle.append(cycle)
-    events_pool.close()
-    event.release()  # into a closed pool: its CUDA event is destroyed now
-    del event, cycle
-    with pool.acquire_compute() as lease:
-        lease.launch_host_func(gc.collect)  # collects the cycle on CUDA's thread
-        lease.synchronize()
-    # A CUDA event freed there would have raised cudaErrorNotPermitted in its
-    # __del__, which pytest reports as an unraisable-exception error.
-
-
-def test_a_pool_collected_on_a_host_function_thread_makes_no_cuda_call_there(
+def test_host_functions_run_on_a_thread_of_the_library_after_the_work(
     gpu_pool: CudaStreamPool,
 ) -> None:
-    """A pool dropped without close() is freed by the cycle collector, which may
-    run on CUDA's host-function thread. Destroying its streams there would be a
-    CUDA call CUDA refuses (a stream's synchronize could even hang): the
-    teardown thread destroys them, and frees their CUDA events."""
+    """No Python on a thread CUDA started: a host function runs on the library's
+    own Python thread, and only once the work queued before it has finished."""
+    import threading
+    import time
+
+    import cupy
+
+    ran: list[tuple[threading.Thread, float]] = []
+    data = cupy.zeros(1 << 20, dtype=cupy.float32)
+    with gpu_pool.acquire_compute() as lease:
+        gpu_helpers.slow_fill(data.data.ptr, data.size, 1.0, lease)  # spins SPIN_MS first
+        started = time.monotonic()
+        lease.launch_host_func(lambda: ran.append((threading.current_thread(), time.monotonic())))
+        lease.synchronize()  # waits for the host function too
+    assert len(ran) == 1
+    thread, at = ran[0]
+    assert not isinstance(thread, threading._DummyThread), "ran on a thread Python did not start"
+    assert thread.name.startswith("cupystreams-host-functions")
+    spin_s = gpu_helpers.SPIN_MS / 1e3
+    assert at - started >= spin_s * 0.8, "the host function ran before the work it follows"
+
+
+def test_a_dropped_pool_is_destroyed_where_it_is_dropped() -> None:
+    """No reference cycle holds a pool: its streams are synchronized and destroyed
+    on the thread that drops it, at once, and their memory arenas are freed."""
     import gc
     import threading
     import weakref
 
-    from cupystreams import _teardown
-
     dropped = CudaStreamPool(2, 1, 0, backend="cupy")
     with dropped.acquire_compute(affinity_key="k"):
-        pass  # the key keeps a CUDA event recorded at the lease's end
+        pass
+    dropped.acquire_compute().release()  # records the key's end: a CUDA event held
     freed_on: list[str] = []
     for stream in dropped._streams:
         weakref.finalize(stream._handle, lambda: freed_on.append(threading.current_thread().name))
     collected = weakref.ref(dropped)
-    gc.disable()  # no collection on this thread in between
+    gc.disable()
     try:
         del dropped, stream
-        with gpu_pool.acquire_compute() as lease:
-            lease.launch_host_func(gc.collect)  # collects the pool on CUDA's thread
-            lease.synchronize()
-        assert collected() is None
-        assert _teardown.wait_settled()
+        assert collected() is None, "a reference cycle keeps a dropped pool"
     finally:
         gc.enable()
-    gc.collect()
-    assert freed_on == [_teardown.THREAD_NAME] * 3, "streams freed elsewhere, or never"
+    assert freed_on == [threading.current_thread().name] * 3
 
 
-def test_a_lease_collected_on_a_host_function_thread_is_not_lost(
-    gpu_pool: CudaStreamPool,
-) -> None:
-    """A keyed lease dropped unreleased inside a reference cycle, collected on
-    CUDA's host-function thread: its release records a CUDA event, which CUDA
-    refuses there. The teardown thread releases it; neither its stream nor
-    its key is lost."""
+def test_a_keyed_lease_collected_in_a_cycle_is_not_lost(gpu_pool: CudaStreamPool) -> None:
+    """A keyed lease dropped unreleased inside a reference cycle: its stream and
+    its key come back, whichever thread runs the collection."""
     import gc
-
-    from cupystreams import _teardown
 
     lease = gpu_pool.acquire_comm(affinity_key="k")
     cycle: list[Any] = [lease]
     cycle.append(cycle)
     del lease, cycle
-    with pytest.warns(ResourceWarning, match="dropped without release"):
-        with gpu_pool.acquire_compute() as other:
-            other.launch_host_func(gc.collect)  # collects the lease on CUDA's thread
-            other.synchronize()
-        assert _teardown.wait_settled()
+    with (
+        pytest.warns(ResourceWarning, match="dropped without release"),
+        gpu_pool.acquire_compute() as other,
+    ):
+        other.launch_host_func(gc.collect)  # collects the lease on the library's thread
+        other.synchronize()
     assert gpu_pool.stats().comm.leased == 0
     gpu_pool.acquire_comm(affinity_key="k", blocking=False).release()

@@ -24,18 +24,23 @@ def _messages(error: BaseException) -> list[str]:
     return [str(error), *(m for member in nested for m in _messages(member))]
 
 
-def test_the_machine_catches_waits_that_do_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The order check must fail a pool whose waits order nothing (host backend)."""
+def test_the_machine_catches_waits_that_do_nothing(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order check must fail a pool whose waits order nothing."""
     from hypothesis import Phase, settings
     from hypothesis.stateful import run_state_machine_as_test
 
-    from cupystreams._backends._host import HostBackend
     from cupystreams.testing import PoolStateMachine
 
-    monkeypatch.setattr(HostBackend, "wait_event", lambda self, stream, event: None)
+    if backend == "host":
+        from cupystreams._backends._host import HostBackend as Backend
+    else:
+        from cupystreams._backends._cupy import CupyBackend as Backend  # type: ignore[assignment]
+    monkeypatch.setattr(Backend, "wait_event", lambda self, stream, event: None)
     try:
         run_state_machine_as_test(
-            lambda: PoolStateMachine(lambda: CudaStreamPool(2, 1, 1, backend="host")),
+            lambda: PoolStateMachine(lambda: CudaStreamPool(2, 1, 1, backend=backend)),
             settings=settings(
                 max_examples=50,
                 stateful_step_count=40,
@@ -48,4 +53,4 @@ def test_the_machine_catches_waits_that_do_nothing(monkeypatch: pytest.MonkeyPat
         messages = _messages(error)
     else:
         pytest.fail("the machine passed a pool whose waits order nothing")
-    assert any("a wait did not order host functions" in m for m in messages), messages
+    assert any("a wait did not order tasks" in m for m in messages), messages

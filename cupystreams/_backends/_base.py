@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ._callbacks import HostCall
+
 __all__ = ["Backend"]
 
 
@@ -56,11 +58,10 @@ class Backend(Protocol):
         """Milliseconds between two recorded timing events."""
         ...
 
-    def launch_host_func(self, stream: Any, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on a thread of the library once the stream's earlier work is done.
-
-        ``fn`` must not raise (the pool wraps users' functions).
-        """
+    def launch_host_func(self, stream: Any, fn: HostCall) -> None:
+        """Run ``fn(None)`` on a thread of the library once the stream's earlier work
+        is done (``fn(error)`` if waiting for it failed). ``fn`` must not raise (the
+        pool wraps users' functions)."""
         ...
 
     def is_capturing(self, stream: Any) -> bool:

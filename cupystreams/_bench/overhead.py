@@ -156,9 +156,9 @@ def _peer_rows(backend: str, number: int) -> tuple[list[_Row], list[Result]]:
                 pass
 
     rows: list[_Row] = [
-        ("peer.cupy_stream", names["peer.cupy_stream"], streams, costly, "what a lease replaces"),
-        ("peer.cupy_event", names["peer.cupy_event"], events, costly, "what an event reuse replaces"),
-        ("peer.cupy_with", names["peer.cupy_with"], switches, number, "the floor under a lease's with"),
+        ("peer.cupy_stream", names["peer.cupy_stream"], streams, costly, "a lease replaces it"),
+        ("peer.cupy_event", names["peer.cupy_event"], events, costly, "an event reuse replaces it"),
+        ("peer.cupy_with", names["peer.cupy_with"], switches, number, "the floor under `with`"),
     ]
     torch_row = _torch_stream_row(names["peer.torch_stream"], number)
     if isinstance(torch_row, Result):
