@@ -4,8 +4,9 @@ For each mutation below, a scratch copy of the tree gets one synchronization
 taken out (the line becomes ``pass``, a key's end is forgotten instead of
 recorded, a host function stops waiting for its event, the capture check
 before a release is dropped), and the tests that guard it must then FAIL.
-Before any mutation, all the tests involved must PASS on the untouched tree, and none may skip: a test that
-fails or skips anyway proves nothing when it fails under a mutation.
+Before any mutation, all the tests involved must PASS on the untouched tree,
+and none may skip: a test that fails or skips anyway proves nothing when it
+fails under a mutation.
 
     python3 scripts/mutation_check.py                 # every mutation
     python3 scripts/mutation_check.py torch-use jax   # those whose names start so
