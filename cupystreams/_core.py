@@ -21,8 +21,9 @@ Locking: one ``threading.Lock`` per pool, ``PoolCore.lock``. It guards:
 ``dropped`` is a ``queue.SimpleQueue``, whose ``put`` is safe inside a
 finalizer: a lease dropped without release is queued there and its stream
 returned by whoever holds the lock next (the finalizer itself when it can
-take the lock). Waiting threads wait on conditions over the lock, so the
-lock is released while they sleep. Under the lock the pool calls only the
+take the lock). A thread waiting for a stream sleeps without the lock, on its
+``Waiter``'s own lock, which a releaser opens once it has handed the stream
+over; a thread waiting for a key sleeps on a condition over the lock. Under the lock the pool calls only the
 backend's record / wait (to order a key's work) and the event pool, whose
 lock is taken inside this one and never the other way round.
 """
@@ -190,14 +191,15 @@ class PoolCore:
         stream._waits += moved  # this stream waits for the key's earlier work
 
     def _wait_for_stream_locked(self, lane: Lane, deadline: float | None) -> PooledStream:
-        waiter = Waiter(self.lock)
+        waiter = Waiter()
         lane.waiters.append(waiter)
         try:
-            while waiter.stream is None and not waiter.closed:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                waiter.ready.wait(remaining)  # releases the lock while it sleeps
+            remaining = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            self.lock.release()  # asleep without it: releasers must get in
+            try:
+                waiter.ready.acquire(timeout=remaining)
+            finally:
+                self.lock.acquire()
         except BaseException:
             # Interrupted (KeyboardInterrupt, say): leave the queue, or pass on
             # a stream handed over meanwhile.
@@ -269,7 +271,7 @@ class PoolCore:
             waiter = lane.waiters.popleft()
             stream.state = _LEASED  # in transit: neither idle nor anyone else's
             waiter.stream = stream
-            waiter.ready.notify()
+            waiter.ready.release()
         else:
             stream.state = _IDLE
             if stream._unrecorded_key is None:

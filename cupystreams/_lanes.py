@@ -21,14 +21,20 @@ __all__ = ["Lane", "Waiter"]
 
 
 class Waiter:
-    """A thread blocked in acquire; a releaser hands it a stream directly."""
+    """A thread blocked in acquire; a releaser hands it a stream directly.
+
+    ``ready`` is a lock taken at creation: the waiting thread blocks taking it
+    again, and whoever hands over a stream (or closes the pool) releases it,
+    once.
+    """
 
     __slots__ = ("closed", "ready", "stream")
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self) -> None:
         self.stream: PooledStream | None = None
         self.closed = False
-        self.ready = threading.Condition(lock)  # over the pool's lock
+        self.ready = threading.Lock()
+        self.ready.acquire()
 
 
 class Lane:
@@ -66,6 +72,6 @@ class Lane:
         while self.waiters:
             waiter = self.waiters.popleft()
             waiter.closed = True
-            waiter.ready.notify()
+            waiter.ready.release()
         self.idle.clear()
         self.streams = []

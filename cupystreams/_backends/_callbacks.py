@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .._errors import PoolClosedError
+
 __all__ = ["CallbackThread", "HostCall"]
 
 #: What runs after the event: called with None, or with the error that
@@ -56,7 +58,7 @@ class CallbackThread:
         """Call ``fn(None)`` once ``event`` has completed; ``fn`` must not raise."""
         with self._changed:
             if self._closing:
-                raise RuntimeError("this pool's host-function thread has stopped (pool closed)")
+                raise PoolClosedError("the pool is closed; create a new CudaStreamPool")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
                 self._thread.start()

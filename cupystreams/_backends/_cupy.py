@@ -192,10 +192,32 @@ class CupyBackend:
         return _get_current_stream(self.device)
 
     def enter(self, stream: Any) -> Any:
-        return make_current(self.device, stream)
+        # CuPy's own `with stream:`, the cheapest switch there is; it refuses a
+        # stream of another device than the current one, which is switched first.
+        try:
+            stream.__enter__()
+            return stream
+        except RuntimeError:
+            previous = _get_device()
+            if previous == self.device:
+                raise
+        _set_device(self.device)
+        try:
+            stream.__enter__()
+        except BaseException:
+            _set_device(previous)
+            raise
+        return (stream, previous)
 
     def exit(self, token: Any) -> None:
-        restore_current(self.device, token)
+        if type(token) is not tuple:
+            token.__exit__(None, None, None)
+            return
+        stream, previous = token
+        try:
+            stream.__exit__(None, None, None)
+        finally:
+            _set_device(previous)
 
     def as_stream(self, obj: object) -> Any:
         with self._device:  # a foreign pointer is taken to be on this device
