@@ -1,9 +1,9 @@
 """A GPU's engines on a virtual clock: what the demo and bench show without a GPU.
 
-On the host backend the demo used to race real memcpys against simulated
-kernels on the machine's few cores, so its figures said more about the CPU's
-load than about streams. ``DeviceModel`` instead schedules the work a scene
-queues on modelled engines, in virtual milliseconds (a discrete-event
+Without a GPU there is no device to time: host threads standing in for copy
+engines and SMs compete for the machine's few cores, and their times tell the
+CPU's load, not what streams buy. ``DeviceModel`` instead schedules the work a
+scene queues on modelled engines, in virtual milliseconds (a discrete-event
 simulation): the same work gives the same schedule on any machine, every run.
 
 The modelled device has
@@ -64,6 +64,7 @@ class DeviceParams:
     launch_ms: float
 
     def copy_ms_per_mib(self, direction: str, both_busy: bool) -> float:
+        """Time per MiB of a copy in ``direction`` (``"h2d"``/``"d2h"``) right now."""
         if both_busy:
             return self.duplex_ms_per_mib
         return self.h2d_ms_per_mib if direction == "h2d" else self.d2h_ms_per_mib
