@@ -6,7 +6,7 @@ import io
 import itertools
 import re
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 from rich.console import Console
@@ -27,7 +27,7 @@ from cupystreams._bench.priority import (
     priority_results,
 )
 from cupystreams._bench.timeline import Bar, Panel
-from cupystreams._trace import Lane, Span
+from cupystreams._trace import Lane, Span, Trace
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STAGES = ("copy-in", "compute", "copy-out")
@@ -214,9 +214,9 @@ def test_gpu_traces_are_titled_with_the_figures_drawn() -> None:
         *(_span(4 + i, compute[i], 30.0, 59.0) for i in range(3)),
         _span(7, high, 32.1, 32.15),
     ]
-    pipe = cast(Any, PipelineFigures)("cupy", PipelineSetup(), *[1.0] * 6)
-    pipe.traces = [("one stream", serial)]
-    prio = PriorityFigures("cupy", 4.2, 0.05, 29.0, 3, trace=cast(Any, _FakeTrace(lanes, rounds)))
+    pipe = PipelineFigures("cupy", PipelineSetup(), 20.6, 20.0, 24.7, 1.5, 42.9, 25.5)
+    pipe.traces = [("one stream", cast(Trace, serial))]
+    prio = PriorityFigures("cupy", 4.2, 0.05, 29.0, 3, trace=cast(Trace, _FakeTrace(lanes, rounds)))
     one, normal, urgent = traced_panels(pipe, prio)
     assert one.lanes == ("compute#3 (prio 0)",) and figure_in(one.title) == round(one.end_ms, 1)
     assert {bar.stage for bar in one.bars} == {"compute lease"}

@@ -171,8 +171,8 @@ def test_any_schedule_keeps_stream_order_waits_and_engine_exclusivity(
     intervals = model.intervals()
     for engine in ("h2d", "d2h"):
         copies = [i for i in intervals if i.engine == engine]
-        for a, b in itertools.combinations(copies, 2):
-            assert not overlap(a, b), (a, b)
+        for one, other in itertools.combinations(copies, 2):
+            assert not overlap(one, other), (one, other)
     assert model.peak_sms <= SIMPLE.sms
 
 
