@@ -23,9 +23,10 @@ finalizer: a lease dropped without release is queued there and its stream
 returned by whoever holds the lock next (the finalizer itself when it can
 take the lock). A thread waiting for a stream sleeps without the lock, on its
 ``Waiter``'s own lock, which a releaser opens once it has handed the stream
-over; a thread waiting for a key sleeps on a condition over the lock. Under the lock the pool calls only the
-backend's record / wait (to order a key's work) and the event pool, whose
-lock is taken inside this one and never the other way round.
+over; a thread waiting for a key sleeps on a condition over the lock. Under
+the lock the pool calls only the backend's record / wait (to order a key's
+work) and the event pool, whose lock is taken inside this one and never the
+other way round.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ._pool import CudaStreamPool
     from ._stream import PooledStream
 
-__all__ = ["Lane", "Span", "Trace", "render_timeline", "trace_pool"]
+__all__ = ["Span", "Trace", "TraceRow", "render_timeline", "trace_pool"]
 
 _SHADOWED = (
     "acquire_compute",
@@ -49,11 +49,10 @@ _SHADOWED = (
     "comm_context",
     "high_priority_context",
 )
-_COLORS = {"compute": "#4C72B0", "comm": "#55A868", "high_priority": "#C44E52"}
 
 
 @dataclass(frozen=True)
-class Lane:
+class TraceRow:
     """One pooled stream, drawn as one row of the timeline."""
 
     stream_id: int
@@ -111,7 +110,7 @@ class Trace:
         self._backend = pool._backend
         self.backend = pool.backend
         self.device = pool.device
-        self.lanes = [Lane(s.stream_id, s.kind.value, s.priority) for s in pool._streams]
+        self.rows = [TraceRow(s.stream_id, s.kind.value, s.priority) for s in pool._streams]
         #: Leases still held when the trace ended (or whose pool closed): not spans.
         self.unfinished = 0
         self._events = EventPool(initial_size=0, max_size=256, timing=True, backend=self._backend)
@@ -222,7 +221,7 @@ class Trace:
                 "args": {"name": f"cupystreams {self.backend} device {self.device}"},
             }
         ]
-        for lane in self.lanes:
+        for lane in self.rows:
             events.append(
                 {
                     "name": "thread_name",
@@ -283,69 +282,26 @@ def render_timeline(
 ) -> None:
     """Draw several traces as stacked timelines, each on its own time scale.
 
-    Each panel spans its own trace (a 20 ms pipeline next to a 300 ms flood
-    would otherwise be a sliver). Spans too narrow to see are widened, and
-    labelled with their duration when there are few enough to read.
+    One row per pooled stream, one bar per lease, coloured by the stream's
+    kind (the legend names them). Each panel spans its own trace, so a 20 ms
+    pipeline next to a 300 ms flood is not a sliver.
 
     Args:
         path: Where to write the PNG.
         panels: ``(title, trace)`` pairs, drawn top to bottom.
-        xlabel: Label of the time axes.
+        xlabel: Label of the time axes (default ``"device time (ms)"``).
     """
-    import matplotlib
+    from ._bench.timeline import Bar, Panel, draw_timeline
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    heights = [max(1, len(trace.lanes)) * 0.42 + 0.9 for _, trace in panels]
-    figure, axes = plt.subplots(
-        len(panels),
-        1,
-        figsize=(12, sum(heights) + 0.6),
-        gridspec_kw={"height_ratios": heights},
-        squeeze=False,
-    )
-    for axis, (title, trace) in zip(axes[:, 0], panels, strict=True):
-        end_ms = max([1e-3, *(s.end_ms for s in trace.spans)])
-        thin = end_ms / 150  # narrower spans are widened to stay visible
-        label_thin = sum(1 for s in trace.spans if s.duration_ms < thin) <= 3
-        rows = {lane.stream_id: row for row, lane in enumerate(trace.lanes)}
-        for span in trace.spans:
-            row = rows[span.stream_id]
-            axis.broken_barh(
-                [(span.start_ms, max(span.duration_ms, thin))],
-                (row - 0.38, 0.76),
-                facecolors=_COLORS.get(span.kind, "#888888"),
-                edgecolors="white",
-                linewidth=0.6,
-            )
-            if label_thin and span.duration_ms < thin:
-                axis.annotate(
-                    f"{span.duration_ms:.2f} ms",
-                    (span.start_ms + thin, row),
-                    xytext=(3, 0),
-                    textcoords="offset points",
-                    va="center",
-                    fontsize=7,
-                )
-        axis.set_xlim(0, end_ms * 1.02)
-        axis.set_yticks(range(len(trace.lanes)), [lane.label for lane in trace.lanes])
-        axis.set_ylim(len(trace.lanes) - 0.5, -0.5)
-        axis.set_title(title, loc="left", fontsize=10)
-        axis.grid(axis="x", alpha=0.3)
-    for axis in axes[:, 0]:
-        axis.set_xlabel(xlabel or "device time since the trace began (ms)", fontsize=8)
-    kinds = sorted({lane.kind for _, trace in panels for lane in trace.lanes})
-    figure.legend(
-        handles=[Patch(color=_COLORS.get(kind, "#888888"), label=kind) for kind in kinds],
-        loc="upper right",
-        ncols=len(kinds),
-        fontsize=8,
-    )
-    figure.tight_layout(rect=(0, 0, 1, 0.97))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    drawn = []
+    for title, trace in panels:
+        labels = {lane.stream_id: lane.label for lane in trace.rows}
+        bars = tuple(
+            Bar(labels[span.stream_id], f"{span.kind} lease", span.start_ms, span.end_ms)
+            for span in trace.spans
+        )
+        drawn.append(Panel(title, tuple(labels.values()), bars))
+    draw_timeline(path, drawn, xlabel or "device time (ms)")
 
 
 @contextlib.contextmanager

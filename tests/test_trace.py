@@ -53,7 +53,7 @@ def test_one_span_per_lease_in_stream_order(pool: CudaStreamPool, backend: str) 
     for earlier, later in itertools.pairwise(same):
         assert later.start_ms >= earlier.end_ms - 1e-3
     assert trace.unfinished == 0
-    assert {lane.stream_id for lane in trace.lanes} == {s.stream_id for s in pool._streams}
+    assert {lane.stream_id for lane in trace.rows} == {s.stream_id for s in pool._streams}
 
 
 def test_tracing_off_leaves_the_fast_path_untouched(pool: CudaStreamPool) -> None:
