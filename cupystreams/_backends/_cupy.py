@@ -210,14 +210,17 @@ class CupyBackend:
         return (stream, previous)
 
     def exit(self, token: Any) -> None:
-        if type(token) is not tuple:
-            token.__exit__(None, None, None)
-            return
-        stream, previous = token
+        stream, previous = token if type(token) is tuple else (token, self.device)
+        # CuPy pops the stream for the device that is current when the stream
+        # has none of its own (the legacy stream), so the block's device, if it
+        # switched, must not be current while it does.
+        if _get_device() != self.device:
+            _set_device(self.device)
         try:
             stream.__exit__(None, None, None)
         finally:
-            _set_device(previous)
+            if previous != self.device:
+                _set_device(previous)  # the device current before the lease was entered
 
     def as_stream(self, obj: object) -> Any:
         with self._device:  # a foreign pointer is taken to be on this device
