@@ -135,18 +135,10 @@ class PoolCore:
         self, lane: Lane, key: Hashable | None, blocking: bool, timeout: float | None
     ) -> tuple[PooledStream, KeyState | None]:
         """Take a stream (and reserve the key) for a lease, waiting FIFO when it must."""
-        if not self.dropped.empty():
-            self._drain_dropped_locked()
-        if self.closed_reason is not None:
-            raise PoolClosedError(self.closed_reason)
-        if lane.capacity == 0:
-            raise ValueError(
-                f"this pool has no {lane.kind.value} streams; create it with "
-                f"{SIZE_ARGUMENT[lane.kind]}=N (N > 0)"
-            )
+        if self.closed_reason is not None or not lane.capacity or not self.dropped.empty():
+            self._check_takeable_locked(lane)
         # Only a caller that may wait pays for reading the clock.
-        seconds = None if timeout is None else check_timeout_s(timeout)
-        deadline = None if seconds is None else time.monotonic() + seconds
+        deadline = None if timeout is None else _deadline(timeout)
         state = None
         try:
             if key is not None:
@@ -154,8 +146,21 @@ class PoolCore:
                     key, _get_ident(), blocking, deadline, self.closed_error, lane
                 )
             try:
-                prefer = state.last_stream if state is not None and self.enable_affinity else None
-                stream = None if lane.waiters else lane.take_idle_locked(prefer)
+                stream = None
+                if not lane.waiters:
+                    # The key's own stream when it is idle; otherwise the one
+                    # keys want least (see Lane).
+                    prefer = None if state is None else state.last_stream
+                    if (
+                        prefer is not None
+                        and prefer.state is _IDLE
+                        and prefer._lane is lane
+                        and self.enable_affinity
+                    ):
+                        lane.idle.remove(prefer)
+                        stream = prefer
+                    elif lane.idle:
+                        stream = lane.idle.pop()
                 if stream is None:
                     if not blocking:
                         raise PoolExhaustedError(
@@ -165,7 +170,10 @@ class PoolCore:
                     stream = self._wait_for_stream_locked(lane, deadline)
                 self._lease_out_locked(stream, state)
                 if state is not None:
-                    self._begin_key_locked(state, stream)
+                    if state.last_stream is stream and state.last_event is None:
+                        stream._affinity_hits += 1  # its own stream: stream order holds
+                    else:
+                        self._begin_key_locked(state, stream)
             except BaseException:
                 if state is not None:
                     self.keys.unreserve_locked(key, state)
@@ -178,11 +186,21 @@ class PoolCore:
             raise
         return stream, state
 
+    def _check_takeable_locked(self, lane: Lane) -> None:
+        """Return dropped leases' streams; refuse a closed pool or a kind it has none of."""
+        if not self.dropped.empty():
+            self._drain_dropped_locked()
+        if self.closed_reason is not None:
+            raise PoolClosedError(self.closed_reason)
+        if lane.capacity == 0:
+            raise ValueError(
+                f"this pool has no {lane.kind.value} streams; create it with "
+                f"{SIZE_ARGUMENT[lane.kind]}=N (N > 0)"
+            )
+
     def _begin_key_locked(self, state: KeyState, stream: PooledStream) -> None:
-        hit = state.last_stream is stream
-        if hit and state.last_event is None:
-            stream._affinity_hits += 1  # the key's own stream: stream order holds
-            return
+        """Order a key's lease that is not simply back on its own stream."""
+        hit = state.last_stream is stream  # with a stale event from a stream that moved on
         try:
             moved = self.keys.begin_locked(state, stream)
         except BaseException:
@@ -327,3 +345,8 @@ class PoolCore:
         finally:
             self.lock.release()
         return streams
+
+
+def _deadline(timeout: float) -> float | None:
+    seconds = check_timeout_s(timeout)
+    return None if seconds is None else time.monotonic() + seconds

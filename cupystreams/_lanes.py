@@ -6,7 +6,7 @@ lock and the rules that use these methods are in ``_core``.
 The idle list is ordered so that a plain ``pop()`` takes the stream an
 affinity key is least likely to want back: streams that no key used last
 are appended at the end, and a stream whose last lease had a key goes to
-the front. A key asks for its own stream by name (``take_idle_locked``).
+the front. A key asks for its own stream by name (``PoolCore._take_locked``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import threading
 from collections import deque
 
 from ._stream import PooledStream
-from ._types import StreamKind, StreamState
+from ._types import StreamKind
 
 __all__ = ["Lane", "Waiter"]
 
@@ -59,13 +59,6 @@ class Lane:
     def waiting(self) -> int:
         """Threads blocked in an acquire of this kind, for a stream or a key."""
         return len(self.waiters) + self.key_waiting
-
-    def take_idle_locked(self, prefer: PooledStream | None) -> PooledStream | None:
-        """``prefer`` if it is idle, else the idle stream keys want least, else None."""
-        if prefer is not None and prefer.state is StreamState.IDLE and prefer._lane is self:
-            self.idle.remove(prefer)
-            return prefer
-        return self.idle.pop() if self.idle else None
 
     def close_locked(self) -> None:
         """Wake every waiter with "closed"; forget the streams (no cycle outlives the pool)."""
