@@ -24,6 +24,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from ._backends import Backend
+    from ._events import PooledEvent
     from ._lease import StreamLease
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Pending",
     "RunState",
     "host_copy",
+    "stream_of",
 ]
 
 #: Given the user's result for a chunk, the host array to copy it into.
@@ -75,6 +77,19 @@ def _forget_copier_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_copier_after_fork)
+
+
+def stream_of(lease: StreamLease) -> Any:
+    """The backend stream of a lease the run holds, without the public checks.
+
+    A run checks its leases once, when it acquires them; per chunk it goes
+    straight to the handle (the public ``lease.ptr`` checks the pool each time).
+    """
+    stream = lease._stream
+    if stream is None or stream._handle is None:
+        lease._live()  # raises the error that says why
+    assert stream is not None
+    return stream._handle
 
 
 class RunState:
@@ -128,6 +143,18 @@ class Engine(Protocol):
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any: ...
 
+    def record(self, event: PooledEvent, lease: StreamLease) -> None:
+        """Record ``lease``'s work so far into ``event`` (both held by the run)."""
+        ...
+
+    def wait(self, lease: StreamLease, event: PooledEvent) -> None:
+        """Make ``lease``'s later work wait for ``event``."""
+        ...
+
+    def synchronize(self, event: PooledEvent) -> None:
+        """Block until ``event``'s work is done."""
+        ...
+
     def copy_in(self, lease: StreamLease, dst: Any, src: np.ndarray, state: RunState) -> None:
         """Queue the copy of host ``src`` into device ``dst`` on ``lease``."""
         ...
@@ -155,6 +182,9 @@ class CupyEngine:
         self._backend = backend
         runtime = cupy.cuda.runtime
         self._memcpy = runtime.memcpyAsync
+        self._event_record = runtime.eventRecord
+        self._stream_wait_event = runtime.streamWaitEvent
+        self._event_synchronize = runtime.eventSynchronize
         self._to_device = runtime.memcpyHostToDevice
         self._to_host = runtime.memcpyDeviceToHost
         # Page-locked host memory: the copy engines read and write it directly.
@@ -179,14 +209,26 @@ class CupyEngine:
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._cupy.empty(shape, dtype)  # within on_device()
 
+    # The runtime's own calls on raw handles: per chunk these are the host's
+    # whole cost next to the copies, as in a loop written by hand.
+    def record(self, event: PooledEvent, lease: StreamLease) -> None:
+        self._event_record(event._handle.ptr, stream_of(lease).ptr)
+
+    def wait(self, lease: StreamLease, event: PooledEvent) -> None:
+        self._stream_wait_event(stream_of(lease).ptr, event._handle.ptr, 0)
+
+    def synchronize(self, event: PooledEvent) -> None:
+        self._event_synchronize(event._handle.ptr)
+
     def copy_in(self, lease: StreamLease, dst: Any, src: np.ndarray, state: RunState) -> None:
-        self._memcpy(dst.data.ptr, src.ctypes.data, src.nbytes, self._to_device, lease.ptr)
+        ptr = stream_of(lease).ptr
+        self._memcpy(dst.data.ptr, src.ctypes.data, src.nbytes, self._to_device, ptr)
 
     def compute(
         self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
     ) -> Pending:
         cupy = self._cupy
-        token = self._backend.enter(lease.cupy_stream)
+        token = self._backend.enter(stream_of(lease))
         try:
             y = fn(x)
             if isinstance(y, np.ndarray) or not (
@@ -211,7 +253,8 @@ class CupyEngine:
     ) -> None:
         y = result.value
         dst = destination(y)
-        self._memcpy(dst.ctypes.data, y.data.ptr, y.nbytes, self._to_host, lease.ptr)
+        ptr = stream_of(lease).ptr
+        self._memcpy(dst.ctypes.data, y.data.ptr, y.nbytes, self._to_host, ptr)
 
 
 class HostEngine:
@@ -232,6 +275,15 @@ class HostEngine:
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return np.empty(shape, dtype)
 
+    def record(self, event: PooledEvent, lease: StreamLease) -> None:
+        self._backend.record(event._handle, stream_of(lease))
+
+    def wait(self, lease: StreamLease, event: PooledEvent) -> None:
+        self._backend.wait_event(stream_of(lease), event._handle)
+
+    def synchronize(self, event: PooledEvent) -> None:
+        self._backend.synchronize_event(event._handle)
+
     @staticmethod
     def _queue(lease: StreamLease, state: RunState, task: Callable[[], None]) -> None:
         def guarded() -> None:
@@ -251,7 +303,7 @@ class HostEngine:
         self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
     ) -> Pending:
         result = Pending()
-        handle = lease.cupy_stream
+        handle = stream_of(lease)
         backend = self._backend
 
         def task() -> None:

@@ -151,8 +151,15 @@ class Pipeline:
             its result, and staging buffers for pageable arrays. Four keeps three
             stages busy with a chunk of slack.
 
+    Leases: a run holds its leases from start to end, as a loop written by
+    hand holds its streams — a comm lease for copy-in, a second comm lease
+    for copy-out when one is idle (else both directions share the first),
+    and a compute lease; ``run_serial`` holds one compute lease. Per chunk it
+    only records and waits on events.
+
     Thread safety: ``run`` and ``run_serial`` may be called from several threads
-    at once; each call keeps its own buffers.
+    at once; each call keeps its own buffers and waits for leases like any
+    acquire.
     """
 
     def __init__(
@@ -280,24 +287,53 @@ class _Call:
 
     def execute(self) -> None:
         events = self.pool.events
+        leases = self._acquire_leases()
         try:
-            self._loop()
+            self._loop(leases)
         except BaseException as exc:
             self.state.fail(exc)  # queued host-backend stages skip their work
             for slot in self.slots:
                 if slot.last is not None:
                     with contextlib.suppress(Exception):
-                        slot.last.synchronize()  # no buffer is freed under a copy
+                        self.engine.synchronize(slot.last)  # no buffer is freed under a copy
             raise
         finally:
             for slot in self.slots:
                 slot.free(events)
+            for lease in dict.fromkeys(leases):  # each once: copy_out may share copy_in's
+                lease.release()
 
-    def _loop(self) -> None:
+    def _acquire_leases(self) -> tuple[StreamLease, StreamLease, StreamLease]:
+        """(copy-in, compute, copy-out) leases held for the whole run, as a loop by
+        hand holds its streams: per chunk, leasing would cost more than the copies."""
+        pool = self.pool
+        if self.serial:
+            lease = pool.acquire_compute()
+            return lease, lease, lease
+        copy_in = pool.acquire_comm()
+        try:
+            copy_out = copy_in
+            # Never block for the second: two runs each holding one comm
+            # stream and waiting for the other would deadlock. Looking at the
+            # idle count first keeps exhaustions out of the pool's counters.
+            if pool.stats().comm.idle:
+                with contextlib.suppress(PoolExhaustedError):
+                    copy_out = pool.acquire_comm(blocking=False)
+            try:
+                compute = pool.acquire_compute()
+            except BaseException:
+                if copy_out is not copy_in:
+                    copy_out.release()
+                raise
+        except BaseException:
+            copy_in.release()
+            raise
+        return copy_in, compute, copy_out
+
+    def _loop(self, leases: tuple[StreamLease, StreamLease, StreamLease]) -> None:
         engine, data, step = self.engine, self.data, self.step
         row_shape = data.shape[1:]
         direct_in = engine.is_direct(data)
-        share_comm = self.pool.stats().comm.capacity < 2
         for index, (start, stop) in enumerate(self.chunks):
             if len(self.slots) < self.count:
                 self.slots.append(_Slot(self.pool.events))
@@ -311,12 +347,9 @@ class _Call:
                 host_copy(src, data[start:stop])
             if slot.x is None:
                 slot.x = engine.device_empty((step, *row_shape), data.dtype)
-            destination = self._destination(slot, start, stop)
+            self._stages(slot, src, self._destination(slot, start, stop), leases)
             if self.serial:
-                self._submit_serial(slot, src, destination)
-                self._retire(slot)
-            else:
-                self._submit(slot, src, destination, share_comm)
+                self._retire(slot)  # as a blocking .get() would
         for slot in self.slots:
             self._retire(slot)
 
@@ -340,7 +373,7 @@ class _Call:
     def _retire(self, slot: _Slot) -> None:
         """Wait until the slot's chunk is back on the host, then free the slot."""
         if slot.busy:
-            slot.ev_out.synchronize()
+            self.engine.synchronize(slot.ev_out)
             if slot.copy_back is not None:
                 host_copy(*slot.copy_back)
             slot.copy_back = None
@@ -359,53 +392,19 @@ class _Call:
         engine, state = self.engine, self.state
         x = slot.x[: src.shape[0]]
         engine.copy_in(copy_in, x, src, state)
-        slot.ev_in.record(copy_in)
+        engine.record(slot.ev_in, copy_in)
         slot.last = slot.ev_in
         slot.busy = True
         if compute is not copy_in:
-            compute.wait_event(slot.ev_in)
+            engine.wait(compute, slot.ev_in)
         try:
             slot.result = engine.compute(compute, self.fn, x, state)
         finally:
             # Also after a failure: fn may have queued work that reads x.
-            slot.ev_comp.record(compute)
+            engine.record(slot.ev_comp, compute)
             slot.last = slot.ev_comp
         if copy_out is not compute:
-            copy_out.wait_event(slot.ev_comp)
+            engine.wait(copy_out, slot.ev_comp)
         engine.copy_out(copy_out, slot.result, destination, state)
-        slot.ev_out.record(copy_out)
+        engine.record(slot.ev_out, copy_out)
         slot.last = slot.ev_out
-
-    def _submit(
-        self, slot: _Slot, src: np.ndarray, destination: Destination, share_comm: bool
-    ) -> None:
-        pool = self.pool
-        copy_in = pool.acquire_comm()
-        try:
-            copy_out = copy_in
-            # Never block for the second: two pipelines each holding one comm
-            # stream and waiting for the other would deadlock. Looking at the
-            # idle list first keeps exhaustions out of the pool's counters.
-            if not share_comm and pool._comm.idle:
-                with contextlib.suppress(PoolExhaustedError):
-                    copy_out = pool.acquire_comm(blocking=False)
-            try:
-                compute = pool.acquire_compute()
-                try:
-                    self._stages(slot, src, destination, (copy_in, compute, copy_out))
-                finally:
-                    compute.release()
-            finally:
-                if copy_out is not copy_in:
-                    # Released before copy_in, so the pool's idle stack hands
-                    # the same two streams out in the same roles next chunk.
-                    copy_out.release()
-        finally:
-            copy_in.release()
-
-    def _submit_serial(self, slot: _Slot, src: np.ndarray, destination: Destination) -> None:
-        lease = self.pool.acquire_compute()
-        try:
-            self._stages(slot, src, destination, (lease, lease, lease))
-        finally:
-            lease.release()

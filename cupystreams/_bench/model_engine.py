@@ -28,6 +28,7 @@ from .model import H100, DeviceModel, DeviceParams, Interval, Op
 
 if TYPE_CHECKING:
     from .._backends import Backend
+    from .._events import PooledEvent
     from .._lease import StreamLease
 
 __all__ = ["ModelEngine"]
@@ -91,6 +92,17 @@ class ModelEngine:
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._host.device_empty(shape, dtype)
+
+    # -- ordering: the host engine's (the model orders by the data) ----------
+
+    def record(self, event: PooledEvent, lease: StreamLease) -> None:
+        self._host.record(event, lease)
+
+    def wait(self, lease: StreamLease, event: PooledEvent) -> None:
+        self._host.wait(lease, event)
+
+    def synchronize(self, event: PooledEvent) -> None:
+        self._host.synchronize(event)
 
     # -- stages ---------------------------------------------------------------
 
