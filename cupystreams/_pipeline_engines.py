@@ -141,6 +141,10 @@ class Engine(Protocol):
         """Whether the copies can use ``array`` without a staging buffer."""
         ...
 
+    def make_direct(self, array: np.ndarray) -> bool:
+        """``is_direct``, after page-locking ``array`` in place where the engine would."""
+        ...
+
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any: ...
 
     def record(self, event: PooledEvent, lease: StreamLease) -> None:
@@ -175,11 +179,14 @@ class Engine(Protocol):
 class CupyEngine:
     """Page-locked host buffers, CuPy device buffers, ``cudaMemcpyAsync`` copies."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, page_lock: bool = True) -> None:
         import cupy
+
+        from ._page_lock import cupy_page_locks
 
         self._cupy = cupy
         self._backend = backend
+        self._page_locks = cupy_page_locks(backend.device) if page_lock else None
         runtime = cupy.cuda.runtime
         self._memcpy = runtime.memcpyAsync
         self._event_record = runtime.eventRecord
@@ -205,6 +212,13 @@ class CupyEngine:
             return False
         attributes = self._cupy.cuda.runtime.pointerGetAttributes(array.ctypes.data)
         return bool(int(attributes.type) == self._pinned)
+
+    def make_direct(self, array: np.ndarray) -> bool:
+        if self.is_direct(array):
+            return True
+        if self._page_locks is None or not array.flags.c_contiguous:
+            return False
+        return self._page_locks.make_direct(array)
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._cupy.empty(shape, dtype)  # within on_device()
@@ -271,6 +285,9 @@ class HostEngine:
 
     def is_direct(self, array: np.ndarray) -> bool:
         return True  # host "copies" read any numpy array
+
+    def make_direct(self, array: np.ndarray) -> bool:
+        return True
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return np.empty(shape, dtype)

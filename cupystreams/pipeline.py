@@ -48,7 +48,7 @@ from ._pipeline_engines import (
     host_copy,
 )
 from ._pool import CudaStreamPool
-from ._validate import check_int
+from ._validate import check_flag, check_int
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Pipeline"]
 
@@ -108,7 +108,7 @@ class _Output:
         self._lock = threading.Lock()
         self.array = out
         # Copy straight into out when the copy engines can; else stage it.
-        self.direct = out is None or engine.is_direct(out)
+        self.direct = out is None or engine.make_direct(out)
 
     def view(self, y: Any, start: int, stop: int) -> np.ndarray:
         """Where fn's result ``y`` for rows ``start:stop`` goes; checks its shape."""
@@ -150,6 +150,12 @@ class Pipeline:
         max_in_flight: Chunks queued at once; each holds a device input buffer,
             its result, and staging buffers for pageable arrays. Four keeps three
             stages busy with a chunk of slack.
+        page_lock: Page-lock a pageable ``data`` or ``out`` in place
+            (``cudaHostRegister``) the second time a run sees it, and copy
+            straight from and into it from then on; the first time, and with
+            False always, it is staged through page-locked buffers by host
+            threads. A locked array is unlocked when it is freed, or when more
+            than 16 arrays or 16 GiB are locked (least recently used first).
 
     Leases: a run holds its leases from start to end, as a loop written by
     hand holds its streams — a comm lease for copy-in, a second comm lease
@@ -169,6 +175,7 @@ class Pipeline:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_in_flight: int = 4,
+        page_lock: bool = True,
     ) -> None:
         if not isinstance(pool, CudaStreamPool):
             raise TypeError(f"pool={pool!r} must be a CudaStreamPool")
@@ -184,9 +191,10 @@ class Pipeline:
         self.fn = fn
         self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, least=1)
         self.max_in_flight = check_int("max_in_flight", max_in_flight, least=1)
+        self.page_lock = check_flag("page_lock", page_lock)
         backend = pool._backend
         self._engine: Engine = (
-            CupyEngine(backend) if backend.name == "cupy" else HostEngine(backend)
+            CupyEngine(backend, page_lock) if backend.name == "cupy" else HostEngine(backend)
         )
         self._lock = threading.Lock()
         self._slots_in_use = 0
@@ -333,7 +341,7 @@ class _Call:
     def _loop(self, leases: tuple[StreamLease, StreamLease, StreamLease]) -> None:
         engine, data, step = self.engine, self.data, self.step
         row_shape = data.shape[1:]
-        direct_in = engine.is_direct(data)
+        direct_in = engine.make_direct(data)
         for index, (start, stop) in enumerate(self.chunks):
             if len(self.slots) < self.count:
                 self.slots.append(_Slot(self.pool.events))

@@ -90,6 +90,9 @@ class ModelEngine:
     def is_direct(self, array: np.ndarray) -> bool:
         return self._host.is_direct(array)
 
+    def make_direct(self, array: np.ndarray) -> bool:
+        return self._host.make_direct(array)
+
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._host.device_empty(shape, dtype)
 

@@ -1,0 +1,186 @@
+"""Page-locking callers' arrays in place, so that copies read them directly.
+
+The GPU's copy engines read and write only page-locked host memory. An
+ordinary (pageable) numpy array is therefore staged through page-locked
+buffers by host threads, which costs a memcpy per byte each way. Locking the
+array's own pages (``cudaHostRegister``) removes that memcpy, but locking
+takes time too, comparable to staging the array once; so an array is locked
+the second time a run sees it (an array seen once may never come back), and
+stays locked while it lives, up to a bound.
+
+The lock is undone (``cudaHostUnregister``) by a finalizer on the array that
+owns the memory, which runs before numpy frees it, or when the bound pushes
+the least recently used array out.
+
+Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked`` and ``_bytes``; it
+is never held during a CUDA call. ``_Locked.guard`` (re-entrant) guards one
+array's ``registered`` flag, which is cleared before the unlock call, so the
+finalizer and an eviction that meet (even on one thread, the finalizer
+running inside the eviction) unlock the memory once.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["PageLocks", "cupy_page_locks", "memory_owner"]
+
+# cudaHostRegisterPortable: locked for every CUDA context, as CuPy's pinned
+# memory is, so a pool of any device can copy from it.
+_REGISTER_PORTABLE = 1
+
+
+def memory_owner(array: np.ndarray) -> np.ndarray | None:
+    """The ndarray that owns ``array``'s memory, or None when numpy does not own it."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array if array.base is None and array.flags.owndata else None
+
+
+class _Locked:
+    """One page-locked range, and whether it still is."""
+
+    __slots__ = ("__weakref__", "guard", "nbytes", "ptr", "registered")
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.ptr = ptr
+        self.nbytes = nbytes
+        self.registered = True
+        self.guard = threading.RLock()
+
+
+def _unlock(entry: _Locked, unregister: Callable[[int], None]) -> None:
+    with entry.guard:
+        if not entry.registered:
+            return
+        entry.registered = False
+    unregister(entry.ptr)
+
+
+class PageLocks:
+    """The arrays one device's pipelines copy from and into directly.
+
+    Args:
+        register: ``cudaHostRegister(ptr, nbytes)``; raises when it cannot.
+        unregister: ``cudaHostUnregister(ptr)``.
+        max_arrays: At most this many arrays locked at once.
+        max_bytes: At most this many bytes locked at once.
+    """
+
+    def __init__(
+        self,
+        register: Callable[[int, int], None],
+        unregister: Callable[[int], None],
+        max_arrays: int = 16,
+        max_bytes: int = 16 << 30,
+    ) -> None:
+        self._register = register
+        self._unregister = unregister
+        self.max_arrays = max_arrays
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        # Owners seen once, by (pointer, size): a second sighting locks them.
+        self._seen: OrderedDict[tuple[int, int], weakref.ref[np.ndarray]] = OrderedDict()
+        self._locked: OrderedDict[tuple[int, int], tuple[weakref.ref[np.ndarray], _Locked]] = (
+            OrderedDict()
+        )
+        self._bytes = 0
+
+    def locked(self) -> list[tuple[int, int]]:
+        """(pointer, bytes) of every range locked now."""
+        with self._lock:
+            return [(e.ptr, e.nbytes) for _, e in self._locked.values() if e.registered]
+
+    def make_direct(self, array: np.ndarray) -> bool:
+        """True when ``array``'s memory is page-locked (now, or already by this object).
+
+        False for an array seen for the first time, one numpy does not own,
+        one beyond the bounds, or one the driver refuses to lock; such an
+        array is staged instead.
+        """
+        owner = memory_owner(array)
+        if owner is None or not owner.flags.c_contiguous or owner.nbytes == 0:
+            return False
+        key = (owner.ctypes.data, owner.nbytes)
+        if key[1] > self.max_bytes:
+            return False
+        with self._lock:
+            known = self._locked.get(key)
+            if known is not None and known[0]() is owner and known[1].registered:
+                self._locked.move_to_end(key)
+                return True
+            seen = self._seen.pop(key, None)
+            if seen is None or seen() is not owner:
+                self._seen[key] = weakref.ref(owner)
+                while len(self._seen) > 4 * self.max_arrays:
+                    self._seen.popitem(last=False)
+                return False
+            evicted = self._make_room_locked(key[1])
+        for entry in evicted:
+            _unlock(entry, self._unregister)
+        return self._lock_owner(owner, key)
+
+    def _make_room_locked(self, nbytes: int) -> list[_Locked]:
+        """Forget dead and least recently used arrays until ``nbytes`` more fit."""
+        evicted = []
+        for key, (owner_ref, entry) in list(self._locked.items()):
+            if owner_ref() is None or not entry.registered:
+                del self._locked[key]
+                self._bytes -= entry.nbytes
+        while self._locked and (
+            len(self._locked) >= self.max_arrays or self._bytes + nbytes > self.max_bytes
+        ):
+            _, (_, entry) = self._locked.popitem(last=False)
+            self._bytes -= entry.nbytes
+            evicted.append(entry)
+        return evicted
+
+    def _lock_owner(self, owner: np.ndarray, key: tuple[int, int]) -> bool:
+        try:
+            self._register(*key)
+        except Exception:
+            return False  # already locked by someone else, or the driver says no: stage
+        entry = _Locked(*key)
+        # Runs before numpy frees the memory: the owner's weak references are
+        # cleared first thing in its deallocation.
+        weakref.finalize(owner, _unlock, entry, self._unregister)
+        with self._lock:
+            self._locked[key] = (weakref.ref(owner), entry)
+            self._bytes += entry.nbytes
+        return True
+
+    def clear(self) -> None:
+        """Unlock every array (tests; and a device being given up)."""
+        with self._lock:
+            entries = [entry for _, entry in self._locked.values()]
+            self._locked.clear()
+            self._seen.clear()
+            self._bytes = 0
+        for entry in entries:
+            _unlock(entry, self._unregister)
+
+
+def cupy_page_locks(device: int) -> PageLocks:
+    """The process's ``PageLocks`` for a CUDA device (made on first use)."""
+    with _registry_lock:
+        locks = _registries.get(device)
+        if locks is None:
+            import cupy
+
+            runtime = cupy.cuda.runtime
+
+            def register(ptr: int, nbytes: int) -> None:
+                with cupy.cuda.Device(device):
+                    runtime.hostRegister(ptr, nbytes, _REGISTER_PORTABLE)
+
+            locks = _registries[device] = PageLocks(register, runtime.hostUnregister)
+        return locks
+
+
+_registry_lock = threading.Lock()  # guards _registries
+_registries: dict[int, PageLocks] = {}

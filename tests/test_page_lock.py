@@ -1,0 +1,137 @@
+"""Page-locking arrays in place: when an array is locked, and that it is always unlocked.
+
+The cache logic runs on the CPU with a fake driver that records what is
+locked; the GPU tests run the pipeline on real pageable arrays.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from cupystreams import CudaStreamPool
+from cupystreams._page_lock import PageLocks, memory_owner
+from cupystreams.pipeline import Pipeline
+
+
+class FakeDriver:
+    """cudaHostRegister / cudaHostUnregister that record what is locked."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.locked: dict[int, int] = {}
+        self.unlocks = 0
+        self.refuse = refuse
+
+    def register(self, ptr: int, nbytes: int) -> None:
+        if self.refuse or ptr in self.locked:
+            raise RuntimeError("cudaErrorHostMemoryAlreadyRegistered")
+        self.locked[ptr] = nbytes
+
+    def unregister(self, ptr: int) -> None:
+        assert ptr in self.locked, "unlocked twice, or never locked"
+        del self.locked[ptr]
+        self.unlocks += 1
+
+
+def make(driver: FakeDriver, **bounds: int) -> PageLocks:
+    return PageLocks(driver.register, driver.unregister, **bounds)
+
+
+def test_an_array_is_locked_the_second_time_it_is_seen() -> None:
+    driver = FakeDriver()
+    locks = make(driver)
+    data = np.ones(1 << 16, np.float32)
+    assert not locks.make_direct(data)  # the first time: staged, nothing locked
+    assert driver.locked == {}
+    assert locks.make_direct(data)
+    assert driver.locked == {data.ctypes.data: data.nbytes}
+    assert locks.make_direct(data[10:])  # any view of it is direct now
+    assert len(driver.locked) == 1
+
+
+def test_a_freed_array_is_unlocked_before_its_memory_goes() -> None:
+    driver = FakeDriver()
+    locks = make(driver)
+    data = np.ones(1 << 16, np.float32)
+    locks.make_direct(data)
+    view = data[5:]
+    locks.make_direct(view)
+    del data
+    assert driver.locked, "a view still holds the memory"
+    del view
+    gc.collect()
+    assert driver.locked == {}
+    assert locks.locked() == []
+
+
+def test_the_bounds_hold_and_evict_the_least_recently_used() -> None:
+    driver = FakeDriver()
+    locks = make(driver, max_arrays=2)
+    arrays = [np.ones(1024, np.float32) * i for i in range(3)]
+    for array in arrays:
+        locks.make_direct(array)
+        locks.make_direct(array)
+    assert len(driver.locked) == 2
+    assert arrays[0].ctypes.data not in driver.locked  # the oldest went
+    small = make(FakeDriver(), max_bytes=4096)
+    big = np.ones(2048, np.float32)  # 8 KiB
+    assert not small.make_direct(big) and not small.make_direct(big)
+
+
+def test_eviction_and_the_finalizer_unlock_once() -> None:
+    driver = FakeDriver()
+    locks = make(driver, max_arrays=1)
+    first = np.ones(1024, np.float32)
+    locks.make_direct(first)
+    locks.make_direct(first)
+    second = np.ones(1024, np.float32)
+    locks.make_direct(second)
+    locks.make_direct(second)  # evicts first: unlocked now
+    assert driver.unlocks == 1
+    del first
+    gc.collect()
+    assert driver.unlocks == 1  # its finalizer found it unlocked already
+    locks.clear()
+    assert driver.locked == {}
+
+
+def test_memory_numpy_does_not_own_is_never_locked() -> None:
+    driver = FakeDriver()
+    locks = make(driver)
+    foreign = np.frombuffer(bytearray(4096), np.uint8)
+    assert memory_owner(foreign) is None
+    assert not locks.make_direct(foreign) and not locks.make_direct(foreign)
+    refusing = FakeDriver(refuse=True)
+    locks = make(refusing)
+    data = np.ones(16, np.float32)
+    assert not locks.make_direct(data) and not locks.make_direct(data)  # staged instead
+
+
+@pytest.mark.gpu
+def test_pageable_runs_lock_on_the_second_run_and_unlock_when_freed() -> None:
+    import cupy
+
+    from cupystreams._page_lock import cupy_page_locks
+
+    locks = cupy_page_locks(cupy.cuda.runtime.getDevice())
+    locks.clear()
+    with CudaStreamPool(2, 2, 0, backend="cupy") as pool:
+        pipe = Pipeline(pool, lambda x: x * 2 + 1, chunk_bytes=1 << 20)
+        data = np.random.default_rng(0).random(3 << 20, dtype=np.float32)  # pageable
+        out = np.zeros_like(data)
+        expected = data * 2 + 1
+        pipe.run(data, out)
+        assert locks.locked() == [], "a first run locked an array"
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
+        out[:] = 0
+        pipe.run(data, out)
+        assert sorted(n for _, n in locks.locked()) == [data.nbytes, out.nbytes]
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
+        data[:] = 3.0  # changed in place between runs: the copies read it afresh
+        pipe.run(data, out)
+        assert np.all(out == 7.0)
+        del data, out
+        gc.collect()
+        assert locks.locked() == [], "an array freed while locked"
