@@ -135,7 +135,7 @@ def test_bench_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     results = document["results"]
     groups = {r["group"] for r in results}
     assert groups == {
-        "lease", "peer", "goal", "threads", "pipeline", "priority", "memory", "adapters"
+        "lease", "peer", "goal", "threads", "pipeline", "sweep", "priority", "memory", "adapters"
     }
     ids = [r["id"] for r in results]
     assert len(ids) == len(set(ids)), "every result has its own stable id"
@@ -155,6 +155,8 @@ def test_bench_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     # Peers that need a GPU are reported as missing, not invented.
     assert by_id["peer.cupy_stream"]["value"] is None
     assert by_id["goal.with_vs_cupy_with"]["value"] is None
+    for row in ("chunk_64KiB", "chunk_1MiB", "chunk_8MiB", "pageable_first", "pageable_again"):
+        assert by_id[f"pipeline.{row}"]["value"] is None  # measured on a GPU only
     text = capsys.readouterr().out
     assert "stage bound" in text and str(path) in text
 

@@ -20,6 +20,7 @@ from .info import collect_info
 from .memory import measure_memory, memory_results
 from .overhead import lease_overhead, thread_scaling
 from .pipeline_bench import PipelineSetup, measure_pipeline, pipeline_results
+from .pipeline_sweep import measure_sweep
 from .priority import measure_priority, priority_results
 
 __all__ = ["bench_setup", "run_bench", "write_json"]
@@ -71,6 +72,7 @@ def _sections(backend: str, quick: bool) -> list[tuple[str, Callable[[], list[Re
             lambda: pipeline_results(measure_pipeline(backend, bench_setup(backend, quick))),
         ),
         ("priority latency", lambda: priority_results(measure_priority(backend, repeats))),
+        ("pipeline at every chunk size", lambda: measure_sweep(backend, quick)),
         ("memory held", memory),
         ("adapter overhead", lambda: _adapter_results(backend, quick)),
     ]

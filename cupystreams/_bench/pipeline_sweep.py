@@ -1,0 +1,139 @@
+"""The pipeline at every chunk size, and on pageable arrays, against the stage bound.
+
+For each chunk size the stage bound is measured with the same chunks (copy
+in alone, copy out alone, both at once, compute alone: the slowest), then
+``Pipeline.run`` and a three-stream loop written by hand with CuPy, all in
+interleaved rounds. The figures are efficiencies, ``bound / time``: the share
+of the machine a schedule uses. Pageable arrays are compared with the same
+bound for page-locked memory: a first run (an array never seen: staged) and a
+run again (the array is page-locked in place by then).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .. import CudaStreamPool
+from ..pipeline import Pipeline
+from .common import Result, interleaved_medians
+from .pipeline_bench import _raw_cupy_three_streams, _stage_runs
+
+__all__ = ["CHUNK_SIZES", "measure_sweep"]
+
+#: (bytes per chunk, the label in result ids).
+CHUNK_SIZES = ((64 << 10, "64KiB"), (1 << 20, "1MiB"), (8 << 20, "8MiB"))
+_DEPTH = 4  # chunks in flight, for the pool and the loop by hand alike
+
+
+def _fn(x: Any) -> Any:
+    return x * 2 + 1
+
+
+def measure_sweep(backend: str, quick: bool) -> list[Result]:
+    """One result per chunk size (``pipeline.chunk_<size>``) and the pageable rows."""
+    ids = [f"pipeline.chunk_{label}" for _, label in CHUNK_SIZES]
+    ids += ["pipeline.pageable_first", "pipeline.pageable_again"]
+    if backend != "cupy":
+        return [Result("sweep", i, None, "x bound", "needs a GPU", id=i) for i in ids]
+    total = (64 if quick else 256) << 20
+    repeats = 3 if quick else 7
+    with CudaStreamPool(backend="cupy") as pool:
+        results, bound_8mib = _sweep(pool, total, repeats)
+        results += _pageable(pool, total, repeats, bound_8mib)
+    return results
+
+
+def _sweep(pool: CudaStreamPool, total: int, repeats: int) -> tuple[list[Result], float]:
+    results = []
+    bound_8mib = 0.0
+    for chunk_bytes, label in CHUNK_SIZES:
+        pipe = Pipeline(pool, _fn, chunk_bytes=chunk_bytes, max_in_flight=_DEPTH)
+        rows = total // 4
+        data = pipe.empty_host((rows,), np.float32)
+        data[:] = np.linspace(-1.0, 1.0, rows, dtype=np.float32)
+        out = pipe.empty_host((rows,), np.float32)
+        out[:] = 0
+        chunks = total // chunk_bytes
+        runs, state = _stage_runs(pool, pipe, data, out, chunks)
+        stages = ("h2d", "d2h", "both", "compute")
+        runs["pool"] = functools.partial(pipe.run, data, out)
+        runs["hand"] = _raw_cupy_three_streams(_fn, data, out, chunk_bytes // 4, _DEPTH)
+        ms = interleaved_medians(runs, repeats)
+        state.check()
+        bound = max(ms[stage] for stage in stages)
+        if label == "8MiB":
+            bound_8mib = bound
+        pool_eff, hand_eff = bound / ms["pool"], bound / ms["hand"]
+        per_chunk_us = ms["pool"] * 1e3 / chunks
+        results.append(
+            Result(
+                "sweep",
+                f"{label} chunks: Pipeline.run / bound",
+                pool_eff,
+                "x bound",
+                f"hand-written 3-stream loop {hand_eff:.2f}; {chunks} chunks, "
+                f"{per_chunk_us:.1f} µs per chunk, bound {bound:.2f} ms",
+                {
+                    "chunk_bytes": chunk_bytes,
+                    "chunks": chunks,
+                    "bound_ms": bound,
+                    "pool_ms": ms["pool"],
+                    "hand_ms": ms["hand"],
+                    "pool_efficiency": pool_eff,
+                    "hand_efficiency": hand_eff,
+                    "stages_ms": {stage: ms[stage] for stage in stages},
+                },
+                id=f"pipeline.chunk_{label}",
+            )
+        )
+    return results, bound_8mib
+
+
+def _pageable(pool: CudaStreamPool, total: int, repeats: int, bound: float) -> list[Result]:
+    """Pageable arrays, 8 MiB chunks: never seen before, and seen before (page-locked)."""
+    pipe = Pipeline(pool, _fn, chunk_bytes=8 << 20, max_in_flight=_DEPTH)
+    source = np.linspace(-1.0, 1.0, total // 4, dtype=np.float32)
+
+    def first() -> float:
+        data, out = source.copy(), np.zeros_like(source)  # fresh arrays: a first sighting
+        start = time.perf_counter()
+        pipe.run(data, out)
+        return (time.perf_counter() - start) * 1e3
+
+    first_ms = statistics.median(first() for _ in range(repeats))
+    data, out = source.copy(), np.zeros_like(source)
+    pipe.run(data, out)
+    start = time.perf_counter()
+    pipe.run(data, out)  # the second sighting: page-locks both, then copies directly
+    locking_ms = (time.perf_counter() - start) * 1e3
+    again: Callable[[], object] = functools.partial(pipe.run, data, out)
+    again_ms = interleaved_medians({"again": again}, repeats)["again"]
+    right = bool(np.array_equal(out, _fn(source)))
+    note = f"8 MiB chunks, {total >> 20} MiB each way; of the page-locked bound {bound:.2f} ms"
+    return [
+        Result(
+            "sweep",
+            "pageable arrays, first run / bound",
+            bound / first_ms,
+            "x bound",
+            note + "; staged through page-locked buffers",
+            {"ms": first_ms, "bound_ms": bound},
+            id="pipeline.pageable_first",
+        ),
+        Result(
+            "sweep",
+            "pageable arrays, run again / bound",
+            bound / again_ms,
+            "x bound",
+            note + f"; page-locked in place (locking them took {locking_ms:.1f} ms, once); "
+            f"results right: {right}",
+            {"ms": again_ms, "bound_ms": bound, "locking_run_ms": locking_ms, "right": right},
+            id="pipeline.pageable_again",
+        ),
+    ]
