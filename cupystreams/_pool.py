@@ -109,6 +109,7 @@ class CudaStreamPool:
         )
         self._core = core = PoolCore(self._backend, self.events, max_affinity_keys, enable_affinity)
         self._streams: list[PooledStream] = []
+        self._trace: Trace | None = None  # set by trace() for its with block
         handles: list[Any] = []
         # Nothing here refers back to the pool, so a pool dropped without
         # close() is closed where its last reference goes. The core is held

@@ -66,15 +66,19 @@ class TraceRow:
 
 @dataclass(frozen=True)
 class Span:
-    """One lease, timed on the device.
+    """One lease, or one stage of a pipeline's chunk, timed on the device.
 
     Attributes:
-        index: Order of the acquire within the trace (0 is the first).
+        index: Order of the acquire (or of the stage) within the trace (0 is
+            the first).
         stream_id, kind, priority: The pooled stream the lease held.
         start_ms: When the stream reached the lease's first work, in ms since
             the trace began (device clock).
         end_ms: When the lease's last work finished.
         thread: Name of the host thread that acquired the lease.
+        stage: ``"copy-in"``, ``"compute"`` or ``"copy-out"`` for a stage of
+            a ``Pipeline`` run (which holds its leases for the whole run, so
+            its stages say more than its leases); ``""`` for a lease.
     """
 
     index: int
@@ -84,6 +88,7 @@ class Span:
     start_ms: float
     end_ms: float
     thread: str
+    stage: str = ""
 
     @property
     def duration_ms(self) -> float:
@@ -91,12 +96,13 @@ class Span:
 
 
 class _Open:
-    __slots__ = ("index", "nvtx_range", "start", "stream", "thread")
+    __slots__ = ("index", "nvtx_range", "stage", "start", "stream", "thread")
 
     def __init__(
         self, index: int, stream: PooledStream, start: PooledEvent, nvtx_range: Any
     ) -> None:
         self.index = index
+        self.stage = ""
         self.stream = stream
         self.start = start
         self.thread = threading.current_thread().name
@@ -115,7 +121,11 @@ class Trace:
         self.unfinished = 0
         self._events = EventPool(initial_size=0, max_size=256, timing=True, backend=self._backend)
         self._counter = itertools.count()
+        # Leases are acquired and released on any thread: _lock guards _open,
+        # _closed, _staged and _counter.
+        self._lock = threading.Lock()
         self._open: dict[int, _Open] = {}
+        self._staged: set[int] = set()  # leases whose stages are spans: not spans themselves
         self._closed: list[tuple[_Open, PooledEvent]] = []
         self._spans: list[Span] | None = None
         self._nvtx = _load_nvtx()
@@ -143,25 +153,53 @@ class Trace:
         if self._nvtx is not None:
             name = f"{stream.kind.value}#{stream.stream_id}"
             nvtx_range = self._nvtx.start_range(message=name, domain="cupystreams")
-        self._open[id(lease)] = _Open(next(self._counter), stream, event, nvtx_range)
+        with self._lock:
+            self._open[id(lease)] = _Open(next(self._counter), stream, event, nvtx_range)
+
+    def _stage_begin(self, lease: StreamLease) -> _Open:
+        """Start a stage span on ``lease`` (a pipeline's chunk); end it with ``_stage_end``."""
+        stream = lease._stream
+        assert stream is not None  # a lease the run holds
+        event = self._events.acquire()
+        self._backend.record(event._handle, stream._handle)
+        with self._lock:
+            self._staged.add(id(lease))
+            return _Open(next(self._counter), stream, event, None)
+
+    def _stage_end(self, entry: _Open, stage: str) -> None:
+        end = self._events.acquire()
+        self._backend.record(end._handle, entry.stream._handle)
+        entry.stage = stage
+        with self._lock:
+            self._closed.append((entry, end))
 
     def _end(self, lease: StreamLease) -> None:
-        entry = self._open.pop(id(lease), None)
+        with self._lock:
+            entry = self._open.pop(id(lease), None)
+            staged = id(lease) in self._staged
+            self._staged.discard(id(lease))
         if entry is None:
             return  # released already, or the trace ended first
+        if staged:
+            self._events.release(entry.start)  # its stages are its spans
+            if self._nvtx is not None:
+                self._nvtx.end_range(entry.nvtx_range)
+            return
         stream = entry.stream
         if stream.state is StreamState.CLOSED:
             self._drop(entry)
             return
         if stream._backend.is_capturing(stream._handle):
             # The release will fail; an event recorded now would join the graph.
-            self._open[id(lease)] = entry
+            with self._lock:
+                self._open[id(lease)] = entry
             return
         end = self._events.acquire()
         self._backend.record(end._handle, stream._handle)
         if self._nvtx is not None:
             self._nvtx.end_range(entry.nvtx_range)
-        self._closed.append((entry, end))
+        with self._lock:
+            self._closed.append((entry, end))
 
     def _drop(self, entry: _Open) -> None:
         self.unfinished += 1
@@ -172,8 +210,9 @@ class Trace:
     def _finish(self) -> None:
         # Swap the containers out first: other threads may still be releasing
         # traced leases while the block ends.
-        still_open, self._open = self._open, {}
-        finished, self._closed = self._closed, []
+        with self._lock:
+            still_open, self._open = self._open, {}
+            finished, self._closed = self._closed, []
         for entry in still_open.values():
             self._drop(entry)
         backend, origin = self._backend, self._origin
@@ -191,6 +230,7 @@ class Trace:
                     start_ms=backend.elapsed_time(origin._handle, entry.start._handle),
                     end_ms=backend.elapsed_time(origin._handle, end._handle),
                     thread=entry.thread,
+                    stage=entry.stage,
                 )
             )
             self._events.release(entry.start)
@@ -297,7 +337,7 @@ def render_timeline(
     for title, trace in panels:
         labels = {lane.stream_id: lane.label for lane in trace.rows}
         bars = tuple(
-            Bar(labels[span.stream_id], f"{span.kind} lease", span.start_ms, span.end_ms)
+            Bar(labels[span.stream_id], span.stage or f"{span.kind} lease", span.start_ms, span.end_ms)
             for span in trace.spans
         )
         drawn.append(Panel(title, tuple(labels.values()), bars))
@@ -315,9 +355,11 @@ def trace_pool(pool: CudaStreamPool) -> Iterator[Trace]:
     leases = _traced_lease_class(trace)
     for name in _SHADOWED:
         setattr(pool, name, _traced_acquire(getattr(pool, name), trace, leases))
+    pool._trace = trace  # a Pipeline run traces its stages
     try:
         yield trace
     finally:
+        pool._trace = None
         for name in _SHADOWED:
             delattr(pool, name)
         trace._finish()

@@ -292,6 +292,7 @@ class _Call:
         self.count = 1 if serial else min(pipe.max_in_flight, len(self.chunks))
         self.slots: list[_Slot] = []
         self.state = RunState()
+        self.trace = pipe.pool._trace  # a traced pool gets a span per stage of each chunk
 
     def execute(self) -> None:
         events = self.pool.events
@@ -397,14 +398,19 @@ class _Call:
         leases: tuple[StreamLease, StreamLease, StreamLease],
     ) -> None:
         copy_in, compute, copy_out = leases
-        engine, state = self.engine, self.state
-        x = slot.x[: src.shape[0]]
+        engine, state, trace = self.engine, self.state, self.trace
+        x = slot.x if src.shape[0] == self.step else slot.x[: src.shape[0]]
+        span = None if trace is None else trace._stage_begin(copy_in)
         engine.copy_in(copy_in, x, src, state)
+        if span is not None and trace is not None:
+            trace._stage_end(span, "copy-in")
         engine.record(slot.ev_in, copy_in)
         slot.last = slot.ev_in
         slot.busy = True
         if compute is not copy_in:
             engine.wait(compute, slot.ev_in)
+        if trace is not None:
+            span = trace._stage_begin(compute)  # after the wait: the stage, not its wait
         try:
             slot.result = engine.compute(compute, self.fn, x, state)
         finally:
@@ -413,6 +419,11 @@ class _Call:
             slot.last = slot.ev_comp
         if copy_out is not compute:
             engine.wait(copy_out, slot.ev_comp)
+        if span is not None and trace is not None:
+            trace._stage_end(span, "compute")
+            span = trace._stage_begin(copy_out)
         engine.copy_out(copy_out, slot.result, destination, state)
+        if span is not None and trace is not None:
+            trace._stage_end(span, "copy-out")
         engine.record(slot.ev_out, copy_out)
         slot.last = slot.ev_out

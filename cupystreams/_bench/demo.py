@@ -127,7 +127,7 @@ def traced_panels(pipe: PipelineFigures, prio: PriorityFigures) -> list[Panel]:
     """
     panels = []
     for name, trace in pipe.traces:
-        bars = [_lease_bar(trace, span, f"{span.kind} lease") for span in trace.spans]
+        bars = [_lease_bar(trace, span, span.stage or f"{span.kind} lease") for span in trace.spans]
         ms = max((bar.end_ms for bar in bars), default=0.0)
         panels.append(_panel(f"{name}, the run drawn: {ms:.1f} ms", trace, bars))
     if prio.trace is not None:
