@@ -337,8 +337,8 @@ def render_timeline(
     for title, trace in panels:
         labels = {lane.stream_id: lane.label for lane in trace.rows}
         bars = tuple(
-            Bar(labels[span.stream_id], span.stage or f"{span.kind} lease", span.start_ms, span.end_ms)
-            for span in trace.spans
+            Bar(labels[s.stream_id], s.stage or f"{s.kind} lease", s.start_ms, s.end_ms)
+            for s in trace.spans
         )
         drawn.append(Panel(title, tuple(labels.values()), bars))
     draw_timeline(path, drawn, xlabel or "device time (ms)")
