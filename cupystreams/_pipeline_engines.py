@@ -38,8 +38,10 @@ __all__ = [
     "stream_of",
 ]
 
-#: Given the user's result for a chunk, the host array to copy it into.
-Destination = Callable[[Any], np.ndarray]
+#: Given the user's result for a chunk, the host array to copy it into and
+#: that array's address (computed by the run from its base, not per chunk:
+#: ``ndarray.ctypes`` costs microseconds).
+Destination = Callable[[Any], tuple[np.ndarray, int]]
 
 # Staging copies of pageable arrays are host memcpys: one thread moves about
 # 10 GB/s, a few threads saturate the memory bus. numpy releases the GIL while
@@ -159,8 +161,10 @@ class Engine(Protocol):
         """Block until ``event``'s work is done."""
         ...
 
-    def copy_in(self, lease: StreamLease, dst: Any, src: np.ndarray, state: RunState) -> None:
-        """Queue the copy of host ``src`` into device ``dst`` on ``lease``."""
+    def copy_in(
+        self, lease: StreamLease, dst: Any, src: np.ndarray, src_ptr: int, state: RunState
+    ) -> None:
+        """Queue the copy of host ``src`` (at address ``src_ptr``) into device ``dst``."""
         ...
 
     def compute(
@@ -234,9 +238,11 @@ class CupyEngine:
     def synchronize(self, event: PooledEvent) -> None:
         self._event_synchronize(event._handle.ptr)
 
-    def copy_in(self, lease: StreamLease, dst: Any, src: np.ndarray, state: RunState) -> None:
+    def copy_in(
+        self, lease: StreamLease, dst: Any, src: np.ndarray, src_ptr: int, state: RunState
+    ) -> None:
         ptr = stream_of(lease).ptr
-        self._memcpy(dst.data.ptr, src.ctypes.data, src.nbytes, self._to_device, ptr)
+        self._memcpy(dst.data.ptr, src_ptr, src.nbytes, self._to_device, ptr)
 
     def compute(
         self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
@@ -257,7 +263,8 @@ class CupyEngine:
                 )
             # Zero-copy for CuPy, torch, Numba results; a copy on this stream
             # only when the result is not contiguous.
-            y = cupy.ascontiguousarray(cupy.asarray(y))
+            if type(y) is not cupy.ndarray or not y.flags.c_contiguous:
+                y = cupy.ascontiguousarray(cupy.asarray(y))
         finally:
             self._backend.exit(token)
         return Pending(y)
@@ -266,9 +273,9 @@ class CupyEngine:
         self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
     ) -> None:
         y = result.value
-        dst = destination(y)
+        _, dst_ptr = destination(y)
         ptr = stream_of(lease).ptr
-        self._memcpy(dst.ctypes.data, y.data.ptr, y.nbytes, self._to_host, ptr)
+        self._memcpy(dst_ptr, y.data.ptr, y.nbytes, self._to_host, ptr)
 
 
 class HostEngine:
@@ -313,7 +320,9 @@ class HostEngine:
 
         lease.launch_host_func(guarded)
 
-    def copy_in(self, lease: StreamLease, dst: Any, src: np.ndarray, state: RunState) -> None:
+    def copy_in(
+        self, lease: StreamLease, dst: Any, src: np.ndarray, src_ptr: int, state: RunState
+    ) -> None:
         self._queue(lease, state, lambda: np.copyto(dst, src))
 
     def compute(
@@ -344,6 +353,6 @@ class HostEngine:
     ) -> None:
         def task() -> None:
             y = result.value
-            np.copyto(destination(y), y)
+            np.copyto(destination(y)[0], y)
 
         self._queue(lease, state, task)

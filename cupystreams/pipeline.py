@@ -67,7 +67,9 @@ class _Slot:
         "last",
         "result",
         "stage_in",
+        "stage_in_ptr",
         "stage_out",
+        "stage_out_ptr",
         "x",
     )
 
@@ -80,6 +82,7 @@ class _Slot:
         self.x: Any = None  # device input buffer, reused chunk after chunk
         self.stage_in: np.ndarray | None = None
         self.stage_out: np.ndarray | None = None
+        self.stage_in_ptr = self.stage_out_ptr = 0  # their addresses, read once
         self.result: Pending | None = None  # kept alive until its copy-out is done
         self.copy_back: tuple[np.ndarray, np.ndarray] | None = None  # (dst, staged)
 
@@ -105,10 +108,12 @@ class _Output:
                 raise ValueError("out is read-only; pass a writeable array")
         self._engine = engine
         self._rows = rows
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the host backend's workers call view() too
         self.array = out
         # Copy straight into out when the copy engines can; else stage it.
         self.direct = out is None or engine.make_direct(out)
+        # Where a direct out's rows start: its address, read once.
+        self.ptr = out.ctypes.data if out is not None and self.direct else 0
 
     def view(self, y: Any, start: int, stop: int) -> np.ndarray:
         """Where fn's result ``y`` for rows ``start:stop`` goes; checks its shape."""
@@ -122,6 +127,7 @@ class _Output:
         with self._lock:
             if self.array is None:
                 self.array = self._engine.host_empty((self._rows, *shape[1:]), np.dtype(y.dtype))
+                self.ptr = self.array.ctypes.data
         out = self.array
         if out.shape[1:] != shape[1:] or out.dtype != y.dtype:
             raise ValueError(
@@ -343,20 +349,24 @@ class _Call:
         engine, data, step = self.engine, self.data, self.step
         row_shape = data.shape[1:]
         direct_in = engine.make_direct(data)
+        # Addresses by arithmetic: direct arrays are C-contiguous.
+        base, row_bytes = (data.ctypes.data, data.strides[0]) if direct_in else (0, 0)
         for index, (start, stop) in enumerate(self.chunks):
             if len(self.slots) < self.count:
                 self.slots.append(_Slot(self.pool.events))
             slot = self.slots[index % self.count]
             self._retire(slot)  # bounds the chunks in flight
             src = data[start:stop]
+            src_ptr = base + start * row_bytes
             if not direct_in:
                 if slot.stage_in is None:
                     slot.stage_in = engine.host_empty((step, *row_shape), data.dtype)
-                src = slot.stage_in[: stop - start]
+                    slot.stage_in_ptr = slot.stage_in.ctypes.data
+                src, src_ptr = slot.stage_in[: stop - start], slot.stage_in_ptr
                 host_copy(src, data[start:stop])
             if slot.x is None:
                 slot.x = engine.device_empty((step, *row_shape), data.dtype)
-            self._stages(slot, src, self._destination(slot, start, stop), leases)
+            self._stages(slot, src, src_ptr, self._destination(slot, start, stop), leases)
             if self.serial:
                 self._retire(slot)  # as a blocking .get() would
         for slot in self.slots:
@@ -365,17 +375,19 @@ class _Call:
     def _destination(self, slot: _Slot, start: int, stop: int) -> Destination:
         output = self.output
 
-        def destination(y: Any) -> np.ndarray:
+        def destination(y: Any) -> tuple[np.ndarray, int]:
             view = output.view(y, start, stop)
             if output.direct:
-                return view
+                assert output.array is not None
+                return view, output.ptr + start * output.array.strides[0]
             if slot.stage_out is None:
                 slot.stage_out = self.engine.host_empty(
                     (self.step, *view.shape[1:]), np.dtype(view.dtype)
                 )
+                slot.stage_out_ptr = slot.stage_out.ctypes.data
             staged = slot.stage_out[: stop - start]
             slot.copy_back = (view, staged)
-            return staged
+            return staged, slot.stage_out_ptr
 
         return destination
 
@@ -394,6 +406,7 @@ class _Call:
         self,
         slot: _Slot,
         src: np.ndarray,
+        src_ptr: int,
         destination: Destination,
         leases: tuple[StreamLease, StreamLease, StreamLease],
     ) -> None:
@@ -401,7 +414,7 @@ class _Call:
         engine, state, trace = self.engine, self.state, self.trace
         x = slot.x if src.shape[0] == self.step else slot.x[: src.shape[0]]
         span = None if trace is None else trace._stage_begin(copy_in)
-        engine.copy_in(copy_in, x, src, state)
+        engine.copy_in(copy_in, x, src, src_ptr, state)
         if span is not None and trace is not None:
             trace._stage_end(span, "copy-in")
         engine.record(slot.ev_in, copy_in)

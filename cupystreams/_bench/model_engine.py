@@ -109,14 +109,16 @@ class ModelEngine:
 
     # -- stages ---------------------------------------------------------------
 
-    def copy_in(self, lease: StreamLease, dst: Any, src: np.ndarray, state: RunState) -> None:
+    def copy_in(
+        self, lease: StreamLease, dst: Any, src: np.ndarray, src_ptr: int, state: RunState
+    ) -> None:
         buffer = id(_root(dst))
         previous = self._emptied_by.pop(buffer, None)
         if previous is not None:
             self.model.wait(previous)
         mib = src.nbytes * self._mib_per_byte
         self._filled_by[buffer] = self.model.copy(lease.stream.stream_id, "h2d", mib, "copy-in")
-        self._host.copy_in(lease, dst, src, state)
+        self._host.copy_in(lease, dst, src, src_ptr, state)
 
     def compute(
         self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState

@@ -96,16 +96,20 @@ def _stage_runs(
     inputs = [data[i * step : (i + 1) * step] for i in range(chunks)]
     outputs = [out[i * step : (i + 1) * step] for i in range(chunks)]
 
-    def target(view: np.ndarray) -> Callable[[Any], np.ndarray]:
-        return lambda _y: view
+    def target(view: np.ndarray) -> Callable[[Any], tuple[np.ndarray, int]]:
+        where = (view, view.ctypes.data)
+        return lambda _y: where
+
+    pointers = [src.ctypes.data for src in inputs]
+    targets = [target(dst) for dst in outputs]
 
     def copies_in(lease: Any) -> None:
         for i, src in enumerate(inputs):
-            engine.copy_in(lease, ring[i % 2], src, state)
+            engine.copy_in(lease, ring[i % 2], src, pointers[i], state)
 
     def copies_out(lease: Any) -> None:
-        for i, dst in enumerate(outputs):
-            engine.copy_out(lease, Pending(ring[i % 2]), target(dst), state)
+        for i, where in enumerate(targets):
+            engine.copy_out(lease, Pending(ring[i % 2]), where, state)
 
     def alone(queue: Callable[[Any], None]) -> Callable[[], None]:
         def run() -> None:
