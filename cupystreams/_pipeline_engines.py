@@ -47,7 +47,7 @@ Destination = Callable[[Any], tuple[np.ndarray, int]]
 # 10 GB/s, a few threads saturate the memory bus. numpy releases the GIL while
 # it copies, so plain threads do.
 _COPY_THREADS = min(8, os.cpu_count() or 1)
-_COPY_PIECE_BYTES = 8 << 20
+_COPY_PIECE_BYTES = 1 << 20
 _copier: ThreadPoolExecutor | None = None
 _copier_lock = threading.Lock()
 
