@@ -329,9 +329,10 @@ class _Call:
         try:
             copy_out = copy_in
             # Never block for the second: two runs each holding one comm
-            # stream and waiting for the other would deadlock. Looking at the
-            # idle count first keeps exhaustions out of the pool's counters.
-            if pool.stats().comm.idle:
+            # stream and waiting for the other would deadlock. A glance at
+            # the idle list first (a hint, read without the lock) keeps
+            # exhaustions out of the pool's counters.
+            if pool._comm.idle:
                 with contextlib.suppress(PoolExhaustedError):
                     copy_out = pool.acquire_comm(blocking=False)
             try:
