@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from cupystreams import CudaStreamPool
@@ -16,6 +18,20 @@ def test_pool_matches_model(backend: str, sizes: tuple[int, int, int]) -> None:
     run_pool_state_machine(
         lambda: CudaStreamPool(compute, comm, high, event_pool_size=4, backend=backend)
     )
+
+
+def test_pool_matches_model_with_a_thread_switch_every_microsecond() -> None:
+    """The host streams' workers run beside the machine's thread: with the interpreter
+    switching threads every microsecond, any sequence the pool's lock does not
+    protect would be interleaved (a free-threaded build runs them at once)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        run_pool_state_machine(
+            lambda: CudaStreamPool(2, 1, 1, event_pool_size=4, backend="host"), max_examples=25
+        )
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _messages(error: BaseException) -> list[str]:
