@@ -1,0 +1,61 @@
+"""Draw the pipeline's chunk-size sweep from a ``cupystreams bench --json`` file.
+
+    python scripts/plot_pipeline_sweep.py bench.json docs/pipeline_sweep.png
+
+One line per schedule (``Pipeline.run``, the loop written by hand, the
+replayed graph where measured): efficiency against the stage bound, by chunk
+size. Exits 2 with one line when the file holds no sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SIZES = ("64KiB", "1MiB", "8MiB")
+LINES = (
+    ("pool_efficiency", "Pipeline.run", "o-"),
+    ("hand_efficiency", "three streams by hand (CuPy)", "s--"),
+    ("replay_efficiency", "Pipeline graph replay", "^-"),
+)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: plot_pipeline_sweep.py BENCH_JSON OUTPUT_PNG", file=sys.stderr)
+        return 2
+    source, target = Path(argv[0]), Path(argv[1])
+    try:
+        results = {r["id"]: r for r in json.loads(source.read_text())["results"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"plot_pipeline_sweep: {source}: not a bench JSON file ({exc})", file=sys.stderr)
+        return 2
+    rows = [results.get(f"pipeline.chunk_{size}") for size in SIZES]
+    if any(row is None or row.get("value") is None for row in rows):
+        print(f"plot_pipeline_sweep: {source} has no measured sweep (a GPU run)", file=sys.stderr)
+        return 2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    for key, label, style in LINES:
+        values = [row["extra"].get(key) for row in rows if row is not None]
+        if all(value is not None for value in values):
+            axis.plot(SIZES, values, style, label=label)
+    axis.set_ylim(0, 1.05)
+    axis.set_xlabel("chunk size")
+    axis.set_ylabel("efficiency (stage bound / time)")
+    axis.set_title("256 MiB each way, fn = x * 2 + 1, page-locked arrays")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(target, dpi=110)
+    plt.close(figure)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
