@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from ._backends import BACKEND_ENV_VAR, gpu_problem, make_backend, resolve_backend_name
+from ._backends import (
+    BACKEND_ENV_VAR,
+    case_hint,
+    gpu_problem,
+    make_backend,
+    resolve_backend_name,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -51,10 +57,9 @@ def choose_backend(requested: str) -> tuple[str, str]:
         name = resolve_backend_name(requested)
     except ValueError:
         # argparse has checked the flag already: only the environment is left.
-        raise UsageError(
-            f"{BACKEND_ENV_VAR}={os.environ.get(BACKEND_ENV_VAR)!r} is not a backend; "
-            f"set it to auto, cupy or host, or unset it"
-        ) from None
+        value = os.environ.get(BACKEND_ENV_VAR)
+        fix = case_hint(value) or "; set it to auto, cupy or host, or unset it"
+        raise UsageError(f"{BACKEND_ENV_VAR}={value!r} is not a backend{fix}") from None
     if name == "host":
         why = "--backend host" if requested == "host" else f"{BACKEND_ENV_VAR}=host"
         return "host", f"Host backend ({why}): simulated work on host threads, no GPU used."

@@ -285,6 +285,19 @@ def test_an_unknown_backend_in_the_environment_fails_before_the_work(
     assert work_calls == []
 
 
+def test_a_backend_in_the_wrong_case_gets_a_hint(
+    work_calls: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUPYSTREAMS_BACKEND", "HOST")
+    assert main(["info"]) == 2
+    assert_one_line_error(
+        capsys.readouterr().err,
+        "cupystreams info: CUPYSTREAMS_BACKEND='HOST' is not a backend; "
+        "backend names are lower case: did you mean 'host'?",
+    )
+    assert work_calls == []
+
+
 def test_an_unknown_backend_in_the_environment_in_a_real_process() -> None:
     done = run_python("-m", "cupystreams", "info", env={"CUPYSTREAMS_BACKEND": "gpu"})
     assert done.returncode == 2 and done.stdout == ""
