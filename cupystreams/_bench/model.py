@@ -85,6 +85,9 @@ H100 = DeviceParams(
     launch_ms=0.004,
 )
 
+#: What ``cupystreams demo`` and ``bench`` say in their first line on the host backend.
+MODELLED = f"device time is modelled from {H100.name} figures, not measured"
+
 
 class Op:
     """One queued operation: a copy, a kernel, or a mark (an event's position).
