@@ -45,13 +45,12 @@ def _adapter_results(backend: str, quick: bool) -> list[Result]:
     rows: list[dict[str, Any]] = module.run_adapter_benchmarks(5 if quick else 21)
     results = []
     for row in rows:
-        extra = {k: v for k, v in row.items() if k not in ("name", "median_us")}
+        extra = {k: v for k, v in row.items() if k not in ("id", "name", "median_us")}
         note = ""
         if isinstance(row.get("baseline_us"), (int, float)):
             note = f"vs {row.get('baseline')}: {row['baseline_us']:.2f} µs"
-        results.append(
-            Result("adapters", str(row.get("name")), row.get("median_us"), "µs", note, extra)
-        )
+        name, value = str(row.get("name")), row.get("median_us")
+        results.append(Result("adapters", name, value, "µs", note, extra, id=str(row["id"])))
     return results or [Result("adapters", name, None, "µs", "no framework installed")]
 
 
