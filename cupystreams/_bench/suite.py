@@ -115,6 +115,8 @@ def write_json(
         "backend": backend,
         "quick": quick,
         "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
         "machine": dict(collect_info(backend)),
         "results": [result.to_dict() for result in results],
     }
