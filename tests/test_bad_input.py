@@ -1,4 +1,4 @@
-"""Bad input, table-driven, over every public entry point (DESIGN semantic 9).
+"""Bad input, table-driven, over every public entry point.
 
 Each row calls one entry point with a wrong type or value and names the error
 it must raise and the text its message must contain (the argument, or the

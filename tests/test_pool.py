@@ -1,4 +1,4 @@
-"""Pool semantics from DESIGN.md, on the host backend and (marked gpu) on CuPy."""
+"""The pool's semantics (docs/semantics.md), on the host backend and (marked gpu) on CuPy."""
 
 from __future__ import annotations
 

@@ -526,7 +526,7 @@ def test_waiters_are_served_in_arrival_order(
 def test_waiters_for_one_key_are_served_in_arrival_order(
     backend: str, interval: float | None
 ) -> None:
-    """DESIGN 1 and 3: a second acquire of a key waits like any acquire, first come first
+    """A second acquire of a key waits like any acquire, first come first
     served, and is counted in ``stats().waiting`` like any blocked acquire."""
     waiters = 6
     with switch_interval(interval), CudaStreamPool(4, 0, 0, backend=backend) as pool:
