@@ -1,4 +1,7 @@
-# make test      — CPU checks from nothing: venv, install, ruff, mypy --strict, pytest.
+# make test      — CPU checks from nothing: venv, install, ruff, mypy --strict, the manual
+#                  (built with warnings as errors, its examples run), pytest.
+# make docs      — the manual, docs/ -> docs/_build/html (Sphinx; warnings are errors).
+# make doctest   — run the manual's examples on the host backend.
 # make gpu-test  — on a GPU machine whose Python already has CuPy (no registry needed).
 # make demo      — the main job: overlap, priority and memory, on the GPU or the host backend.
 #                  Installs only the cli extra, and CuPy for CUDA 12 where nvidia-smi
@@ -11,7 +14,10 @@ STAMP  := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 GPU_EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda12)
 
-.PHONY: test lint gpu-test demo bench clean
+# Warnings are errors, all of them reported; every reference must resolve.
+SPHINX := $(VPY) -m sphinx -W --keep-going -n -q
+
+.PHONY: test lint docs doctest gpu-test demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +32,16 @@ $(DEMO_STAMP): pyproject.toml
 	touch $(DEMO_STAMP)
 
 lint: $(STAMP)
-	$(VPY) -m ruff check cupystreams adapters tests examples scripts
+	$(VPY) -m ruff check cupystreams adapters tests examples scripts docs
 	$(VPY) -m mypy
 
-test: lint
+docs: $(STAMP)
+	$(SPHINX) -E -b html -d docs/_build/doctrees docs docs/_build/html
+
+doctest: $(STAMP)
+	$(SPHINX) -E -b doctest -d docs/_build/doctrees-doctest docs docs/_build/doctest
+
+test: lint docs doctest
 	CUPYSTREAMS_REQUIRE_GPU= $(VPY) -m pytest -q
 
 gpu-test:
@@ -43,4 +55,4 @@ bench: $(DEMO_STAMP)
 	$(VPY) -m cupystreams bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis docs/_build

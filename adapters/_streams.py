@@ -1,6 +1,6 @@
 """What every adapter shares: stream arguments, a weak per-stream cache, GPU ordering.
 
-Adapters take the same stream arguments as the core (DESIGN semantic 0): a
+Adapters take the same stream arguments as the core (see the manual's semantics): a
 ``StreamLease``, a ``PooledStream``, a ``cupy.cuda.Stream``, any object with
 ``__cuda_stream__``, or a raw pointer int (0 is the legacy default stream).
 Each is turned into a CuPy stream here, because every hand-off goes through

@@ -2,7 +2,7 @@
 
 Leases on long-lived pooled streams replace creating a stream per task:
 ``with pool.acquire_compute() as s:`` makes a pooled stream current for CuPy
-and returns it when the block ends. See the README for the rules.
+and returns it when the block ends. The manual (``docs/``) states the rules.
 """
 
 from __future__ import annotations

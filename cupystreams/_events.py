@@ -126,7 +126,7 @@ class EventPool:
             the event.
         timing: Create timing events (needed by ``elapsed_time``).
         device: Device ordinal, or None for the current device.
-        backend: ``"auto"``, ``"cupy"`` or ``"host"`` (see the README).
+        backend: ``"auto"``, ``"cupy"`` or ``"host"``, as for ``CudaStreamPool``.
     """
 
     def __init__(

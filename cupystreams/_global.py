@@ -1,4 +1,8 @@
-"""One pool per device for code that wants a shared default."""
+"""One pool per device for code that wants a shared default.
+
+The global pools take no ``backend`` argument: they use the GPU, or the host
+backend when ``CUPYSTREAMS_BACKEND=host`` is set.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 import threading
 from collections.abc import Hashable, Iterator
 
-from ._backends import current_device
+from ._backends import GLOBAL_OPT_IN, current_device
 from ._lease import StreamLease
 from ._pool import CudaStreamPool
 
@@ -28,7 +32,13 @@ def get_global_stream_pool(compute_streams: int = 4, comm_streams: int = 2) -> C
 
     Thread-safe: concurrent first calls create one pool. A later call that
     asks for other sizes raises ``ValueError`` instead of silently returning a
-    pool shaped differently from what it asked for.
+    pool shaped differently from what it asked for. The pool follows
+    ``CUPYSTREAMS_BACKEND`` (``host`` for the host backend).
+
+    Raises:
+        BackendUnavailableError: No usable GPU and ``CUPYSTREAMS_BACKEND`` is
+            not ``host``.
+        ValueError: The pool exists with other sizes.
     """
     pool, created = _device_pool(compute_streams, comm_streams)
     if created:
@@ -45,7 +55,8 @@ def get_global_stream_pool(compute_streams: int = 4, comm_streams: int = 2) -> C
 
 def _device_pool(compute_streams: int = 4, comm_streams: int = 2) -> tuple[CudaStreamPool, bool]:
     """The current device's open global pool, created with these sizes if needed."""
-    device = current_device()
+    # These functions take no backend: without a GPU, the fix is the variable.
+    device = current_device(opt_in=GLOBAL_OPT_IN)
     with _lock:
         pool = _pools.get(device)
         if pool is not None and not pool.closed:

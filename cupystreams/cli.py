@@ -2,7 +2,10 @@
 
 The backend is chosen here, explicitly: ``--backend auto`` (the default) uses
 the GPU when CuPy can reach one and otherwise the host backend, and then says
-so in the first line it prints. The library itself never falls back.
+so in the first line it prints. On the host backend that line of ``demo`` and
+``bench`` also says that device time is modelled, not measured: the line is
+the command's alone, so nothing printed later can contradict it. The library
+itself never falls back.
 
 Whatever a user can get wrong is checked before any work runs: the ``cli``
 extra (rich for the tables, matplotlib for the timeline), the files to write
@@ -24,7 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from ._backends import BACKEND_ENV_VAR, gpu_problem, make_backend, resolve_backend_name
+from ._backends import (
+    BACKEND_ENV_VAR,
+    case_hint,
+    gpu_problem,
+    make_backend,
+    resolve_backend_name,
+)
+from ._bench.model import MODELLED
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -40,8 +50,8 @@ class UsageError(Exception):
     """A mistake in the command line or its environment; the message says how to fix it."""
 
 
-def choose_backend(requested: str) -> tuple[str, str]:
-    """(backend, the line that says what runs where) for ``--backend``.
+def choose_backend(requested: str, command: str) -> tuple[str, str]:
+    """(backend, the line that says what runs where) for ``--backend`` and ``command``.
 
     Raises:
         UsageError: ``CUPYSTREAMS_BACKEND`` names no backend, or ``cupy`` was
@@ -51,22 +61,23 @@ def choose_backend(requested: str) -> tuple[str, str]:
         name = resolve_backend_name(requested)
     except ValueError:
         # argparse has checked the flag already: only the environment is left.
-        raise UsageError(
-            f"{BACKEND_ENV_VAR}={os.environ.get(BACKEND_ENV_VAR)!r} is not a backend; "
-            f"set it to auto, cupy or host, or unset it"
-        ) from None
+        value = os.environ.get(BACKEND_ENV_VAR)
+        fix = case_hint(value) or "; set it to auto, cupy or host, or unset it"
+        raise UsageError(f"{BACKEND_ENV_VAR}={value!r} is not a backend{fix}") from None
+    # demo and bench time device work; on host threads that time is the model's.
+    modelled = command in ("demo", "bench")
     if name == "host":
         why = "--backend host" if requested == "host" else f"{BACKEND_ENV_VAR}=host"
-        return "host", f"Host backend ({why}): simulated work on host threads, no GPU used."
+        what = f"no GPU used; {MODELLED}." if modelled else "host threads, no GPU used."
+        return "host", f"Host backend ({why}): {what}"
     problem = gpu_problem()
     if problem is not None:
         if name == "cupy":
             asked = "--backend cupy" if requested == "cupy" else f"{BACKEND_ENV_VAR}=cupy"
             raise UsageError(f"{asked} needs a usable GPU: {problem}; {_TO_HOST}")
         # The full detail is in `cupystreams info`; the first line stays short.
-        return "host", (
-            f"No usable GPU ({problem.summary}): running on the host backend with simulated work."
-        )
+        what = f"; {MODELLED}." if modelled else " (host threads)."
+        return "host", f"No usable GPU ({problem.summary}): running on the host backend{what}"
     backend = make_backend("cupy", None)
     from ._bench.info import device_name
 
@@ -195,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_writable("--output", args.output, "the timeline is a PNG", ".png")
         elif args.command == "bench" and args.json is not None:
             _check_writable("--json", args.json, "the results are JSON", ".json")
-        backend, line = choose_backend(args.backend)
+        backend, line = choose_backend(args.backend, args.command)
         _run(args, backend, line)
     except UsageError as exc:
         # One line: the message may carry a driver's or the OS's own text.

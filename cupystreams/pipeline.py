@@ -234,8 +234,8 @@ class Pipeline:
             The results of all chunks, in order: equal to ``run_serial(data)``.
 
         Raises:
-            Whatever ``fn`` raises, once the work already queued has finished;
-            no lease, event or buffer of the call stays held.
+            Exception: Whatever ``fn`` raises, once the work already queued has
+                finished; no lease, event or buffer of the call stays held.
         """
         return self._run(data, out, serial=False)
 

@@ -9,6 +9,7 @@ every framework, so a skip there would hide a broken adapter.
 
 from __future__ import annotations
 
+import collections
 import gc
 import importlib.util
 import os
@@ -72,6 +73,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         for name in marker.args:
             if importlib.util.find_spec(name) is None:
                 _skip_or_fail(item, f"module {name!r} is not installed")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say why tests were skipped: one line per reason, with its count."""
+    reasons: collections.Counter[str] = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("skipped, by reason", sep="-")
+        for reason, count in reasons.most_common():
+            terminalreporter.line(f"{count:5d}  {reason}")
 
 
 def backend_params() -> list[object]:

@@ -1,4 +1,4 @@
-"""Bad input, table-driven, over every public entry point (DESIGN semantic 9).
+"""Bad input, table-driven, over every public entry point.
 
 Each row calls one entry point with a wrong type or value and names the error
 it must raise and the text its message must contain (the argument, or the
@@ -19,22 +19,26 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import pytest
 from reliability_helpers import live_objects, no_leaks, record_figures
 
 from cupystreams import (
+    BackendUnavailableError,
     CudaStreamPool,
     EventPool,
     LeaseError,
     PoolClosedError,
     StreamLease,
+    _backends,
     comm_stream,
     compute_stream,
     get_global_stream_pool,
     high_priority_stream,
     reset_global_pool,
 )
+from cupystreams._backends import GpuProblem
 from cupystreams._backends._host import HostBackend
 
 # Objects one bad call may create before the test calls it a runaway.
@@ -103,7 +107,8 @@ class Ctx:
 
 @dataclass(frozen=True)
 class Case:
-    """One bad call: ``call(ctx)`` must raise ``error`` with ``names`` in its message."""
+    """One bad call: ``call(ctx)`` must raise ``error`` with ``names`` in its message
+    (and without ``absent``: an argument the call did not pass, say)."""
 
     id: str
     call: Callable[[Ctx], object]
@@ -111,11 +116,23 @@ class Case:
     names: str
     env: dict[str, str] = field(default_factory=dict)
     backends: tuple[str, ...] = ("host", "cupy")
+    absent: tuple[str, ...] = ()
 
 
 def enter(context: AbstractContextManager[Any]) -> None:
     with context:
         pass
+
+
+def without_gpu(call: Callable[[Ctx], object]) -> Callable[[Ctx], object]:
+    """``call`` on a machine where every probe of the GPU finds none."""
+    problem = GpuProblem("no NVIDIA GPU or CUDA driver found", "libcuda.so.1: cannot open")
+
+    def run(c: Ctx) -> object:
+        with mock.patch.object(_backends, "_probe_cupy", lambda: problem):
+            return call(c)
+
+    return run
 
 
 def pool_of(backend: str, **kwargs: Any) -> CudaStreamPool:
@@ -178,8 +195,15 @@ def acquire_cases() -> list[Case]:
                     "blocking",
                 )
             )
-        if kind == "high_priority":
-            continue
+        # A timeout that blocking=False would ignore is refused, not ignored.
+        cases.append(
+            Case(
+                f"acquire_{kind}-timeout-with-blocking-False",
+                lambda c, call=call: call(c, blocking=False, timeout=1),
+                ValueError,
+                "timeout=1",
+            )
+        )
         for name, value in UNHASHABLE_KEYS:
             cases.append(
                 Case(
@@ -224,6 +248,9 @@ def constructor_cases() -> list[Case]:
                     lambda c, a=arg, v=value: pool_of(c.backend, **{a: v}),
                     error,
                     arg,
+                    # The pool builds its EventPool from event_pool_size: the
+                    # message must not blame that pool's arguments.
+                    absent=("initial_size", "max_size") if arg == "event_pool_size" else (),
                 )
             )
     for arg in ("compute_streams", "comm_streams", "high_priority_streams"):
@@ -285,7 +312,6 @@ def constructor_cases() -> list[Case]:
     ]
     for name, value, error in (
         ("unknown", "opencl", ValueError),
-        ("upper-case", "HOST", ValueError),
         ("none", None, (ValueError, TypeError)),
         ("int", 0, (ValueError, TypeError)),
     ):
@@ -295,6 +321,36 @@ def constructor_cases() -> list[Case]:
                 lambda c, v=value: CudaStreamPool(backend=v),
                 error,
                 "backend",
+                absent=("did you mean",),
+            )
+        )
+    lower_case = "backend names are lower case: did you mean"
+    for value, meant in (("HOST", "host"), ("Cupy", "cupy"), ("AUTO", "auto")):
+        cases.append(
+            Case(
+                f"CudaStreamPool-backend-{value}",
+                lambda c, v=value: CudaStreamPool(backend=v),
+                ValueError,
+                f"backend={value!r} is not one of ('auto', 'cupy', 'host'); "
+                f"{lower_case} {meant!r}?",
+            )
+        )
+        cases.append(
+            Case(
+                f"EventPool-backend-{value}",
+                lambda c, v=value: EventPool(backend=v),
+                ValueError,
+                f"{lower_case} {meant!r}?",
+            )
+        )
+        cases.append(
+            Case(
+                f"env-CUPYSTREAMS_BACKEND-{value}",
+                lambda c: CudaStreamPool(),
+                ValueError,
+                f"CUPYSTREAMS_BACKEND={value!r} is not one of ('auto', 'cupy', 'host'); "
+                f"{lower_case} {meant!r}?",
+                env={"CUPYSTREAMS_BACKEND": value},
             )
         )
     for value in ("vulkan", "Host", " host", "cupy,host"):
@@ -339,6 +395,8 @@ def event_pool_cases() -> list[Case]:
         ("max_size", {"max_size": -1}, ValueError),
         ("max_size", {"max_size": "64"}, TypeError),
         ("initial_size", {"initial_size": 9, "max_size": 8}, ValueError),
+        ("initial_size", {"initial_size": 1, "max_size": 0}, ValueError),
+        ("initial_size=65", {"initial_size": 65}, ValueError),  # over the default max_size
         ("max_size", {"initial_size": 2**40, "max_size": 2**40}, ValueError),
         ("timing", {"timing": "yes"}, TypeError),
         ("device", {"device": -1}, ValueError),
@@ -351,9 +409,25 @@ def event_pool_cases() -> list[Case]:
                 arg,
             )
         )
-    cases.append(
-        Case("EventPool-backend-unknown", lambda c: EventPool(backend="gpu"), ValueError, "backend")
-    )
+    cases += [
+        Case(
+            "EventPool-backend-unknown", lambda c: EventPool(backend="gpu"), ValueError, "backend"
+        ),
+        # An event acquire never waits: there is no blocking= to pass, and the
+        # error names the method.
+        Case(
+            "events.acquire-blocking-False",
+            lambda c: c.pool.events.acquire(blocking=False),  # type: ignore[call-arg]
+            TypeError,
+            "EventPool.acquire() got an unexpected keyword argument 'blocking'",
+        ),
+        Case(
+            "events.acquire-timeout",
+            lambda c: c.pool.events.acquire(timeout=1),  # type: ignore[call-arg]
+            TypeError,
+            "EventPool.acquire() got an unexpected keyword argument 'timeout'",
+        ),
+    ]
     return cases
 
 
@@ -419,6 +493,18 @@ def stream_argument_cases() -> list[Case]:
             )
         )
     cases += [
+        Case(
+            "lease.wait-itself",
+            lambda c: c.lease.wait(c.lease),
+            ValueError,
+            "other= is this lease's own stream",
+        ),
+        Case(
+            "lease.wait-its-own-stream",
+            lambda c: c.lease.wait(c.lease.stream),
+            ValueError,
+            "other= is this lease's own stream",
+        ),
         Case(
             "lease.wait-raw-pointer-on-host",
             lambda c: c.lease.wait(12345),
@@ -605,6 +691,23 @@ def global_cases() -> list[Case]:
             "CUPYSTREAMS_BACKEND",
             env={"CUPYSTREAMS_BACKEND": "tpu"},
         ),
+    ] + [
+        # The global functions take no backend: without a GPU the fix they
+        # name is the environment variable, not an argument they lack.
+        Case(
+            f"{name}-no-gpu",
+            without_gpu(call),
+            BackendUnavailableError,
+            "set CUPYSTREAMS_BACKEND=host to use host threads instead (the global pools follow it)",
+            env={"CUPYSTREAMS_BACKEND": "auto"},
+            absent=("backend='host'",),
+        )
+        for name, call in (
+            ("compute_stream", lambda c: enter(compute_stream())),
+            ("comm_stream", lambda c: enter(comm_stream())),
+            ("high_priority_stream", lambda c: enter(high_priority_stream())),
+            ("get_global_stream_pool", lambda c: get_global_stream_pool()),
+        )
     ]
 
 
@@ -688,6 +791,8 @@ def test_bad_input_raises_a_named_error_and_changes_nothing(
         assert case.names in message, (
             f"{type(info.value).__name__}({message!r}) does not name {case.names!r}"
         )
+        for wrong in case.absent:
+            assert wrong not in message, f"{message!r} names {wrong!r}"
         assert ctx.snapshot() == before, "the bad call changed the pool's state"
         ctx.check_still_usable()
     finally:
@@ -715,6 +820,7 @@ def test_the_table_covers_every_public_entry_point() -> None:
         "event.record-",
         "record_event-",
         "events.release-",
+        "events.acquire-",
         "event.elapsed_time-",
         "sync_all",
         "get_global_stream_pool-",

@@ -35,3 +35,27 @@ def test_rows_are_timed_in_turn_and_divided_per_operation(
 
     assert calls == [("fast", 100), ("slow", 10)] * 4  # a warm-up round, then three
     assert us == {"fast": 0.25, "slow": 4.0}
+
+
+def test_adapter_rows_keep_their_own_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two rows may time the same adapter call against different framework calls:
+    each result keeps the id its row gives, so the documents can key on it."""
+    from cupystreams._bench import adapters, suite
+
+    rows = [
+        {"id": f"adapters.{name}", "name": "with torch.use(lease)", "median_us": 2.0,
+         "baseline": baseline, "baseline_us": 9.0}
+        for name, baseline in (("a", "ExternalStream"), ("b", "prebuilt"))
+    ]  # fmt: skip
+    monkeypatch.setattr(adapters, "run_adapter_benchmarks", lambda repeats: rows)
+    results = suite._adapter_results("cupy", quick=True)
+    assert [r.id for r in results] == ["adapters.a", "adapters.b"]
+    assert all("id" not in r.extra for r in results)
+
+
+@pytest.mark.gpu
+def test_the_adapter_benchmarks_have_distinct_ids() -> None:
+    from cupystreams._bench import suite
+
+    ids = [r.id for r in suite._adapter_results("cupy", quick=True)]
+    assert len(ids) == len(set(ids)) and all(i.startswith("adapters.") for i in ids), ids

@@ -94,8 +94,12 @@ def test_demo_on_the_host_backend(capsys: pytest.CaptureFixture[str], tmp_path: 
     png = tmp_path / "timeline.png"
     assert main(["demo", "--backend", "host", "--quick", "--output", str(png)]) == 0
     out = lines(capsys)
-    assert "host backend" in out[0].lower() and "simulated" in out[0]
+    assert out[0] == (
+        "Host backend (--backend host): no GPU used; "
+        "device time is modelled from H100 figures, not measured."
+    )
     text = "\n".join(out)
+    assert text.count("not measured") == 1, "one first line, said once"
     assert "pipeline" in text and "urgent request" in text and "memory" in text
     assert "differs" not in text  # the pipeline matched one stream
     assert png.read_bytes()[:8] == PNG
@@ -111,6 +115,7 @@ def test_demo_says_in_its_first_line_where_it_runs(
         assert first.startswith("GPU ") and "cupy backend" in first
     else:
         assert first.startswith("No usable GPU") and "host backend" in first
+        assert first.endswith("device time is modelled from H100 figures, not measured.")
     assert png.read_bytes()[:8] == PNG
 
 
@@ -157,8 +162,19 @@ def test_bench_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     assert by_id["goal.with_vs_cupy_with"]["value"] is None
     for row in ("chunk_64KiB", "chunk_1MiB", "chunk_8MiB", "pageable_first", "pageable_again"):
         assert by_id[f"pipeline.{row}"]["value"] is None  # measured on a GPU only
+    # Device time on the host backend is modelled: the demo's pipeline and
+    # CuPy's arenas, each figure labelled so, and the first line says it.
+    assert by_id["pipeline.stage_bound"]["note"].endswith(", modelled")
+    assert "16 chunks x 64 MiB" in by_id["pipeline.h2d_alone"]["note"]
+    memory = [r for r in results if r["group"] == "memory"]
+    assert [r["value"] for r in memory] == [256, 16]
+    assert all("modelled" in r["note"] for r in memory)
     text = capsys.readouterr().out
     assert "stage bound" in text and str(path) in text
+    assert text.splitlines()[0] == (
+        "Host backend (--backend host): no GPU used; "
+        "device time is modelled from H100 figures, not measured."
+    )
 
 
 def test_python_dash_m() -> None:
@@ -287,6 +303,19 @@ def test_an_unknown_backend_in_the_environment_fails_before_the_work(
     assert work_calls == []
 
 
+def test_a_backend_in_the_wrong_case_gets_a_hint(
+    work_calls: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUPYSTREAMS_BACKEND", "HOST")
+    assert main(["info"]) == 2
+    assert_one_line_error(
+        capsys.readouterr().err,
+        "cupystreams info: CUPYSTREAMS_BACKEND='HOST' is not a backend; "
+        "backend names are lower case: did you mean 'host'?",
+    )
+    assert work_calls == []
+
+
 def test_an_unknown_backend_in_the_environment_in_a_real_process() -> None:
     done = run_python("-m", "cupystreams", "info", env={"CUPYSTREAMS_BACKEND": "gpu"})
     assert done.returncode == 2 and done.stdout == ""
@@ -342,7 +371,7 @@ def test_without_a_gpu_auto_says_so_plainly_and_info_gives_the_detail(
     out = lines(capsys)
     assert out[0] == (
         "No usable GPU (no NVIDIA GPU or CUDA driver found): "
-        "running on the host backend with simulated work."
+        "running on the host backend (host threads)."
     )
     rest = " ".join(" ".join(line.split()) for line in out[1:])
     assert f"GPU none usable: {no_gpu}" in rest

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import re
 from pathlib import Path
 from typing import cast
 
 import pytest
-from rich.console import Console
 
-from cupystreams._bench.demo import MODELLED_LINE, demo_setup, run_demo, traced_panels
+from cupystreams._bench.demo import demo_setup, traced_panels
 from cupystreams._bench.memory import memory_results, model_memory
 from cupystreams._bench.model import H100
 from cupystreams._bench.pipeline_bench import (
@@ -28,6 +26,7 @@ from cupystreams._bench.priority import (
 )
 from cupystreams._bench.timeline import Bar, Panel
 from cupystreams._trace import Span, Trace, TraceRow
+from cupystreams.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STAGES = ("copy-in", "compute", "copy-out")
@@ -174,13 +173,16 @@ def test_priority_titles_quote_the_request_drawn(prio: PriorityFigures) -> None:
 # -- the demo itself -------------------------------------------------------------
 
 
-def test_the_demo_says_first_that_it_is_modelled(tmp_path: Path) -> None:
-    out = io.StringIO()
+def test_the_demo_says_first_that_it_is_modelled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # a table row per line
     png = tmp_path / "timeline.png"
-    run_demo(Console(file=out, width=200), "host", True, png)
-    lines = out.getvalue().splitlines()
-    assert lines[0] == MODELLED_LINE and "modelled" in lines[0] and "not measured" in lines[0]
+    assert main(["demo", "--backend", "host", "--quick", "--output", str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "modelled" in lines[0] and "not measured" in lines[0]
     table = "\n".join(lines)
+    assert "simulated" not in table  # nothing later says otherwise
     for scene in ("pipeline", "urgent request", "memory"):
         row = next(line for line in lines if scene in line)
         assert "modelled" in row, row

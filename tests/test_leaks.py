@@ -220,7 +220,7 @@ def test_an_array_that_outlives_the_pool_strands_no_memory() -> None:
     """An array made on a lease and freed after close() is the user's, not the pool's:
     its block returns to CuPy's cache (the arena of a stream that no longer exists),
     and CuPy's own free_all_blocks() releases it — nothing is stranded for good.
-    The README documents this limit of close()."""
+    The manual's semantics page documents this limit of close()."""
     import cupy
 
     mempool = _memory_pool()

@@ -1,4 +1,4 @@
-"""Pool semantics from DESIGN.md, on the host backend and (marked gpu) on CuPy."""
+"""The pool's semantics (docs/semantics.md), on the host backend and (marked gpu) on CuPy."""
 
 from __future__ import annotations
 
@@ -529,3 +529,103 @@ def test_the_host_backend_has_a_legacy_default_stream() -> None:
             inside.release()
         with pytest.raises(TypeError, match="legacy default stream 0"):
             pool.record_event(7)
+
+
+@pytest.mark.parametrize("kind", ["compute", "comm", "high_priority"])
+def test_a_key_orders_its_leases_on_every_kind(kind: str) -> None:
+    """A key works alike on every kind: it keeps its stream while another is idle,
+    and when it must move, its new stream waits for the key's earlier work."""
+    with CudaStreamPool(2, 2, 2, backend="host") as pool:
+        acquire = getattr(pool, f"acquire_{kind}")
+        log: list[str] = []
+        with acquire(affinity_key="k") as first:
+            first.launch_host_func(lambda: (time.sleep(0.1), log.append("first")))
+            keyed_stream = first.stream
+        with acquire(affinity_key="k") as again:
+            assert again.stream is keyed_stream  # kept for the key: an affinity hit
+        other = acquire()
+        assert other.stream is not keyed_stream
+        blocker = acquire()
+        assert blocker.stream is keyed_stream  # no other idle stream: the key's goes
+        other.release()
+        with acquire(affinity_key="k") as moved:
+            assert moved.stream is not keyed_stream
+            moved.launch_host_func(lambda: log.append("moved"))
+            moved_to = moved.stream
+        blocker.release()
+        pool.sync_all()
+        assert log == ["first", "moved"]
+        assert (keyed_stream.stats.affinity_hits, moved_to.stats.waits) == (1, 1)
+        assert all(s.kind == kind for s in (keyed_stream.stats, moved_to.stats))
+
+
+def test_a_second_high_priority_lease_of_a_key_waits_for_the_first() -> None:
+    with CudaStreamPool(1, 0, 2, backend="host") as pool:
+        first = pool.acquire_high_priority(affinity_key="k")
+        with pytest.raises(LeaseError, match="already holds"):
+            pool.acquire_high_priority(affinity_key="k")
+        got: list[float] = []
+
+        def second() -> None:
+            with pool.high_priority_context("k"):
+                got.append(time.monotonic())
+
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.05)
+        assert not got and pool.stats().high_priority.waiting == 1
+        released_at = time.monotonic()
+        first.release()
+        t.join(5)
+        assert got and got[0] >= released_at
+
+
+@pytest.mark.parametrize("max_size", [0, 1])
+def test_an_event_pool_may_keep_no_idle_events(backend: str, max_size: int) -> None:
+    events = EventPool(max_size=max_size, backend=backend)
+    assert (events.stats().created, events.stats().idle) == (max_size, max_size)
+    held = [events.acquire() for _ in range(3)]
+    assert events.stats().in_use == 3
+    for event in held:
+        event.release()
+    stats = events.stats()
+    assert (stats.idle, stats.in_use, stats.max_size) == (max_size, 0, max_size)
+
+
+def test_a_pool_with_event_pool_size_0_orders_moved_keys(backend: str) -> None:
+    """event_pool_size=0 keeps no idle event; keys still record and wait on events."""
+    with CudaStreamPool(2, 0, 0, event_pool_size=0, backend=backend) as pool:
+        with pool.acquire_compute(affinity_key="a"):
+            pass
+        with pool.acquire_compute() as x, pool.acquire_compute() as y:
+            x.wait(y)  # a temporary event, freed on return
+        assert pool.stats().key_events == 1  # "a"'s stream changed hands
+        with pool.acquire_compute(affinity_key="a"):
+            pass
+        stats = pool.stats()
+        assert (stats.key_events, stats.events.in_use, stats.events.idle) == (0, 0, 0)
+
+
+def test_events_in_use_are_the_keys_once_users_released_theirs(backend: str) -> None:
+    """After every lease and every user's event is released, the events still in
+    use are those the pool holds for affinity keys (``PoolStats.key_events``)."""
+    rng = random.Random(3)
+    with CudaStreamPool(3, 1, 1, event_pool_size=4, backend=backend) as pool:
+        for _ in range(300):
+            kind = rng.choice(["compute", "comm", "high_priority"])
+            key = rng.choice([None, "a", "b", "c", "d", "e"])
+            acquire = getattr(pool, f"acquire_{kind}")
+            held = [acquire(affinity_key=key)]
+            if rng.random() < 0.5:  # a second lease of the kind takes another stream
+                extra = acquire(blocking=False) if kind == "compute" else None
+                held += [extra] if extra is not None else []
+            if rng.random() < 0.3:
+                event = held[0].record_event()
+                held[-1].wait(event)
+                event.release()
+            for lease in reversed(held):
+                lease.release()
+            stats = pool.stats()
+            assert stats.leased == 0
+            assert stats.events.in_use == stats.key_events, stats
+        assert pool.stats().key_events > 0  # the run did move keys

@@ -1,4 +1,4 @@
-"""The public surface DESIGN.md fixes: every name exported, no constructor leaks."""
+"""The public surface: every name exported, no constructor leaks."""
 
 from __future__ import annotations
 

@@ -217,7 +217,7 @@ class Worker:
         nested = holding is not None
         held_key = None if holding is None else holding.affinity_key
         kind = rng.choice(KINDS)
-        key = rng.choice(KEYS) if kind != "high_priority" and rng.random() < 0.5 else None
+        key = rng.choice(KEYS) if rng.random() < 0.5 else None
         if key == held_key:
             key = None  # asking again for a held key is op_same_key's business
         blocking = rng.random() < 0.85
@@ -357,9 +357,9 @@ class Worker:
 
     def op_context(self) -> None:
         kind = self.rng.choice(KINDS)
-        key = self.rng.choice(KEYS) if kind != "high_priority" and self.rng.random() < 0.5 else None
+        key = self.rng.choice(KEYS) if self.rng.random() < 0.5 else None
         context = getattr(self.pool, f"{kind}_context")
-        with context() if kind == "high_priority" else context(key) as lease:
+        with context(key) as lease:
             self.tally.acquires += 1
             self.tally.keyed += key is not None
             self.ledger.take(lease, kind, self.name)
@@ -469,14 +469,14 @@ def test_random_operations_from_many_threads(backend: str, interval: float | Non
 @pytest.mark.parametrize("interval", SWITCH_INTERVALS)
 @pytest.mark.parametrize(
     ("kind", "keyed"),
-    [(kind, False) for kind in KINDS] + [("compute", True), ("comm", True)],
+    [(kind, keyed) for kind in KINDS for keyed in (False, True)],
     ids=lambda value: {False: "no-key", True: "own-keys"}.get(value, value),
 )
 def test_waiters_are_served_in_arrival_order(
     backend: str, kind: str, keyed: bool, interval: float | None
 ) -> None:
-    """Waiters queued one by one are served in that order; timed-out ones drop out.
-    High-priority acquires take no affinity key, so only the other kinds run keyed."""
+    """Waiters queued one by one are served in that order; timed-out ones drop out,
+    for every kind, with and without affinity keys."""
     waiters, timeout = 8, 0.3
     with switch_interval(interval), CudaStreamPool(1, 1, 1, backend=backend) as pool:
         acquire: Callable[..., StreamLease] = getattr(pool, f"acquire_{kind}")
@@ -526,7 +526,7 @@ def test_waiters_are_served_in_arrival_order(
 def test_waiters_for_one_key_are_served_in_arrival_order(
     backend: str, interval: float | None
 ) -> None:
-    """DESIGN 1 and 3: a second acquire of a key waits like any acquire, first come first
+    """A second acquire of a key waits like any acquire, first come first
     served, and is counted in ``stats().waiting`` like any blocked acquire."""
     waiters = 6
     with switch_interval(interval), CudaStreamPool(4, 0, 0, backend=backend) as pool:

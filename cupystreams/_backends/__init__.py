@@ -16,8 +16,10 @@ from ._base import Backend
 
 __all__ = [
     "BACKEND_ENV_VAR",
+    "GLOBAL_OPT_IN",
     "Backend",
     "GpuProblem",
+    "case_hint",
     "current_device",
     "gpu_problem",
     "make_backend",
@@ -27,6 +29,10 @@ __all__ = [
 BACKEND_ENV_VAR = "CUPYSTREAMS_BACKEND"
 _NAMES = ("auto", "cupy", "host")
 _OPT_IN = f"pass backend='host' or set {BACKEND_ENV_VAR}=host to use host threads instead"
+#: The opt-in for calls that take no ``backend`` (the global pools).
+GLOBAL_OPT_IN = (
+    f"set {BACKEND_ENV_VAR}=host to use host threads instead (the global pools follow it)"
+)
 # The CUDA driver's own library: the CUDA runtime reports its absence as an
 # "insufficient driver", which misleads on a machine that has no GPU at all.
 _DRIVER_LIBRARY = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
@@ -52,15 +58,22 @@ class GpuProblem:
         return f"{self.summary} ({self.detail})" if self.detail else self.summary
 
 
+def case_hint(value: object) -> str:
+    """``"; backend names are lower case: did you mean 'host'?"`` for ``"HOST"``, else ``""``."""
+    if isinstance(value, str) and value != value.lower() and value.lower() in _NAMES:
+        return f"; backend names are lower case: did you mean {value.lower()!r}?"
+    return ""
+
+
 def resolve_backend_name(backend: str) -> str:
     """Validate ``backend`` and apply the environment's choice to ``auto``."""
     if not isinstance(backend, str) or backend not in _NAMES:
-        raise ValueError(f"backend={backend!r} is not one of {_NAMES}")
+        raise ValueError(f"backend={backend!r} is not one of {_NAMES}{case_hint(backend)}")
     if backend != "auto":
         return backend
     chosen = os.environ.get(BACKEND_ENV_VAR, "auto")
     if chosen not in _NAMES:
-        raise ValueError(f"{BACKEND_ENV_VAR}={chosen!r} is not one of {_NAMES}")
+        raise ValueError(f"{BACKEND_ENV_VAR}={chosen!r} is not one of {_NAMES}{case_hint(chosen)}")
     return chosen
 
 
@@ -116,10 +129,10 @@ def gpu_problem() -> GpuProblem | None:
     return found if isinstance(found, GpuProblem) else None
 
 
-def _cupy_device_count() -> int:
+def _cupy_device_count(opt_in: str = _OPT_IN) -> int:
     found = _probe_cupy()
     if isinstance(found, GpuProblem):
-        raise BackendUnavailableError(f"{found}; {_OPT_IN}") from found.cause
+        raise BackendUnavailableError(f"{found}; {opt_in}") from found.cause
     return found
 
 
@@ -132,11 +145,18 @@ def _check_device(device: int | None, count: int) -> None:
         raise ValueError(f"device={device} is out of range [0, {count - 1}]")
 
 
-def current_device(backend: str = "auto") -> int:
-    """The calling thread's current device for ``backend`` (0 on the host backend)."""
+def current_device(backend: str = "auto", opt_in: str = _OPT_IN) -> int:
+    """The calling thread's current device for ``backend`` (0 on the host backend).
+
+    Args:
+        backend: ``"auto"``, ``"cupy"`` or ``"host"``.
+        opt_in: How the error raised without a usable GPU tells the caller to
+            choose the host backend (``GLOBAL_OPT_IN`` for calls that take no
+            ``backend``).
+    """
     if resolve_backend_name(backend) == "host":
         return 0
-    _cupy_device_count()
+    _cupy_device_count(opt_in)
     import cupy
 
     return int(cupy.cuda.runtime.getDevice())

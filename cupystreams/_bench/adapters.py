@@ -32,6 +32,7 @@ def _loop(call: Callable[[], object]) -> Callable[[int], None]:
 
 
 def _row(
+    row_id: str,
     name: str,
     call: Callable[[], object],
     baseline: str,
@@ -44,6 +45,7 @@ def _row(
         {"adapter": (_loop(call), number), "baseline": (_loop(baseline_call), number)}, repeats
     )
     return {
+        "id": f"adapters.{row_id}",
         "name": name,
         "median_us": us["adapter"],
         "baseline": baseline,
@@ -82,6 +84,7 @@ def _torch_rows(lease: StreamLease, repeats: int) -> list[Row]:
 
     rows = [
         _row(
+            "torch_use_vs_external_stream",
             "with torch.use(lease)",
             enter_lease,
             "with torch.cuda.stream(torch.cuda.ExternalStream(ptr))",
@@ -90,6 +93,7 @@ def _torch_rows(lease: StreamLease, repeats: int) -> list[Row]:
             repeats,
         ),
         _row(
+            "torch_use_vs_prebuilt_stream",
             "with torch.use(lease)",
             enter_lease,
             "with torch.cuda.stream(prebuilt torch stream)",
@@ -98,6 +102,7 @@ def _torch_rows(lease: StreamLease, repeats: int) -> list[Row]:
             repeats,
         ),
         _row(
+            "torch_as_torch_stream",
             "torch.as_torch_stream(lease)",
             lambda: cst_torch.as_torch_stream(lease),
             "torch.cuda.get_stream_from_external(ptr)",
@@ -106,6 +111,7 @@ def _torch_rows(lease: StreamLease, repeats: int) -> list[Row]:
             repeats,
         ),
         _row(
+            "torch_protect",
             "torch.protect(lease, tensor)",
             lambda: cst_torch.protect(lease, tensor),
             "tensor.record_stream(prebuilt torch stream)",
@@ -114,6 +120,7 @@ def _torch_rows(lease: StreamLease, repeats: int) -> list[Row]:
             repeats,
         ),
         _row(
+            "torch_waits_for_lease",
             "torch.torch_waits_for_lease(lease)",
             lambda: cst_torch.torch_waits_for_lease(lease),
             "torch.cuda.current_stream().wait_stream(prebuilt)",
@@ -122,6 +129,7 @@ def _torch_rows(lease: StreamLease, repeats: int) -> list[Row]:
             repeats,
         ),
         _row(
+            "torch_lease_waits_for_torch",
             "torch.lease_waits_for_torch(lease)",
             lambda: cst_torch.lease_waits_for_torch(lease),
             "prebuilt.wait_stream(torch.cuda.current_stream())",
@@ -146,6 +154,7 @@ def _jax_rows(lease: StreamLease, repeats: int) -> list[Row]:
     cupy_array = cupy.ones(1024, dtype=cupy.float32)
     rows = [
         _row(
+            "jax_from_jax",
             "jax.from_jax(array, lease)",
             lambda: cst_jax.from_jax(jax_array, lease),
             "cupy.from_dlpack(array)",
@@ -154,6 +163,7 @@ def _jax_rows(lease: StreamLease, repeats: int) -> list[Row]:
             repeats,
         ),
         _row(
+            "jax_to_jax",
             "jax.to_jax(array, lease)",
             lambda: cst_jax.to_jax(cupy_array, lease),
             "jax.dlpack.from_dlpack(array)",
@@ -174,6 +184,7 @@ def _numba_rows(lease: StreamLease, repeats: int) -> list[Row]:
     ptr = lease.ptr
     return [
         _row(
+            "numba_as_numba_stream",
             "numba.as_numba_stream(lease)",
             lambda: cst_numba.as_numba_stream(lease),
             "numba.cuda.external_stream(ptr)",
@@ -199,8 +210,9 @@ def run_adapter_benchmarks(repeats: int) -> list[dict[str, object]]:
             µs per call.
 
     Returns:
-        One dict per comparison: ``name`` and ``median_us`` (the adapter call),
-        ``baseline`` and ``baseline_us`` (the framework call it replaces).
+        One dict per comparison: ``id`` (stable, for the documents),
+        ``name`` and ``median_us`` (the adapter call), ``baseline`` and
+        ``baseline_us`` (the framework call it replaces).
     """
     rows: list[Row] = []
     with CudaStreamPool(1, 0, 0, backend="cupy") as pool, pool.acquire_compute() as lease:

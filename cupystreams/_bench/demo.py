@@ -10,7 +10,8 @@ of each scene (its titles quote those runs, not the table's medians). On the
 host backend there is no device to measure: the scenes run on host streams
 and a device model (``model.py``) times their work as an H100 would run it,
 so the figures are deterministic, labelled modelled, and the timeline draws
-the very runs the table quotes.
+the very runs the table quotes. The command's first line says so before the
+demo prints anything (``cli.choose_backend``).
 """
 
 from __future__ import annotations
@@ -29,12 +30,7 @@ from .pipeline_bench import PipelineFigures, PipelineSetup, measure_pipeline
 from .priority import FLOOD_STREAMS, PriorityFigures, measure_priority
 from .timeline import Bar, Panel, draw_timeline
 
-__all__ = ["MODELLED_LINE", "demo_setup", "run_demo"]
-
-#: The demo's first line on the host backend.
-MODELLED_LINE = (
-    "Host backend: no GPU used; device time is modelled from H100 figures, not measured."
-)
+__all__ = ["demo_setup", "run_demo"]
 
 
 def demo_setup(backend: str, quick: bool) -> PipelineSetup:
@@ -45,10 +41,12 @@ def demo_setup(backend: str, quick: bool) -> PipelineSetup:
 
 
 def run_demo(console: Console, backend: str, quick: bool, timeline: str | os.PathLike[str]) -> None:
-    """Run the three scenes, print the table, write the timeline."""
+    """Run the three scenes, print the table, write the timeline.
+
+    On the host backend the caller's first line has said that device time is
+    modelled; every modelled figure says so again where it is printed.
+    """
     modelled = backend == "host"
-    if modelled:
-        console.print(MODELLED_LINE, soft_wrap=True, markup=False)
     setup = demo_setup(backend, quick)
     size = f"{setup.chunks} x {setup.chunk_mib} MiB"
     with console.status(f"pipeline: {size}, one stream vs the pool ..."):

@@ -70,7 +70,8 @@ class DeviceParams:
         return self.h2d_ms_per_mib if direction == "h2d" else self.d2h_ms_per_mib
 
 
-#: The H100 80GB (SXM) of BENCHMARKS.md's pipeline table: 16 chunks of 64 MiB
+#: An H100 80GB (SXM), as measured by ``cupystreams bench`` on 2026-11-26 (the
+#: pipeline table of BENCHMARKS.md, in that run): 16 chunks of 64 MiB
 #: (1024 MiB) copied in alone in 20.6 ms, out alone in 20.0 ms, both ways at
 #: once in 24.7 ms, transformed alone (4 multiply-adds per element, bound by
 #: memory bandwidth) in 1.5 ms; 132 SMs. Queuing an operation costs a few µs
@@ -84,6 +85,9 @@ H100 = DeviceParams(
     sms=132,
     launch_ms=0.004,
 )
+
+#: What ``cupystreams demo`` and ``bench`` say in their first line on the host backend.
+MODELLED = f"device time is modelled from {H100.name} figures, not measured"
 
 
 class Op:

@@ -1,14 +1,13 @@
-"""The work the benchmarks and the demo run: real kernels, or simulated ones.
+"""The work the benchmarks and the demo run: real kernels, or their host stand-ins.
 
-GPU kernels are compiled on first use (CuPy caches them on disk). The host
-versions stand in for them on the host backend: numpy arithmetic plus a sleep
-for the time a kernel would keep the device busy.
+GPU kernels are compiled on first use (CuPy caches them on disk). On the host
+backend the same arithmetic runs in numpy, so results can be checked; how long
+a kernel would keep the device busy is the device model's business.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -59,14 +58,13 @@ def gpu_spin_kernel() -> Any:
     return cupy.RawKernel(SPIN_SOURCE, "cupystreams_spin")
 
 
-def transform(backend: str, iterations: int, host_kernel_s: float = 0.0) -> Callable[[Any], Any]:
+def transform(backend: str, iterations: int) -> Callable[[Any], Any]:
     """The pipeline's compute: ``iterations`` multiply-adds per element.
 
     On the cupy backend a CuPy kernel on the current stream, writing a new
-    array. On the host backend the same arithmetic in numpy, in place, plus
-    ``host_kernel_s`` of simulated kernel time (float32 either way; the GPU
-    may fuse each step into one FMA, so the backends can differ in the last
-    bit).
+    array. On the host backend the same arithmetic in numpy, in place
+    (float32 either way; the GPU may fuse each step into one FMA, so the
+    backends can differ in the last bit).
     """
     if backend == "cupy":
         kernel = _transform_kernel()
@@ -77,8 +75,6 @@ def transform(backend: str, iterations: int, host_kernel_s: float = 0.0) -> Call
         return on_gpu
 
     def on_host(x: np.ndarray) -> np.ndarray:
-        if host_kernel_s:
-            time.sleep(host_kernel_s)
         # In place: the chunk's buffer is the pipeline's to reuse, and a fresh
         # array per chunk would time the host's page faults, not the pipeline.
         for _ in range(iterations):
