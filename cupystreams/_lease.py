@@ -8,7 +8,7 @@ from collections.abc import Callable, Hashable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._errors import LeaseError, PoolClosedError
+from ._errors import LeaseError
 from ._events import PooledEvent
 from ._stream_args import pooled_source, resolve_stream
 
@@ -67,7 +67,7 @@ class StreamLease:
     @property
     def cupy_stream(self) -> Any:
         """The ``cupy.cuda.Stream`` (the backend's stream on other backends)."""
-        return self._live()._handle
+        return self._live()._open_handle()
 
     @property
     def affinity_key(self) -> object:
@@ -140,10 +140,11 @@ class StreamLease:
         Release the event (``event.release()``) when done with it.
         """
         stream = self._live()
+        handle = stream._open_handle()
         events = stream._core.events
         event = events.acquire()
         try:
-            stream._backend.record(event._handle, stream._handle)
+            stream._backend.record(event._handle, handle)
         except BaseException:
             events.release(event)
             raise
@@ -167,9 +168,7 @@ class StreamLease:
             raise LeaseError("this lease was released; acquire a new one")
         if self._entered is not None:
             raise LeaseError("this lease is already entered; a lease is entered once")
-        if (reason := stream._core.closed_reason) is not None:
-            raise PoolClosedError(reason)
-        self._saved = stream._backend.enter(stream._handle)
+        self._saved = stream._backend.enter(stream._open_handle())
         self._entered = stream
         return self
 

@@ -102,8 +102,7 @@ class PooledStream:
         Raises:
             PoolClosedError: The pool was closed (its streams are gone).
         """
-        self._check_open()
-        return self._handle
+        return self._open_handle()
 
     @property
     def ptr(self) -> int:
@@ -112,8 +111,7 @@ class PooledStream:
         Raises:
             PoolClosedError: The pool was closed (its streams are gone).
         """
-        self._check_open()
-        return self._backend.stream_ptr(self._handle)
+        return self._backend.stream_ptr(self._open_handle())
 
     @property
     def stats(self) -> StreamStats:
@@ -133,8 +131,18 @@ class PooledStream:
             )
 
     def _check_open(self) -> None:
-        if (reason := self._core.closed_reason) is not None:
-            raise PoolClosedError(reason)
+        self._open_handle()
+
+    def _open_handle(self) -> Any:
+        """The backend's stream, or ``PoolClosedError`` once the pool is closed.
+
+        Read once per call: ``close()`` on another thread may drop it at any
+        moment, and a call must use the handle it checked.
+        """
+        handle = self._handle
+        if handle is None or self._core.closed_reason is not None:
+            raise PoolClosedError(self._core.closed_reason or "the pool is closed")
+        return handle
 
     def synchronize(self) -> None:
         """Block until all work queued on the stream (host functions too) is done.
@@ -146,8 +154,7 @@ class PooledStream:
 
     def _synchronize(self, owner: int | None) -> None:
         """Synchronize; report host-function errors of lease ``owner`` (None: of anyone)."""
-        self._check_open()
-        self._backend.synchronize_stream(self._handle)
+        self._backend.synchronize_stream(self._open_handle())
         # Each error is reported once, to its lease (or to a stream-wide call):
         # a later lease of this stream never sees an earlier lease's failure.
         with self._core.lock:
@@ -159,17 +166,16 @@ class PooledStream:
 
     def query(self) -> bool:
         """True when all work queued on the stream has finished."""
-        self._check_open()
-        return self._backend.query_stream(self._handle)
+        return self._backend.query_stream(self._open_handle())
 
     def wait_event(self, event: PooledEvent) -> None:
         """Make later work on this stream wait, on the device, for ``event``."""
         from ._events import PooledEvent
 
-        self._check_open()
+        handle = self._open_handle()
         if not isinstance(event, PooledEvent):
             raise TypeError(f"event={event!r} must be a PooledEvent (from pool.events.acquire())")
-        self._backend.wait_event(self._handle, event._live_handle())
+        self._backend.wait_event(handle, event._live_handle())
         with self._core.lock:
             self._waits += 1
 
@@ -183,7 +189,7 @@ class PooledStream:
         self._launch_host_func(fn, None)
 
     def _launch_host_func(self, fn: Callable[[], None], owner: int | None) -> None:
-        self._check_open()
+        handle = self._open_handle()
         if not callable(fn):
             raise TypeError(f"fn={fn!r} must be a callable taking no arguments")
         core, errors = self._core, self._host_errors
@@ -197,7 +203,7 @@ class PooledStream:
                 with core.lock:
                     errors.append((owner, exc))
 
-        self._backend.launch_host_func(self._handle, run)
+        self._backend.launch_host_func(handle, run)
 
     def __repr__(self) -> str:
         return (

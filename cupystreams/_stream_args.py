@@ -68,5 +68,5 @@ def resolve_stream(backend: Backend, obj: object, argument: str) -> Any:
             f"device {backend.device}; use a lease or event pool of device {device}"
         )
     if pooled is not None:
-        return pooled._handle
+        return pooled._open_handle()
     return foreign_handle(backend.as_stream, obj, argument)

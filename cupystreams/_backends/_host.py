@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._errors import PoolClosedError
 from ._callbacks import HostCall
 
 __all__ = ["HostBackend", "HostEvent", "HostStream", "legacy_stream"]
@@ -50,7 +51,8 @@ class HostStream:
     def __init__(self, priority: int, name: str) -> None:
         self.priority = priority
         self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards _submitted (and orders it with the queue)
+        self._lock = threading.Lock()  # guards _submitted and _stopped (and orders the queue)
+        self._stopped = False
         self._submitted = 0
         self._completed = 0
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
@@ -58,6 +60,10 @@ class HostStream:
 
     def submit(self, task: _Task) -> None:
         with self._lock:
+            if self._stopped:
+                # A call that raced close(): as a destroyed CUDA stream would
+                # be, this one is unusable, and nothing may wait on it for ever.
+                raise PoolClosedError("the pool is closed; create a new CudaStreamPool")
             self._submitted += 1
             self._tasks.put(task)
 
@@ -80,7 +86,9 @@ class HostStream:
         mark.done.wait()
 
     def stop(self) -> None:
-        self._tasks.put(None)
+        with self._lock:
+            self._stopped = True
+            self._tasks.put(None)
         self._worker.join()
 
     def __repr__(self) -> str:
