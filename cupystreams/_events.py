@@ -5,7 +5,9 @@ Locking: ``EventPool._lock`` (a plain ``threading.Lock``) guards the pool's
 and every event's ``_held`` flag. It is never held while another of the
 library's locks is taken, and no Python code of a user's runs under it. A
 stream pool may take it while it holds its own lock (to record a key's end),
-never the other way round.
+never the other way round. While a CUDA graph capture of its device is in
+progress (``_capturing``) it creates and destroys no event: ``acquire`` hands
+out idle events only, and ``release`` keeps every event.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from . import _capturing
 from ._backends import make_backend
-from ._errors import LeaseError, PoolClosedError
+from ._errors import LeaseError, PoolClosedError, PoolExhaustedError
 from ._stats import EventPoolStats
 from ._stream_args import resolve_stream
 from ._validate import check_count, check_flag
@@ -117,7 +120,10 @@ class EventPool:
     Creating a CUDA event costs microseconds and may take a driver lock;
     reusing one costs a list pop and append under a lock. ``acquire`` and
     ``release`` are thread-safe. ``acquire`` never blocks: with no idle event
-    it creates one.
+    it creates one, except while a CUDA graph capture of the device is in
+    progress (``pool.capture()``), when creating one could break the capture:
+    it raises ``PoolExhaustedError`` instead. A capture tops the idle events up
+    to ``max_size`` before it begins.
 
     Args:
         initial_size: Events created up front; None (the default) means
@@ -150,6 +156,10 @@ class EventPool:
         self._backend: Backend = (
             make_backend(backend, device) if isinstance(backend, str) else backend
         )
+        if initial_size:
+            _capturing.refuse(
+                self._backend, "creating events", "create the EventPool before the capture"
+            )
         self.timing = timing
         self.max_size = max_size
         self._lock = threading.Lock()
@@ -163,6 +173,14 @@ class EventPool:
         self._idle.extend(self._create() for _ in range(initial_size))
 
     def _create(self) -> tuple[Any, int]:
+        if _capturing.in_progress(self._backend):
+            raise PoolExhaustedError(
+                f"no idle event in the pool's EventPool, and none is created while a CUDA "
+                f"graph capture of device {self._backend.device} is in progress (it could "
+                f"break the capture); create the pool with a larger event_pool_size (an "
+                f"EventPool with a larger max_size; now {self.max_size}): a capture that "
+                "the pool begins fills the idle events up to it first"
+            )
         handle = self._backend.create_event(self.timing)  # outside the lock: a CUDA call
         with self._lock:
             event_id = self._created
@@ -174,6 +192,8 @@ class EventPool:
 
         Raises:
             PoolClosedError: The stream pool that owns this event pool was closed.
+            PoolExhaustedError: No event is idle while a CUDA graph capture of the
+                device is in progress (no event is created then).
         """
         event = _new(PooledEvent)  # allocated first: nothing below can then fail half-way
         event._pool = self
@@ -204,11 +224,27 @@ class EventPool:
             if not event._held:
                 raise LeaseError(f"event {event.event_id} was already released")
             event._held = False
-            if self._closed_reason is None and len(self._idle) < self.max_size:
+            if self._closed_reason is None and (
+                len(self._idle) < self.max_size or _capturing.in_progress(self._backend)
+            ):  # an event destroyed during a capture could break it: kept, over the bound
                 self._idle.append((event._handle, event.event_id))
             else:
                 self._destroyed += 1  # freed with its last reference, below
         event._handle = None
+
+    def _fill_idle(self) -> None:
+        """Create idle events up to ``max_size``: a capture calls this before it begins,
+        when creating events is still safe, since it may create none afterwards."""
+        if _capturing.in_progress(self._backend):
+            return  # another capture of the device runs: nothing may be created now
+        with self._lock:
+            missing = 0 if self._closed_reason is not None else self.max_size - len(self._idle)
+        made = [self._create() for _ in range(missing)]
+        with self._lock:
+            if self._closed_reason is None:
+                self._idle.extend(made)
+            else:
+                self._destroyed += len(made)
 
     @contextlib.contextmanager
     def event_context(self) -> Iterator[PooledEvent]:
