@@ -7,6 +7,7 @@ and returns it when the block ends. See the README for the rules.
 
 from __future__ import annotations
 
+from ._capture import CapturedGraph
 from ._errors import (
     BackendUnavailableError,
     LeaseError,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CapturedGraph",
     "CudaStreamLike",
     "CudaStreamPool",
     "EventPool",
