@@ -45,14 +45,17 @@ Locking:
 
 | lock | guards |
 | --- | --- |
-| ``PoolCaptures.lock`` | ``active``, ``pending`` and the shadowing attributes of the pool |
+| ``PoolCaptures.lock`` | ``active``, ``pending``, ``watches`` and the pool's shadowing attributes |
 | ``Capture._lock`` | ``_joined``, ``_parked``, ``_ended`` |
+| ``_Watch._lock`` | ``_holders``, ``_done`` |
 | (thread-local) | ``PoolCaptures.local.capture``: read and written by its own thread only |
 | ``CapturedGraph._lock`` | ``_graph``, ``_state`` |
 
-None of these locks is held while another lock of the library is taken or
-the device is called. A stream changes hands between a lease and the
-capture's holder under the pool's lock (``_hand_over``), as a release does.
+A ``_Watch`` gives its streams back (taking the pool's lock, and asking the
+device whether they still capture) under its own lock, which nothing else
+takes; no other lock here is held while another lock of the library is
+taken or the device is called. A stream changes hands between a lease and
+the capture's holder under the pool's lock (``_hand_over``), as a release does.
 """
 
 from __future__ import annotations
@@ -103,13 +106,22 @@ class PoolCaptures:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.active = 0  # capture blocks running (any thread)
-        self.pending = 0  # blocks ended whose streams wait for another framework's capture
+        self.pending = 0  # captures ended whose parked streams are not all back yet
+        self.watches: list[_Watch] = []  # their parked streams
         self.local = threading.local()  # .capture: this thread's Capture, if any
 
     def busy(self) -> bool:
         """True while a capture block runs or its streams are still capturing."""
+        self.settle()
         with self.lock:
             return bool(self.active or self.pending)
+
+    def settle(self) -> None:
+        """Give back now the parked streams whose capture has ended."""
+        with self.lock:
+            watches = list(self.watches)
+        for watch in watches:
+            watch.poll()
 
 
 class CapturedGraph:
@@ -466,64 +478,72 @@ class Capture:
         """Return parked streams to the pool once their capture has ended.
 
         Those of a capture that another framework still runs are handed to a
-        watcher thread; ``count`` says whether this call ends the capture's
-        entry in the device's registry (then or when the watcher is done).
+        ``_Watch``; ``count`` says whether this call ends the capture's entry
+        in the device's registry (now, or when the watch is done).
         """
-        core, backend, captures = self._core, self._backend, self._pool._captures
-        still = []
-        first_error: BaseException | None = None
-        for holder in holders:
-            stream = holder._stream
-            assert stream is not None
-            if _capturing_now(stream):
-                still.append(holder)
-                continue
-            try:
-                core.release(holder, stream)
-            except BaseException as error:  # every stream is tried, the registry ended
-                first_error = first_error or error
-        if not still:
-            if count:
-                _capturing.end(backend)
-            if first_error is not None:
-                raise first_error
-            return
+        backend, captures = self._backend, self._pool._captures
+        watch = _Watch(self._core, holders)
 
         def done() -> None:
+            if count:
+                _capturing.end(backend)  # first: a pool that is not busy has ended it
             with captures.lock:
                 captures.pending -= 1
-            if count:
-                _capturing.end(backend)
+                captures.watches.remove(watch)
 
         with captures.lock:
             captures.pending += 1
-        threading.Thread(
-            target=_return_when_ended,
-            args=(core, still, done),
-            name=f"cupystreams-capture-end-{backend.device}",
-            daemon=True,
-        ).start()
-        if first_error is not None:
-            raise first_error
+            captures.watches.append(watch)
+        if not watch.poll(done):
+            threading.Thread(
+                target=watch.run, name=f"cupystreams-capture-end-{backend.device}", daemon=True
+            ).start()
 
 
-def _return_when_ended(
-    core: PoolCore, holders: list[StreamLease], done: Callable[[], None]
-) -> None:
-    """Give ``holders`` back once their streams have left the capture (a watcher thread)."""
-    try:
-        delay = _WATCH_FIRST_S
-        while holders:
-            time.sleep(delay)
-            delay = min(2 * delay, _WATCH_MAX_S)
-            for holder in list(holders):
+class _Watch:
+    """Parked streams of a capture another framework still runs: given back once it ends.
+
+    ``poll`` gives back those whose capture has ended; a watcher thread of the
+    library polls until all are back, and ``close()`` / ``sync_all()`` poll
+    first, so that they never refuse a pool whose capture has just ended.
+    """
+
+    def __init__(self, core: PoolCore, holders: list[StreamLease]) -> None:
+        self._core = core
+        self._lock = threading.Lock()
+        self._holders = holders
+        self._done: Callable[[], None] | None = None
+
+    def poll(self, done: Callable[[], None] | None = None) -> bool:
+        """Give back what can go; True once everything is back (``done`` then runs once)."""
+        with self._lock:
+            if done is not None:
+                self._done = done
+            core = self._core
+            for holder in list(self._holders):
                 stream = holder._stream
                 assert stream is not None
-                if core.closed_reason is not None or not _capturing_now(stream):
-                    holders.remove(holder)
-                    core.release(holder, stream)
-    finally:
-        done()
+                if core.closed_reason is None and _capturing_now(stream):
+                    continue
+                self._holders.remove(holder)
+                core.release(holder, stream)
+            if self._holders or self._done is None:
+                return not self._holders
+            finish, self._done = self._done, None
+        finish()
+        return True
+
+    def run(self) -> None:
+        """The watcher thread: poll, less and less often, until everything is back."""
+        delay = _WATCH_FIRST_S
+        try:
+            while not self.poll():
+                time.sleep(delay)
+                delay = min(2 * delay, _WATCH_MAX_S)
+        finally:
+            with self._lock:  # even after an error: the device must not stay "capturing"
+                self._holders.clear()
+            self.poll()
 
 
 def _capturing_now(stream: PooledStream) -> bool:

@@ -338,6 +338,7 @@ class CudaStreamPool:
                 destroying streams may synchronize the device, which breaks it.
         """
         if self._core.closed_reason is None:
+            self._captures.settle()  # a capture that has just ended is over
             _capturing.refuse(
                 self._backend,
                 "closing a pool (destroying its streams)",

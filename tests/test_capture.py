@@ -168,9 +168,8 @@ def test_a_lease_left_joined_is_named_and_the_pool_stays_usable(pool: CudaStream
         left.synchronize()
         left.release()
         assert pool.stats().compute.leased == 0
-        with pool.capture(origin) as again:
-            with pool.acquire_compute():
-                pass
+        with pool.capture(origin) as again, pool.acquire_compute():
+            pass
         assert again is not None and not again.closed
         again.close()
     pool.sync_all()
@@ -178,9 +177,12 @@ def test_a_lease_left_joined_is_named_and_the_pool_stays_usable(pool: CudaStream
 
 def test_a_failing_block_ends_the_capture_and_keeps_no_graph(pool: CudaStreamPool) -> None:
     with pool.acquire_comm() as origin:
-        with pytest.raises(ZeroDivisionError), pool.capture(origin) as graph:
-            with pool.acquire_compute():
-                1 / 0  # noqa: B018
+        with (
+            pytest.raises(ZeroDivisionError),
+            pool.capture(origin) as graph,
+            pool.acquire_compute(),
+        ):
+            1 / 0  # noqa: B018
         assert graph is not None
         with pytest.raises(PoolError, match="its with block raised"):
             graph.launch(origin)
@@ -200,8 +202,9 @@ def test_no_stream_or_event_is_created_during_a_capture(
     origin = pool.acquire_comm()
     created: list[str] = []
     for what in ("create_stream", "create_event"):
+        make = getattr(backend, what)
 
-        def counted(*args: Any, what: str = what, make: Any = getattr(backend, what)) -> Any:
+        def counted(*args: Any, what: str = what, make: Any = make) -> Any:
             created.append(what)
             return make(*args)
 
@@ -261,12 +264,11 @@ def test_capture_blocks_do_not_nest_and_a_traced_pool_does_not_capture(
     host_pool: CudaStreamPool,
 ) -> None:
     with host_pool.acquire_comm() as origin:
-        with host_pool.capture(origin), pytest.raises(PoolError, match="do not nest"):
-            with host_pool.capture(origin):
-                pass
+        nested = host_pool.capture(origin)
+        with host_pool.capture(origin), pytest.raises(PoolError, match="do not nest"), nested:
+            pass
         with host_pool.trace(), pytest.raises(PoolError, match="being traced"):
-            with host_pool.capture(origin):
-                pass
+            host_pool.capture(origin).__enter__()
         block = host_pool.capture(origin)
         with block:
             pass
@@ -291,9 +293,8 @@ def test_a_second_pool_joins_a_capture_it_did_not_begin() -> None:
                 time.sleep(0.01)
                 assert b.stats().compute.leased == 1, "returned while still capturing"
                 origin.launch_host_func(lambda: order.append("a again"))
-            wait_until(
-                lambda: b.stats().compute.leased == 0, timeout=5, what="b's stream came back"
-            )
+            wait_until(lambda: not b._captures.busy(), timeout=5, what="b's stream came back")
+            assert b.stats().compute.leased == 0
             assert graph is not None
             graph.launch(origin)
             origin.synchronize()
@@ -335,10 +336,12 @@ def test_a_joined_lease_refuses_what_would_break_the_capture(pool: CudaStreamPoo
 def test_bad_origins_get_errors_that_name_origin(host_pool: CudaStreamPool) -> None:
     released = host_pool.acquire_compute()
     released.release()
-    with CudaStreamPool(1, 0, 0, backend="host", device=1) as other_device:
-        with other_device.acquire_compute() as foreign:
-            with pytest.raises(ValueError, match="device 1.*cannot join"):
-                host_pool.capture(foreign)
+    with (
+        CudaStreamPool(1, 0, 0, backend="host", device=1) as other_device,
+        other_device.acquire_compute() as foreign,
+        pytest.raises(ValueError, match=r"device 1.*cannot join"),
+    ):
+        host_pool.capture(foreign)
     for origin, error, text in (
         (0, ValueError, "legacy default stream"),
         ("stream", TypeError, "origin='stream'"),
