@@ -73,6 +73,7 @@ def _sections(backend: str, quick: bool) -> list[tuple[str, Callable[[], list[Re
         ("priority latency", lambda: priority_results(measure_priority(backend, repeats))),
         ("memory held", memory),
         ("adapter overhead", lambda: _adapter_results(backend, quick)),
+        ("graphs", lambda: importlib.import_module(".graphs", __package__).measure(backend, quick)),
     ]
 
 
