@@ -237,7 +237,10 @@ class Capture:
         core = pool._core
         if (error := core.closed_error()) is not None:
             raise error
-        self._pool = pool
+        # Held during the block only: the capture and its lease class form a
+        # cycle that only the collector breaks, which must not keep the pool.
+        self._pool: CudaStreamPool | None = pool
+        self._captures = pool._captures
         self._core: PoolCore = core
         self._backend: Backend = pool._backend
         self._events = pool.events
@@ -258,7 +261,8 @@ class Capture:
         if self._entered:
             raise PoolError("a pool.capture() block is entered once; call pool.capture() again")
         self._entered = True
-        pool, captures, backend = self._pool, self._pool._captures, self._backend
+        pool, captures, backend = self._pool, self._captures, self._backend
+        assert pool is not None  # dropped only when the block ends
         if getattr(captures.local, "capture", None) is not None:
             raise PoolError(
                 "this thread is capturing with this pool already: pool.capture() blocks do "
@@ -287,11 +291,13 @@ class Capture:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._pool._captures.local.capture = None  # this thread's acquires are plain again
+        pool, self._pool = self._pool, None
+        assert pool is not None  # entered once
+        self._captures.local.capture = None  # this thread's acquires are plain again
         try:
             failure = self._end(body_failed=exc is not None)
         finally:
-            _unshadow_acquires(self._pool)
+            _unshadow_acquires(pool)
         if failure is not None and exc is None:
             raise failure
 
@@ -317,7 +323,10 @@ class Capture:
         with self._lock:
             parked = [holder for holders in self._parked.values() for holder in holders]
             self._parked.clear()
-        self._give_back(parked)
+        try:
+            self._give_back(parked)
+        except BaseException as error:
+            first_error = first_error or error
 
         failure: BaseException | None = first_error
         if failure is None and left:
@@ -481,7 +490,7 @@ class Capture:
         ``_Watch``; ``count`` says whether this call ends the capture's entry
         in the device's registry (now, or when the watch is done).
         """
-        backend, captures = self._backend, self._pool._captures
+        backend, captures = self._backend, self._captures
         watch = _Watch(self._core, holders)
 
         def done() -> None:
@@ -541,7 +550,9 @@ class _Watch:
                 time.sleep(delay)
                 delay = min(2 * delay, _WATCH_MAX_S)
         finally:
-            with self._lock:  # even after an error: the device must not stay "capturing"
+            # Even after an error (its streams then stay leased), the device
+            # must not stay "capturing" for ever.
+            with self._lock:
                 self._holders.clear()
             self.poll()
 

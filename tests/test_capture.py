@@ -8,9 +8,11 @@ computes, with CuPy and torch, are in test_capture_gpu.py.
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -300,6 +302,24 @@ def test_a_second_pool_joins_a_capture_it_did_not_begin() -> None:
             origin.synchronize()
         b.close()
     assert order == ["a", "b", "a again"]
+
+
+def test_a_pool_that_captured_is_freed_where_it_is_dropped() -> None:
+    """The capture and its lease class form a cycle that only the collector
+    breaks: it must not hold the pool."""
+    pool = CudaStreamPool(1, 1, 0, backend="host")
+    with pool.acquire_comm() as origin:
+        with pool.capture(origin) as graph, pool.acquire_compute():
+            pass
+        assert graph is not None
+        graph.close()
+    collected = weakref.ref(pool)
+    gc.disable()
+    try:
+        del pool
+        assert collected() is None, "a reference cycle keeps a pool that captured"
+    finally:
+        gc.enable()
 
 
 def test_affinity_keys_are_refused_inside_a_capture(pool: CudaStreamPool) -> None:
