@@ -616,7 +616,8 @@ def _origin_handle(backend: Backend, origin: object) -> Any:
             "device current)"
         )
     handle = resolve_stream(backend, origin, "origin")
-    if handle is backend.default_stream() or getattr(handle, "ptr", None) == 0:
+    # 0 and 1: cudaStreamLegacy's two names.
+    if handle is backend.default_stream() or getattr(handle, "ptr", None) in (0, 1):
         raise ValueError(
             f"origin={origin!r} is the legacy default stream, which CUDA cannot capture; "
             "pass a lease (or another non-default stream) to capture on"

@@ -54,18 +54,22 @@ def in_progress(backend: Backend) -> bool:
         return (backend.name, backend.device) in _captures
 
 
-def refuse(backend: Backend, doing: str, fix: str) -> None:
-    """Raise ``PoolError`` if a capture of ``backend``'s device is in progress.
+def refuse(name: str, device: int | None, doing: str, fix: str) -> None:
+    """Raise ``PoolError`` if a capture is in progress on ``device`` of the named backend.
 
     Args:
-        backend: The device's backend.
+        name: The backend's name (``"cupy"``, ``"host"``).
+        device: The device; None for any (a pool for the current device, whose
+            backend is not made yet: making one calls the driver).
         doing: What the caller was about to do ("creating a CudaStreamPool").
         fix: How to do it without breaking the capture.
     """
-    if in_progress(backend):
+    with _lock:
+        busy = sorted(d for n, d in _captures if n == name and device in (None, d))
+    if busy:
         raise PoolError(
-            f"a CUDA graph capture of device {backend.device} ({backend.name} backend) is "
-            f"in progress (pool.capture()); {doing} now could break it: {fix}"
+            f"a CUDA graph capture of device {busy[0]} ({name} backend) is in progress "
+            f"(pool.capture()); {doing} now could break it: {fix}"
         )
 
 

@@ -158,7 +158,9 @@ class EventPool:
         )
         if initial_size:
             _capturing.refuse(
-                self._backend, "creating events", "create the EventPool before the capture"
+                self._backend.name,
+                self._backend.device,
+                "creating events", "create the EventPool before the capture"
             )
         self.timing = timing
         self.max_size = max_size

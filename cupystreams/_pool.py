@@ -11,7 +11,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from . import _capturing
-from ._backends import make_backend
+from ._backends import make_backend, resolve_backend_name
 from ._capture import Capture, CapturedGraph, PoolCaptures
 from ._core import FINALIZER_LOCK_WAIT_S, SIZE_ARGUMENT, PoolCore
 from ._errors import LeaseError, PoolError
@@ -101,12 +101,14 @@ class CudaStreamPool:
         check_flag("enable_affinity", enable_affinity)
         check_flag("non_blocking", non_blocking)
 
-        self._backend: Backend = make_backend(backend, device)
+        # Checked before the backend is made: making one calls the driver.
         _capturing.refuse(
-            self._backend,
+            resolve_backend_name(backend),
+            device if isinstance(device, int) and not isinstance(device, bool) else None,
             "creating a CudaStreamPool (its streams and events)",
             "create the pool before the capture begins",
         )
+        self._backend: Backend = make_backend(backend, device)
         least, greatest = self._backend.priority_range()
         high = _resolve_priority(high_priority, least, greatest)
         _warn_if_over_hardware_queues(self._backend, sum(sizes.values()))
@@ -340,7 +342,8 @@ class CudaStreamPool:
         if self._core.closed_reason is None:
             self._captures.settle()  # a capture that has just ended is over
             _capturing.refuse(
-                self._backend,
+                self._backend.name,
+                self._backend.device,
                 "closing a pool (destroying its streams)",
                 "close it after the capture has ended",
             )

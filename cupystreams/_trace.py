@@ -318,7 +318,10 @@ def trace_pool(pool: CudaStreamPool) -> Iterator[Trace]:
     if any(name in vars(pool) for name in _SHADOWED):
         raise RuntimeError("this pool is already being traced; one trace at a time per pool")
     _capturing.refuse(
-        pool._backend, "starting a trace (it creates a stream and events)", "trace after it"
+        pool.backend,
+        pool.device,
+        "starting a trace (it creates a stream and events)",
+        "trace after it",
     )
     trace = Trace(pool)
     leases = _traced_lease_class(trace)

@@ -174,7 +174,10 @@ class CupyBackend:
                 "launch it after the capture ends"
             )
         _capturing.refuse(
-            self, "launching a host function (it needs a new CUDA event)", "launch it after"
+            self.name,
+            self.device,
+            "launching a host function (it needs a new CUDA event)",
+            "launch it after",
         )
         with self._device:
             # A blocking-sync event lets the waiting thread sleep instead of spin.
