@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _capturing
-from ._backends import make_backend
+from ._backends import make_backend, resolve_backend_name
 from ._errors import LeaseError, PoolClosedError, PoolExhaustedError
 from ._stats import EventPoolStats
 from ._stream_args import resolve_stream
@@ -153,15 +153,15 @@ class EventPool:
                 f"pass max_size >= {initial_size} or a smaller initial_size"
             )
         check_flag("timing", timing)
+        if initial_size:  # checked before a backend is made: making one calls the driver
+            if isinstance(backend, str):
+                where = (resolve_backend_name(backend), device if isinstance(device, int) else None)
+            else:
+                where = (backend.name, backend.device)
+            _capturing.refuse(*where, "creating events", "create the EventPool before the capture")
         self._backend: Backend = (
             make_backend(backend, device) if isinstance(backend, str) else backend
         )
-        if initial_size:
-            _capturing.refuse(
-                self._backend.name,
-                self._backend.device,
-                "creating events", "create the EventPool before the capture"
-            )
         self.timing = timing
         self.max_size = max_size
         self._lock = threading.Lock()
