@@ -2,12 +2,14 @@
 
 Locking: ``EventPool._lock`` (a plain ``threading.Lock``) guards the pool's
 ``_idle`` list, its ``_created`` / ``_destroyed`` counters, ``_closed_reason``
-and every event's ``_held`` flag. It is never held while another of the
-library's locks is taken, and no Python code of a user's runs under it. A
-stream pool may take it while it holds its own lock (to record a key's end),
-never the other way round. While a CUDA graph capture of its device is in
-progress (``_capturing``) it creates and destroys no event: ``acquire`` hands
-out idle events only, and ``release`` keeps every event.
+and every event's ``_held`` flag. While it is held, the only other lock of
+the library taken is the capture registry's leaf lock (``_capturing``), and
+no Python code of a user's runs under it. A stream pool may take it while it
+holds its own lock (to record a key's end), never the other way round.
+
+While a CUDA graph capture of its device is in progress (``_capturing``) the
+pool creates and destroys no event: ``acquire`` hands out idle events only,
+and ``release`` keeps every event, beyond ``max_size`` if need be.
 """
 
 from __future__ import annotations
