@@ -152,6 +152,36 @@ def test_other_threads_do_not_join_and_never_get_a_parked_stream(
         assert ran.is_set() or backend != "host"
 
 
+def test_two_threads_capture_on_one_pool_at_once() -> None:
+    """Each thread's leases join its own capture, and each graph replays its own work."""
+    with no_leaks(), CudaStreamPool(2, 2, 0, backend="host") as pool:
+        both = threading.Barrier(2)
+        done: dict[str, list[str]] = {}
+
+        def capture(name: str) -> None:
+            ran: list[str] = []
+            with pool.acquire_comm() as origin:
+                with pool.capture(origin) as graph:
+                    both.wait()  # the two captures overlap
+                    for step in range(3):
+                        with pool.acquire_compute() as side:
+                            side.launch_host_func(lambda step=step: ran.append(f"{name}{step}"))
+                    both.wait()
+                assert graph is not None
+                with graph:
+                    graph.launch(origin)
+                    origin.synchronize()
+            done[name] = ran
+
+        workers = [threading.Thread(target=capture, args=(name,)) for name in "ab"]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(10)
+        assert done == {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"]}
+        assert pool.stats().compute.leased == 0
+
+
 def test_a_lease_left_joined_is_named_and_the_pool_stays_usable(pool: CudaStreamPool) -> None:
     with pool.acquire_comm() as origin:
         with pytest.raises(LeaseError) as info, pool.capture(origin) as graph:
