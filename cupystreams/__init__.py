@@ -7,7 +7,6 @@ and returns it when the block ends. See the README for the rules.
 
 from __future__ import annotations
 
-from ._capture import CapturedGraph
 from ._errors import (
     BackendUnavailableError,
     LeaseError,
@@ -24,6 +23,7 @@ from ._global import (
     high_priority_stream,
     reset_global_pool,
 )
+from ._graph import CapturedGraph
 from ._lease import StreamLease
 from ._pool import CudaStreamPool
 from ._stats import EventPoolStats, KindStats, PoolStats, StreamStats

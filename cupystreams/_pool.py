@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import _capturing
 from ._backends import make_backend, resolve_backend_name
-from ._capture import Capture, CapturedGraph, PoolCaptures
+from ._capture import Capture, PoolCaptures
 from ._core import FINALIZER_LOCK_WAIT_S, SIZE_ARGUMENT, PoolCore
 from ._errors import LeaseError, PoolError
 from ._events import EventPool, PooledEvent
+from ._graph import CapturedGraph
 from ._lease import StreamLease
 from ._stats import KindStats, PoolStats, StreamStats
 from ._stream import PooledStream
