@@ -23,6 +23,7 @@ from ._global import (
     high_priority_stream,
     reset_global_pool,
 )
+from ._graph import CapturedGraph
 from ._lease import StreamLease
 from ._pool import CudaStreamPool
 from ._stats import EventPoolStats, KindStats, PoolStats, StreamStats
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CapturedGraph",
     "CudaStreamLike",
     "CudaStreamPool",
     "EventPool",

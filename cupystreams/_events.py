@@ -2,10 +2,14 @@
 
 Locking: ``EventPool._lock`` (a plain ``threading.Lock``) guards the pool's
 ``_idle`` list, its ``_created`` / ``_destroyed`` counters, ``_closed_reason``
-and every event's ``_held`` flag. It is never held while another of the
-library's locks is taken, and no Python code of a user's runs under it. A
-stream pool may take it while it holds its own lock (to record a key's end),
-never the other way round.
+and every event's ``_held`` flag. While it is held, the only other lock of
+the library taken is the capture registry's leaf lock (``_capturing``), and
+no Python code of a user's runs under it. A stream pool may take it while it
+holds its own lock (to record a key's end), never the other way round.
+
+While a CUDA graph capture of its device is in progress (``_capturing``) the
+pool creates and destroys no event: ``acquire`` hands out idle events only,
+and ``release`` keeps every event, beyond ``max_size`` if need be.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._backends import make_backend
-from ._errors import LeaseError, PoolClosedError
+from . import _capturing
+from ._backends import make_backend, resolve_backend_name
+from ._errors import LeaseError, PoolClosedError, PoolExhaustedError
 from ._stats import EventPoolStats
 from ._stream_args import resolve_stream
 from ._validate import check_count, check_flag
@@ -117,7 +122,10 @@ class EventPool:
     Creating a CUDA event costs microseconds and may take a driver lock;
     reusing one costs a list pop and append under a lock. ``acquire`` and
     ``release`` are thread-safe. ``acquire`` never blocks: with no idle event
-    it creates one.
+    it creates one, except while a CUDA graph capture of the device is in
+    progress (``pool.capture()``), when creating one could break the capture:
+    it raises ``PoolExhaustedError`` instead. A capture tops the idle events up
+    to ``max_size`` before it begins.
 
     Args:
         initial_size: Events created up front; None (the default) means
@@ -147,6 +155,12 @@ class EventPool:
                 f"pass max_size >= {initial_size} or a smaller initial_size"
             )
         check_flag("timing", timing)
+        if initial_size:  # checked before a backend is made: making one calls the driver
+            if isinstance(backend, str):
+                where = (resolve_backend_name(backend), device if isinstance(device, int) else None)
+            else:
+                where = (backend.name, backend.device)
+            _capturing.refuse(*where, "creating events", "create the EventPool before the capture")
         self._backend: Backend = (
             make_backend(backend, device) if isinstance(backend, str) else backend
         )
@@ -163,6 +177,14 @@ class EventPool:
         self._idle.extend(self._create() for _ in range(initial_size))
 
     def _create(self) -> tuple[Any, int]:
+        if _capturing.in_progress(self._backend):
+            raise PoolExhaustedError(
+                f"no idle event in the pool's EventPool, and none is created while a CUDA "
+                f"graph capture of device {self._backend.device} is in progress (it could "
+                f"break the capture); create the pool with a larger event_pool_size (an "
+                f"EventPool with a larger max_size; now {self.max_size}): a capture that "
+                "the pool begins fills the idle events up to it first"
+            )
         handle = self._backend.create_event(self.timing)  # outside the lock: a CUDA call
         with self._lock:
             event_id = self._created
@@ -174,6 +196,8 @@ class EventPool:
 
         Raises:
             PoolClosedError: The stream pool that owns this event pool was closed.
+            PoolExhaustedError: No event is idle while a CUDA graph capture of the
+                device is in progress (no event is created then).
         """
         event = _new(PooledEvent)  # allocated first: nothing below can then fail half-way
         event._pool = self
@@ -210,13 +234,29 @@ class EventPool:
             if not event._held:
                 raise LeaseError(f"event {event.event_id} was already released")
             event._held = False
-            if self._closed_reason is None and len(self._idle) < self.max_size:
+            if self._closed_reason is None and (
+                len(self._idle) < self.max_size or _capturing.in_progress(self._backend)
+            ):  # an event destroyed during a capture could break it: kept, over the bound
                 self._idle.append((event._handle, event.event_id))
             else:
                 self._destroyed += 1  # freed with its last reference, below
         finally:
             lock.release()
         event._handle = None
+
+    def _fill_idle(self) -> None:
+        """Create idle events up to ``max_size``: a capture calls this before it begins,
+        when creating events is still safe, since it may create none afterwards."""
+        if _capturing.in_progress(self._backend):
+            return  # another capture of the device runs: nothing may be created now
+        with self._lock:
+            missing = 0 if self._closed_reason is not None else self.max_size - len(self._idle)
+        made = [self._create() for _ in range(missing)]
+        with self._lock:
+            if self._closed_reason is None:
+                self._idle.extend(made)
+            else:
+                self._destroyed += len(made)
 
     @contextlib.contextmanager
     def event_context(self) -> Iterator[PooledEvent]:

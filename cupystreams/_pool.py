@@ -10,10 +10,13 @@ import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
-from ._backends import make_backend
+from . import _capturing
+from ._backends import make_backend, resolve_backend_name
+from ._capture import Capture, PoolCaptures
 from ._core import FINALIZER_LOCK_WAIT_S, SIZE_ARGUMENT, PoolCore
-from ._errors import LeaseError
+from ._errors import LeaseError, PoolError
 from ._events import EventPool, PooledEvent
+from ._graph import CapturedGraph
 from ._lease import StreamLease
 from ._stats import KindStats, PoolStats, StreamStats
 from ._stream import PooledStream
@@ -99,6 +102,13 @@ class CudaStreamPool:
         check_flag("enable_affinity", enable_affinity)
         check_flag("non_blocking", non_blocking)
 
+        # Checked before the backend is made: making one calls the driver.
+        _capturing.refuse(
+            resolve_backend_name(backend),
+            device if isinstance(device, int) and not isinstance(device, bool) else None,
+            "creating a CudaStreamPool (its streams and events)",
+            "create the pool before the capture begins",
+        )
         self._backend: Backend = make_backend(backend, device)
         least, greatest = self._backend.priority_range()
         high = _resolve_priority(high_priority, least, greatest)
@@ -110,6 +120,7 @@ class CudaStreamPool:
         self._core = core = PoolCore(self._backend, self.events, max_affinity_keys, enable_affinity)
         self._streams: list[PooledStream] = []
         self._trace: Trace | None = None  # set by trace() for its with block
+        self._captures = PoolCaptures()
         handles: list[Any] = []
         # Nothing here refers back to the pool, so a pool dropped without
         # close() is closed where its last reference goes. The core is held
@@ -263,9 +274,19 @@ class CudaStreamPool:
         return event
 
     def sync_all(self) -> None:
-        """Block until the work on every pool stream is done."""
+        """Block until the work on every pool stream is done.
+
+        Raises:
+            PoolError: A CUDA graph capture of this pool is in progress (its
+                streams cannot be synchronized without breaking it).
+        """
         if (error := self._core.closed_error()) is not None:
             raise error
+        if self._captures.busy():
+            raise PoolError(
+                "sync_all() would synchronize streams that are capturing a CUDA graph, "
+                "which breaks the capture; call it after the capture has ended"
+            )
         # Every stream is waited for even if one reports a host-function error.
         first_error: BaseException | None = None
         for stream in self._streams:
@@ -315,7 +336,19 @@ class CudaStreamPool:
         Idempotent. Threads blocked in acquire get ``PoolClosedError``; leases
         still out become invalid (their methods raise ``PoolClosedError``, and
         their release is a no-op).
+
+        Raises:
+            PoolError: A CUDA graph capture of the pool's device is in progress:
+                destroying streams may synchronize the device, which breaks it.
         """
+        if self._core.closed_reason is None:
+            self._captures.settle()  # a capture that has just ended is over
+            _capturing.refuse(
+                self._backend.name,
+                self._backend.device,
+                "closing a pool (destroying its streams)",
+                "close it after the capture has ended",
+            )
         _close_core(self._core, self.events, _CLOSED)
         self._finalizer.detach()
 
@@ -342,6 +375,55 @@ class CudaStreamPool:
         return (
             f"<CudaStreamPool {self._backend.name}:{self.device} {parts} leased, {waiting} waiting>"
         )
+
+    def capture(self, origin: object) -> contextlib.AbstractContextManager[CapturedGraph | None]:
+        """Capture a CUDA graph on ``origin``, with side work on this pool's leases.
+
+        ``with pool.capture(lease) as graph: ...``, then ``graph.launch(stream)``
+        as often as needed, and ``graph.close()``. Inside the block:
+
+        * A lease acquired from this pool on this thread joins the capture: its
+          stream waits on an event recorded on ``origin``, so its work is
+          captured after the origin's work so far. Other threads' acquires
+          are not affected. ``affinity_key`` is refused (``ValueError``).
+        * Releasing it joins it back (``origin`` waits on its work). Its
+          stream stays with the capture, since CUDA keeps a stream that joined
+          a capture capturing until the capture ends, and serves the next
+          acquire of its kind on this thread; the pool gets it back when the
+          capture has ended.
+        * A joined lease cannot be synchronized or queried, nor wait for work
+          outside the capture (``LeaseError``): CUDA would invalidate the capture.
+        * The pool creates and destroys no stream and no event on its device
+          (before it begins, a capture fills the idle events up to
+          ``event_pool_size``; past them, acquiring an event raises
+          ``PoolExhaustedError`` naming ``event_pool_size``), and
+          ``sync_all()`` and ``close()`` are refused.
+
+        When the block ends, a lease still joined is joined back, the capture
+        ends cleanly (no graph is kept, the pool stays usable), and
+        ``LeaseError`` names each such lease and where it was acquired.
+
+        Args:
+            origin: The stream to capture on: a lease, or any stream argument (a
+                ``cupy.cuda.Stream``, an object with ``__cuda_stream__``, a raw
+                pointer), but not the legacy default stream. If ``origin`` is
+                capturing already (a torch stream inside ``torch.cuda.graph``),
+                the capture is the other framework's: the block yields None,
+                joins and joins back leases all the same, and its streams come
+                back to the pool once that capture has ended.
+
+        Returns:
+            A context manager yielding the ``CapturedGraph`` (launchable once the
+            block has ended), or None for a capture begun elsewhere.
+
+        Raises:
+            ValueError: ``origin`` is on another device than the pool (a lease
+                on another device cannot join), or is the legacy default stream.
+            TypeError: ``origin`` is not a stream.
+            PoolError: This thread is capturing with this pool already (blocks do
+                not nest), or the pool is being traced.
+        """
+        return Capture(self, origin)
 
     def trace(self) -> contextlib.AbstractContextManager[Trace]:
         """Record a device-timed span per lease until the ``with`` block ends.
@@ -450,6 +532,7 @@ def _after_fork_in_child() -> None:
             lane.waiters.clear()  # the parent's waiting threads do not exist here
             lane.idle.clear()
         pool._finalizer.detach()  # the parent's CUDA handles are not ours to destroy
+        pool._captures = PoolCaptures()  # the parent's captures do not exist here
         pool.events._lock = threading.Lock()
         pool.events._closed_reason = _FORKED
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import _capturing
 from ._events import EventPool, PooledEvent
 from ._lease import StreamLease
 from ._types import StreamState
@@ -347,10 +348,21 @@ def render_timeline(
 @contextlib.contextmanager
 def trace_pool(pool: CudaStreamPool) -> Iterator[Trace]:
     """Shadow ``pool``'s acquire methods with traced ones for the ``with`` block."""
-    if any(name in vars(pool) for name in _SHADOWED):
-        raise RuntimeError("this pool is already being traced; one trace at a time per pool")
     if (error := pool._core.closed_error()) is not None:
         raise error
+    if pool._captures.busy():
+        raise RuntimeError(
+            "this pool is capturing a CUDA graph (pool.capture()); trace it after the "
+            "capture: the trace's timing events would be captured into the graph"
+        )
+    if any(name in vars(pool) for name in _SHADOWED):
+        raise RuntimeError("this pool is already being traced; one trace at a time per pool")
+    _capturing.refuse(
+        pool.backend,
+        pool.device,
+        "starting a trace (it creates a stream and events)",
+        "trace after it",
+    )
     trace = Trace(pool)
     leases = _traced_lease_class(trace)
     for name in _SHADOWED:

@@ -3,7 +3,8 @@
 For each mutation below, a scratch copy of the tree gets one synchronization
 taken out (the line becomes ``pass``, a key's end is forgotten instead of
 recorded, a host function stops waiting for its event, the capture check
-before a release is dropped), and the tests that guard it must then FAIL.
+before a release is dropped, a lease no longer joins a graph capture or is no
+longer joined back), and the tests that guard it must then FAIL.
 Before any mutation, all the tests involved must PASS on the untouched tree,
 and none may skip: a test that fails or skips anyway proves nothing when it
 fails under a mutation.
@@ -56,6 +57,14 @@ CAPTURE_CHECK = "        if probe is not None and self.closed_reason is None and
 HOST_FUNCTION_WAIT = " " * 16 + "self._wait(event)"
 NCCL_WAIT = " " * 16 + "comm.wait(compute)  # bucket complete before it is reduced"
 PEER_WAIT = " " * 16 + "comm.wait(producer)"
+CAPTURE_FORK = " " * 12 + "backend.wait_event(stream._handle, fork._handle)"
+CAPTURE_JOIN_BACK = " " * 12 + "backend.wait_event(self._origin, back._handle)"
+CAPTURE_REPLAYS = (
+    "tests/test_capture.py::test_a_replay_computes_what_the_eager_step_computes",
+    "tests/test_capture_gpu.py::test_a_cupy_capture_replays_what_the_eager_step_computes",
+    "tests/test_capture_gpu.py::"
+    "test_a_torch_capture_with_side_work_on_leases_replays_the_eager_result",
+)
 TORCHRUN_WAIT = (
     " " * 8 + "comm.wait(compute)  # on the device: bucket i is complete before it is reduced"
 )
@@ -89,6 +98,14 @@ MUTATIONS = [
             "tests/test_pool_gpu.py::"
             "test_host_functions_run_on_a_thread_of_the_library_after_the_work",
         ),
+    ),
+    Mutation(
+        "capture-fork", "cupystreams/_capture.py", CAPTURE_FORK, _pass(CAPTURE_FORK),
+        CAPTURE_REPLAYS,
+    ),
+    Mutation(
+        "capture-join-back", "cupystreams/_capture.py", CAPTURE_JOIN_BACK,
+        _pass(CAPTURE_JOIN_BACK), CAPTURE_REPLAYS,
     ),
     Mutation(
         "torch-waits-for-lease", "adapters/torch.py",

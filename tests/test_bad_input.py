@@ -26,6 +26,7 @@ from reliability_helpers import live_objects, no_leaks, record_figures
 
 from cupystreams import (
     BackendUnavailableError,
+    CapturedGraph,
     CudaStreamPool,
     EventPool,
     LeaseError,
@@ -71,6 +72,11 @@ class Ctx:
         self.released_event.release()
         self.other_event = self.other.events.acquire()
         self.global_pool = get_global_stream_pool()
+        # A graph to launch (host only: CUDA graphs are tested in test_capture_gpu).
+        self.graph: CapturedGraph | None = None
+        if backend == "host":
+            with self.pool.capture(self.lease) as self.graph:
+                self.lease.launch_host_func(lambda: None)
 
     def snapshot(self) -> tuple[object, ...]:
         held = self.lease.stream.stream_id
@@ -102,6 +108,8 @@ class Ctx:
             event.release()
         for pool in (self.pool, self.other, self.closed):
             pool.close()
+        if self.graph is not None:
+            self.graph.close()
         reset_global_pool()
 
 
@@ -652,6 +660,52 @@ def kind_missing_cases() -> list[Case]:
     ]
 
 
+def capture_cases() -> list[Case]:
+    def launch(c: Ctx, stream: object) -> None:
+        assert c.graph is not None
+        c.graph.launch(stream)
+
+    def keyed_inside(c: Ctx) -> None:
+        with c.pool.capture(c.lease):
+            c.pool.acquire_comm(affinity_key="k")
+
+    cases: list[Case] = []
+    for name, value, error in NOT_STREAMS:
+        cases.append(
+            Case(f"capture-origin-{name}", lambda c, v=value: c.pool.capture(v), error, "origin")
+        )
+        if value is not None:  # None: the current stream
+            cases.append(
+                Case(
+                    f"graph.launch-{name}",
+                    lambda c, v=value: launch(c, v),
+                    error,
+                    "stream",
+                    backends=("host",),
+                )
+            )
+    return [
+        *cases,
+        Case("capture-origin-legacy-stream", lambda c: c.pool.capture(0), ValueError, "origin=0"),
+        Case(
+            "capture-origin-released-lease",
+            lambda c: c.pool.capture(c.released),
+            LeaseError,
+            "released",
+        ),
+        Case(
+            "capture-closed-pool", lambda c: c.closed.capture(c.lease), PoolClosedError, "closed"
+        ),
+        Case(
+            "capture-affinity_key-inside",
+            keyed_inside,
+            ValueError,
+            "affinity_key",
+            backends=("host",),  # a capture fills the idle events, which the table counts
+        ),
+    ]
+
+
 def global_cases() -> list[Case]:
     return [
         Case(
@@ -730,6 +784,7 @@ CASES = (
     + released_lease_cases()
     + stream_argument_cases()
     + event_cases()
+    + capture_cases()
     + global_cases()
     + constructor_block_cases()
 )
@@ -823,6 +878,8 @@ def test_the_table_covers_every_public_entry_point() -> None:
         "events.acquire-",
         "event.elapsed_time-",
         "sync_all",
+        "capture-origin-",
+        "graph.launch-",
         "get_global_stream_pool-",
         "compute_stream-",
         "comm_stream-",

@@ -140,7 +140,8 @@ def test_bench_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     results = document["results"]
     groups = {r["group"] for r in results}
     assert groups == {
-        "lease", "peer", "goal", "threads", "pipeline", "sweep", "priority", "memory", "adapters"
+        "lease", "peer", "goal", "threads", "pipeline", "sweep", "priority", "memory", "adapters",
+        "graph",
     }
     ids = [r["id"] for r in results]
     assert len(ids) == len(set(ids)), "every result has its own stable id"
@@ -157,6 +158,14 @@ def test_bench_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     by_name = {r["name"]: r for r in results}
     assert by_name["speedup of the pool over one stream"]["extra"]["identical"] is True
     assert by_name["stage bound"]["value"] > 0
+    # A step replayed from its graph against the same step issued eagerly.
+    for row in ("eager_step", "replayed_step", "eager_step_device", "replayed_step_device"):
+        assert by_id[f"graph.{row}"]["value"] > 0, row
+    assert "no CUDA graph" in by_id["graph.replayed_step"]["note"]
+    goal = by_id["goal.replayed_vs_eager_step_host"]
+    assert goal["value"] == pytest.approx(
+        by_id["graph.replayed_step"]["value"] / by_id["graph.eager_step"]["value"]
+    )
     # Peers that need a GPU are reported as missing, not invented.
     assert by_id["peer.cupy_stream"]["value"] is None
     assert by_id["goal.with_vs_cupy_with"]["value"] is None

@@ -73,6 +73,22 @@ class Backend(Protocol):
         capturing), or None on backends without graphs."""
         ...
 
+    def begin_capture(self, stream: Any) -> None:
+        """Begin capturing a graph on ``stream`` (CUDA's relaxed mode, CuPy's default)."""
+        ...
+
+    def end_capture(self, stream: Any) -> Any:
+        """End the capture begun on ``stream`` and return its graph, ready to launch.
+
+        Every stream that took part leaves capture mode, also when ending fails
+        (a stream not joined back, an invalidated capture), which raises.
+        """
+        ...
+
+    def launch_graph(self, graph: Any, stream: Any) -> None:
+        """Queue a graph from ``end_capture`` on ``stream``."""
+        ...
+
     def default_stream(self) -> Any:
         """The device's legacy default stream (pointer 0 in CUDA's numbers)."""
         ...

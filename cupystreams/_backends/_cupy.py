@@ -10,6 +10,7 @@ from typing import Any
 
 import cupy
 
+from .. import _capturing
 from ._callbacks import CallbackThread, HostCall
 
 __all__ = [
@@ -172,6 +173,12 @@ class CupyBackend:
                 "a host function cannot be captured into a CUDA graph by this pool; "
                 "launch it after the capture ends"
             )
+        _capturing.refuse(
+            self.name,
+            self.device,
+            "launching a host function (it needs a new CUDA event)",
+            "launch it after",
+        )
         with self._device:
             # A blocking-sync event lets the waiting thread sleep instead of spin.
             event = cupy.cuda.Event(block=True, disable_timing=True)
@@ -184,6 +191,17 @@ class CupyBackend:
     def capture_probe(self, stream: Any) -> Callable[[], int]:
         # Bound once per stream: a release pays one call (cudaStreamIsCapturing).
         return functools.partial(_is_capturing, stream.ptr)
+
+    def begin_capture(self, stream: Any) -> None:
+        stream.begin_capture()  # relaxed mode: CuPy's default
+
+    def end_capture(self, stream: Any) -> Any:
+        with self._device:  # the graph is instantiated on the stream's device
+            return stream.end_capture()
+
+    def launch_graph(self, graph: Any, stream: Any) -> None:
+        with self._device:
+            graph.launch(stream)
 
     def default_stream(self) -> Any:
         return cupy.cuda.Stream.null

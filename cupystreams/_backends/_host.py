@@ -5,7 +5,8 @@ in a stream, and ``wait_event`` enqueues a task that blocks the waiting stream
 until that position has run. Each device has a legacy default stream, shared
 by every host-backend pool of the process and named by pointer 0 as in CUDA,
 so that code written for the GPU (``record_event(None)``, ``wait(0)``) runs
-unchanged. It exists so that pool logic and users' pipeline
+unchanged. Streams can be captured into graphs by CUDA's rules
+(``_host_graph``). It exists so that pool logic and users' pipeline
 code can be tested without a GPU, and never passes itself off as CUDA: its
 streams have no device pointer.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from .._errors import PoolClosedError
 from ._callbacks import HostCall
+from ._host_graph import CapturePoint, HostCapture, HostGraph
 
 __all__ = ["HostBackend", "HostEvent", "HostStream", "legacy_stream"]
 
@@ -46,15 +48,21 @@ class _Mark:
 
 
 class HostStream:
-    """A FIFO of host callables executed in order by one daemon thread."""
+    """A FIFO of host callables executed in order by one daemon thread.
+
+    While it takes part in a capture (``capture`` is set), submitted tasks are
+    recorded into the capture instead of run.
+    """
 
     def __init__(self, priority: int, name: str) -> None:
         self.priority = priority
         self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards _submitted and _stopped (and orders the queue)
+        # Guards _submitted and _stopped (and orders the queue), and capture.
+        self._lock = threading.Lock()
         self._stopped = False
         self._submitted = 0
         self._completed = 0
+        self.capture: HostCapture | None = None
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
@@ -64,8 +72,82 @@ class HostStream:
                 # A call that raced close(): as a destroyed CUDA stream would
                 # be, this one is unusable, and nothing may wait on it for ever.
                 raise PoolClosedError("the pool is closed; create a new CudaStreamPool")
+            capture = self.capture
+            if capture is not None and capture.record_task(self, task):
+                return
             self._submitted += 1
             self._tasks.put(task)
+
+    def is_capturing(self) -> bool:
+        with self._lock:
+            return self.capture is not None
+
+    def begin_capture(self) -> None:
+        with self._lock:
+            if self.capture is not None:
+                raise RuntimeError(f"{self!r} is capturing already")
+            self.capture = HostCapture(self)
+
+    def end_capture(self) -> HostGraph:
+        """End the capture this stream began; every stream of it leaves capture mode."""
+        with self._lock:
+            capture = self.capture
+        if capture is None or capture.origin is not self:
+            raise RuntimeError(f"{self!r} did not begin a capture; end it on its origin")
+        streams, graph = capture.finish()
+        for member in streams:
+            member.leave(capture)
+        if isinstance(graph, str):
+            raise RuntimeError(graph)
+        return graph
+
+    def capture_point(self) -> CapturePoint | None:
+        """Where this stream is in its capture, or None when it is not capturing."""
+        with self._lock:
+            return None if self.capture is None else self.capture.point(self)
+
+    def wait_mark(self, mark: _Mark) -> None:
+        """Later tasks wait until ``mark`` fires (an event recorded outside any capture)."""
+        with self._lock:
+            capture = self.capture
+            if capture is None:
+                self._submitted += 1
+                self._tasks.put(mark.reached)
+                return
+        capture.invalidate(f"{self!r} waited on an event recorded outside the capture")
+        raise RuntimeError(
+            "a capturing stream cannot wait on an event recorded outside its capture "
+            "(CUDA: cudaErrorStreamCaptureIsolation); record the event inside the capture"
+        )
+
+    def join(self, point: CapturePoint) -> None:
+        """Wait for an event recorded in a capture: join it, or join back to it."""
+        with self._lock:
+            capture = self.capture
+            if capture is not None and capture is not point.capture:
+                capture.invalidate(f"{self!r} waited on an event of another capture")
+                raise RuntimeError(
+                    "a capturing stream cannot wait on an event recorded in another capture"
+                )
+            point.capture.join_locked(self, point.tasks)
+            self.capture = point.capture
+
+    def leave(self, capture: HostCapture) -> None:
+        """The capture ended: tasks run again."""
+        with self._lock:
+            if self.capture is capture:
+                self.capture = None
+
+    def refuse_if_capturing(self, what: str) -> None:
+        """As CUDA: synchronizing or querying a capturing stream invalidates its capture."""
+        with self._lock:
+            capture = self.capture
+        if capture is not None:
+            capture.invalidate(f"{what} of {self!r}")
+            raise RuntimeError(
+                f"{self!r} is capturing a graph: it cannot be synchronized or queried "
+                "(that invalidates the capture, as in CUDA); do it after the capture ends"
+            )
 
     def _run(self) -> None:
         while (task := self._tasks.get()) is not None:
@@ -75,12 +157,14 @@ class HostStream:
             self._completed += 1
 
     def idle(self) -> bool:
+        self.refuse_if_capturing("a query")
         with self._lock:
             # _completed is written by the worker alone; a stale read only
             # answers "busy" a moment longer.
             return self._completed == self._submitted
 
     def synchronize(self) -> None:
+        self.refuse_if_capturing("a synchronization")
         mark = _Mark()
         self.submit(mark.fire)
         mark.done.wait()
@@ -96,13 +180,28 @@ class HostStream:
 
 
 class HostEvent:
-    """An event: the most recent mark recorded into it (None until recorded)."""
+    """An event: the most recent mark recorded into it (None until recorded).
+
+    Recorded on a capturing stream, it holds a position in the capture instead.
+    """
 
     __slots__ = ("mark", "timing")
 
     def __init__(self, timing: bool) -> None:
         self.timing = timing
-        self.mark: _Mark | None = None
+        self.mark: _Mark | CapturePoint | None = None
+
+    def completed_mark(self) -> _Mark | None:
+        """The mark to wait for on the host; an event recorded in a capture has none."""
+        mark = self.mark
+        if isinstance(mark, CapturePoint):
+            if mark.capture.ended():
+                return None  # nothing will ever run there: like an unrecorded event
+            raise RuntimeError(
+                "the event was recorded during a capture: it cannot be queried or waited "
+                "for on the host (as in CUDA); launch the graph and record an event then"
+            )
+        return mark
 
 
 _legacy_lock = threading.Lock()  # guards _legacy_streams
@@ -163,14 +262,22 @@ class HostBackend:
         return HostEvent(timing)
 
     def record(self, event: HostEvent, stream: HostStream) -> None:
+        point = stream.capture_point()
+        if point is not None:
+            event.mark = point
+            return
         mark = _Mark()
         event.mark = mark
         stream.submit(mark.fire)
 
     def wait_event(self, stream: HostStream, event: HostEvent) -> None:
         mark = event.mark
-        if mark is not None:  # as in CUDA, an unrecorded event is complete
-            stream.submit(mark.reached)
+        if isinstance(mark, CapturePoint):
+            if not mark.capture.ended():
+                stream.join(mark)
+            # else: nothing of an ended capture will run; like an unrecorded event
+        elif mark is not None:  # as in CUDA, an unrecorded event is complete
+            stream.wait_mark(mark)
 
     def query_stream(self, stream: HostStream) -> bool:
         return stream.idle()
@@ -179,27 +286,41 @@ class HostBackend:
         stream.synchronize()
 
     def query_event(self, event: HostEvent) -> bool:
-        return event.mark is None or event.mark.done.is_set()
+        mark = event.completed_mark()
+        return mark is None or mark.done.is_set()
 
     def synchronize_event(self, event: HostEvent) -> None:
-        if event.mark is not None:
-            event.mark.done.wait()
+        mark = event.completed_mark()
+        if mark is not None:
+            mark.done.wait()
 
     def elapsed_time(self, start: HostEvent, end: HostEvent) -> float:
-        if start.mark is None or end.mark is None:
+        first, last = start.completed_mark(), end.completed_mark()
+        if first is None or last is None:
             raise ValueError("elapsed_time needs both events recorded first")
-        if not (start.mark.done.is_set() and end.mark.done.is_set()):
+        if not (first.done.is_set() and last.done.is_set()):
             raise ValueError("elapsed_time needs both events completed: synchronize first")
-        return (end.mark.timestamp - start.mark.timestamp) * 1e3
+        return (last.timestamp - first.timestamp) * 1e3
 
     def launch_host_func(self, stream: HostStream, fn: HostCall) -> None:
         stream.submit(lambda: fn(None))  # on the stream's worker, a thread of the library
 
     def is_capturing(self, stream: HostStream) -> bool:
-        return False
+        return stream.is_capturing()
 
-    def capture_probe(self, stream: HostStream) -> None:
-        return None
+    def capture_probe(self, stream: HostStream) -> Callable[[], int]:
+        return stream.is_capturing
+
+    def begin_capture(self, stream: HostStream) -> None:
+        if stream is self.default_stream():
+            raise RuntimeError("the legacy default stream cannot be captured (as in CUDA)")
+        stream.begin_capture()
+
+    def end_capture(self, stream: HostStream) -> HostGraph:
+        return stream.end_capture()
+
+    def launch_graph(self, graph: HostGraph, stream: HostStream) -> None:
+        stream.submit(graph.run)
 
     def default_stream(self) -> HostStream:
         return legacy_stream(self.device)

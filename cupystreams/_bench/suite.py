@@ -72,6 +72,7 @@ def _sections(backend: str, quick: bool) -> list[tuple[str, Callable[[], list[Re
         ("pipeline at every chunk size", lambda: measure_sweep(backend, quick)),
         ("memory held", memory),
         ("adapter overhead", lambda: _adapter_results(backend, quick)),
+        ("graphs", lambda: importlib.import_module(".graphs", __package__).measure(backend, quick)),
     ]
 
 
