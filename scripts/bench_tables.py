@@ -140,8 +140,46 @@ def render_threads(f: Figures) -> str:
     return table(["id", "run", "throughput", "note"], _rows(f, f.ids("threads.")), right=[2])
 
 
+_SWEEP = ("pipeline.chunk_", "pipeline.pageable_")
+
+
 def render_pipeline(f: Figures) -> str:
-    return table(["id", "run", "ms", "note"], _rows(f, f.ids("pipeline.")), right=[2])
+    ids = [i for i in f.ids("pipeline.") if not i.startswith(_SWEEP)]
+    return table(["id", "run", "ms", "note"], _rows(f, ids), right=[2])
+
+
+def render_sweep(f: Figures) -> str:
+    rows = []
+    for i in f.ids("pipeline.chunk_"):
+        extra = f.by_id[i].get("extra", {})
+
+        def share(key: str, extra: dict[str, Any] = extra) -> str:
+            value = extra.get(key)
+            return MISSING if value is None else f"{value:.2f}"
+
+        chunks = extra.get("chunks")
+        per_chunk = (
+            MISSING
+            if not chunks or extra.get("pool_ms") is None
+            else f"{extra['pool_ms'] * 1e3 / chunks:.1f} µs"
+        )
+        rows.append(
+            [
+                code(i),
+                share("pool_efficiency"),
+                share("hand_efficiency"),
+                share("replay_efficiency"),
+                per_chunk,
+            ]
+        )
+    for i in f.ids("pipeline.pageable_"):
+        rows.append([code(i), f.shown(i), "", "", f.by_id[i]["note"]])
+    header = ["id", "Pipeline.run", "by hand", "graph replay", "Pipeline.run per chunk"]
+    return table(header, rows, right=[1, 2, 3, 4])
+
+
+def render_graphs(f: Figures) -> str:
+    return table(["id", "step", "host time", "note"], _rows(f, f.ids("graph.")), right=[2])
 
 
 def render_priority(f: Figures) -> str:
@@ -219,6 +257,8 @@ RENDERERS: dict[str, Callable[[Figures], str]] = {
     "goals": render_goals,
     "threads": render_threads,
     "pipeline": render_pipeline,
+    "sweep": render_sweep,
+    "graphs": render_graphs,
     "priority": render_priority,
     "memory": render_memory,
     "adapters": render_adapters,
