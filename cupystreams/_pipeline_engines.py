@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -149,6 +149,11 @@ class Engine(Protocol):
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any: ...
 
+    def graph_memory(self) -> contextlib.AbstractContextManager[Any]:
+        """Serve the block's device allocations from a memory pool of their own
+        (yielded; None where there is none), kept for a captured graph's life."""
+        ...
+
     def record(self, event: PooledEvent, lease: StreamLease) -> None:
         """Record ``lease``'s work so far into ``event`` (both held by the run)."""
         ...
@@ -227,6 +232,18 @@ class CupyEngine:
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._cupy.empty(shape, dtype)  # within on_device()
 
+    @contextlib.contextmanager
+    def graph_memory(self) -> Iterator[Any]:
+        # A graph replays the addresses it captured: nothing it allocated may
+        # go back to CuPy's shared pool, where other work would reuse it.
+        memory = self._cupy.cuda.MemoryPool()
+        try:
+            with self._cupy.cuda.using_allocator(memory.malloc):
+                yield memory
+        except BaseException:
+            memory.free_all_blocks()
+            raise
+
     # The runtime's own calls on raw handles: per chunk these are the host's
     # whole cost next to the copies, as in a loop written by hand.
     def record(self, event: PooledEvent, lease: StreamLease) -> None:
@@ -298,6 +315,9 @@ class HostEngine:
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return np.empty(shape, dtype)
+
+    def graph_memory(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # numpy buffers live as long as the graph holds them
 
     def record(self, event: PooledEvent, lease: StreamLease) -> None:
         self._backend.record(event._handle, stream_of(lease))

@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import PoolExhaustedError
+from ._errors import PoolError, PoolExhaustedError
 from ._events import EventPool, PooledEvent
+from ._graph import CapturedGraph
 from ._lease import StreamLease
 from ._pipeline_engines import (
     CupyEngine,
@@ -50,7 +51,7 @@ from ._pipeline_engines import (
 from ._pool import CudaStreamPool
 from ._validate import check_flag, check_int
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Pipeline"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "Pipeline", "PipelineGraph"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 
@@ -272,6 +273,34 @@ class Pipeline:
         assert output.array is not None  # every chunk was copied out
         return output.array
 
+    def capture(self, data: np.ndarray, out: np.ndarray | None = None) -> PipelineGraph:
+        """Run once, then capture the whole run as a CUDA graph for these very arrays.
+
+        Most pipelines run the same shapes again and again: ``graph.run()``
+        then replays every chunk's copy-in, ``fn`` and copy-out, with the
+        events between them, in one launch, so the host pays a fraction of a
+        microsecond per chunk. The graph reads ``data`` and writes ``out``
+        (the same arrays, by address: change their contents between runs,
+        never the arrays), and keeps the device buffers and ``fn``'s results
+        for its own life; ``graph.close()`` frees them.
+
+        The first run is an ordinary ``run`` (it checks ``fn``, allocates
+        ``out`` when None, and loads the kernels); then the run is captured
+        without being executed. ``fn`` must queue its work without waiting
+        on the host (no ``.get()``, no synchronize), and allocate only from
+        CuPy's allocator, which a private memory pool serves during the
+        capture. Pageable arrays are page-locked in place first (the graph
+        copies straight from and into them). On the host backend the graph
+        replays the recorded stages serially, in the order they were
+        recorded (no concurrency, no CUDA graph).
+
+        Raises:
+            ValueError: ``data`` or ``out`` cannot be page-locked, or ``fn``
+                cannot be captured (the message says why).
+        """
+        result = self.run(data, out)
+        return PipelineGraph._capture(self, data, result)
+
     def __repr__(self) -> str:
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
         return (
@@ -299,6 +328,10 @@ class _Call:
         self.slots: list[_Slot] = []
         self.state = RunState()
         self.trace = pipe.pool._trace  # a traced pool gets a span per stage of each chunk
+        # While captured as a graph (capture_graph), the run must never wait
+        # on the host: a slot is reused after a device-side wait instead, and
+        # every result is kept, since the graph writes it at every replay.
+        self.graph_results: list[Any] | None = None
 
     def execute(self) -> None:
         events = self.pool.events
@@ -317,6 +350,43 @@ class _Call:
                 slot.free(events)
             for lease in dict.fromkeys(leases):  # each once: copy_out may share copy_in's
                 lease.release()
+
+    def capture_graph(self) -> tuple[CapturedGraph, list[Any]]:
+        """Capture the run as a graph, without running it: the graph and what it writes.
+
+        The copy-in lease is the capture's origin; the compute and copy-out
+        leases are acquired inside the capture, so they join it, and released
+        inside it, so they join back. Events and device buffers are taken
+        before the capture begins (none may be created during it).
+        """
+        pool, events = self.pool, self.pool.events
+        self.graph_results = []
+        self.slots = [_Slot(events) for _ in range(self.count)]
+        step, data = self.step, self.data
+        for slot in self.slots:
+            slot.x = self.engine.device_empty((step, *data.shape[1:]), data.dtype)
+        copy_in = pool.acquire_comm()
+        try:
+            with pool.capture(copy_in) as graph:
+                compute = pool.acquire_compute()
+                try:
+                    copy_out = copy_in
+                    if pool._comm.idle:
+                        with contextlib.suppress(PoolExhaustedError):
+                            copy_out = pool.acquire_comm(blocking=False)
+                    try:
+                        self._loop((copy_in, compute, copy_out))
+                    finally:
+                        if copy_out is not copy_in:
+                            copy_out.release()  # joins back: the origin waits for it
+                finally:
+                    compute.release()
+        finally:
+            for slot in self.slots:
+                slot.free(events)
+            copy_in.release()
+        assert graph is not None  # the origin is a lease: the capture began here
+        return graph, [slot.x for slot in self.slots] + self.graph_results
 
     def _acquire_leases(self) -> tuple[StreamLease, StreamLease, StreamLease]:
         """(copy-in, compute, copy-out) leases held for the whole run, as a loop by
@@ -356,7 +426,7 @@ class _Call:
             if len(self.slots) < self.count:
                 self.slots.append(_Slot(self.pool.events))
             slot = self.slots[index % self.count]
-            self._retire(slot)  # bounds the chunks in flight
+            self._retire(slot, leases[0])  # bounds the chunks in flight
             src = data[start:stop]
             src_ptr = base + start * row_bytes
             if not direct_in:
@@ -392,9 +462,19 @@ class _Call:
 
         return destination
 
-    def _retire(self, slot: _Slot) -> None:
-        """Wait until the slot's chunk is back on the host, then free the slot."""
-        if slot.busy:
+    def _retire(self, slot: _Slot, copy_in: StreamLease | None = None) -> None:
+        """Wait until the slot's chunk is back on the host, then free the slot.
+
+        In a capture, ``copy_in`` waits on the device instead (None at the end
+        of the run: the capture's join-back orders what is left).
+        """
+        if slot.busy and self.graph_results is not None:
+            if copy_in is not None:
+                self.engine.wait(copy_in, slot.ev_out)
+            self.graph_results.append(slot.result)
+            slot.result = None
+            slot.busy = False
+        elif slot.busy:
             self.engine.synchronize(slot.ev_out)
             if slot.copy_back is not None:
                 host_copy(*slot.copy_back)
@@ -441,3 +521,131 @@ class _Call:
             trace._stage_end(span, "copy-out")
         engine.record(slot.ev_out, copy_out)
         slot.last = slot.ev_out
+
+
+class PipelineGraph:
+    """A ``Pipeline`` run captured as a CUDA graph: ``pipe.capture(data, out)`` makes one.
+
+    ``run()`` replays it: every chunk's copy-in, ``fn`` and copy-out in one
+    launch, on a compute lease of the pool, and returns ``out`` once done.
+    The graph reads and writes the arrays it was captured for; ``run(data,
+    out)`` checks that they are the same ones (an array of another shape or
+    at another address is refused: capture again). ``close()`` (or leaving
+    ``with graph:``) frees the graph, its device buffers and ``fn``'s results.
+    Thread-safe; replays on several threads run one after another.
+
+    On the host backend the "graph" is the host backend's: the recorded
+    stages, replayed serially in the order they were recorded.
+    """
+
+    _pipe: Pipeline | None  # None once closed
+    _data: np.ndarray
+    _out: np.ndarray
+    _lock: threading.Lock  # guards _pipe, _graph, _kept, _memory, and serializes replays
+    _graph: CapturedGraph | None  # None once closed
+    _kept: list[Any]  # the device buffers the graph reads and writes
+    _memory: Any  # the private CuPy memory pool fn allocated from during the capture
+
+    def __new__(cls, *_: object) -> PipelineGraph:
+        raise TypeError("PipelineGraph has no public constructor; use pipe.capture(data, out)")
+
+    @classmethod
+    def _capture(cls, pipe: Pipeline, data: np.ndarray, out: np.ndarray) -> PipelineGraph:
+        self: PipelineGraph = object.__new__(cls)
+        self._pipe, self._data, self._out = pipe, data, out
+        self._lock = threading.Lock()
+        self._graph = None
+        self._kept = []
+        self._memory = None
+        engine = pipe._engine
+        for argument, array in (("data", data), ("out", out)):
+            # The graph copies straight from and into host memory.
+            if not (engine.make_direct(array) or engine.make_direct(array)):
+                raise ValueError(
+                    f"{argument} is pageable memory that could not be page-locked; a graph "
+                    "copies straight from host memory: pass an array from pipe.empty_host()"
+                )
+        row_bytes = data.itemsize * math.prod(data.shape[1:])
+        step = max(1, pipe.chunk_bytes // max(1, row_bytes))
+        output = _Output(engine, data.shape[0], out)
+        call = _Call(pipe, data, step, output, serial=False)
+        try:
+            with engine.on_device(), engine.graph_memory() as self._memory:
+                self._graph, self._kept = call.capture_graph()
+        except Exception as exc:
+            raise ValueError(
+                f"this pipeline's run cannot be captured as a CUDA graph: {exc} (fn must queue "
+                "its work without waiting on the host, and allocate with CuPy)"
+            ) from exc
+        return self
+
+    @property
+    def closed(self) -> bool:
+        """True after ``close()``."""
+        return self._pipe is None
+
+    def run(self, data: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Replay the captured run; return ``out`` (the array it was captured with).
+
+        Args:
+            data, out: Optional: the arrays the graph was captured for, to check
+                that they are (same address, shape, dtype and strides).
+
+        Raises:
+            ValueError: ``data`` or ``out`` is another array.
+            PoolError: The graph was closed.
+        """
+        for argument, given, captured in (("data", data, self._data), ("out", out, self._out)):
+            if given is not None and not _same_array(given, captured):
+                raise ValueError(
+                    f"{argument} is not the array this graph was captured for ({_describe(given)}"
+                    f" vs {_describe(captured)}); a graph replays fixed addresses: capture "
+                    f"again with pipe.capture(data, out)"
+                )
+        with self._lock:
+            pipe = self._pipe
+            if pipe is None:
+                raise PoolError("this PipelineGraph was closed; capture again with pipe.capture()")
+            if self._graph is None:
+                raise PoolError("this PipelineGraph was closed; capture again with pipe.capture()")
+            with pipe.pool.acquire_compute() as lease:
+                self._graph.launch(lease)
+                lease.synchronize()
+        return self._out
+
+    def close(self) -> None:
+        """Free the graph, its device buffers and ``fn``'s results (idempotent)."""
+        with self._lock:
+            graph, memory = self._graph, self._memory
+            self._pipe = self._graph = self._memory = None
+            self._kept = []
+        if graph is not None:
+            graph.close()
+        if memory is not None:
+            memory.free_all_blocks()  # a CuPy memory pool of the graph's own
+
+    def __enter__(self) -> PipelineGraph:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._pipe is None else f"{len(self._data)} rows"
+        return f"<PipelineGraph {state}>"
+
+
+def _same_array(given: object, captured: np.ndarray) -> bool:
+    return (
+        isinstance(given, np.ndarray)
+        and given.ctypes.data == captured.ctypes.data
+        and given.shape == captured.shape
+        and given.dtype == captured.dtype
+        and given.strides == captured.strides
+    )
+
+
+def _describe(array: object) -> str:
+    if not isinstance(array, np.ndarray):
+        return type(array).__name__
+    return f"{array.dtype}{list(array.shape)} at {array.ctypes.data:#x}"

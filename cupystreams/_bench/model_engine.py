@@ -96,6 +96,9 @@ class ModelEngine:
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._host.device_empty(shape, dtype)
 
+    def graph_memory(self) -> contextlib.AbstractContextManager[Any]:
+        return self._host.graph_memory()
+
     # -- ordering: the host engine's (the model orders by the data) ----------
 
     def record(self, event: PooledEvent, lease: StreamLease) -> None:

@@ -3,7 +3,8 @@
 For each chunk size the stage bound is measured with the same chunks (copy
 in alone, copy out alone, both at once, compute alone: the slowest), then
 ``Pipeline.run`` and a three-stream loop written by hand with CuPy, all in
-interleaved rounds. The figures are efficiencies, ``bound / time``: the share
+interleaved rounds, and the run captured as a graph and replayed
+(``Pipeline.capture``). The figures are efficiencies, ``bound / time``: the share
 of the machine a schedule uses. Pageable arrays (1 GiB each way in 64 MiB
 chunks) are compared with the bound of page-locked memory for the same
 chunks: a first run (an array never seen: staged) and a run again (the array
@@ -64,10 +65,16 @@ def _sweep(pool: CudaStreamPool, total: int, repeats: int) -> list[Result]:
         stages = ("h2d", "d2h", "both", "compute")
         runs["pool"] = functools.partial(pipe.run, data, out)
         runs["hand"] = _raw_cupy_three_streams(_fn, data, out, chunk_bytes // 4, _DEPTH)
-        ms = interleaved_medians(runs, repeats)
+        with pipe.capture(data, out) as graph:
+            runs["replay"] = graph.run
+            ms = interleaved_medians(runs, repeats)
+            out[:] = 0
+            graph.run()
+            replay_right = bool(np.array_equal(out, _fn(data)))
         state.check()
         bound = max(ms[stage] for stage in stages)
         pool_eff, hand_eff = bound / ms["pool"], bound / ms["hand"]
+        replay_eff = bound / ms["replay"]
         per_chunk_us = ms["pool"] * 1e3 / chunks
         results.append(
             Result(
@@ -75,16 +82,19 @@ def _sweep(pool: CudaStreamPool, total: int, repeats: int) -> list[Result]:
                 f"{label} chunks: Pipeline.run / bound",
                 pool_eff,
                 "x bound",
-                f"hand-written 3-stream loop {hand_eff:.2f}; {chunks} chunks, "
-                f"{per_chunk_us:.1f} µs per chunk, bound {bound:.2f} ms",
+                f"hand-written 3-stream loop {hand_eff:.2f}, graph replay {replay_eff:.2f}; "
+                f"{chunks} chunks, {per_chunk_us:.1f} µs per chunk, bound {bound:.2f} ms",
                 {
                     "chunk_bytes": chunk_bytes,
                     "chunks": chunks,
                     "bound_ms": bound,
                     "pool_ms": ms["pool"],
                     "hand_ms": ms["hand"],
+                    "replay_ms": ms["replay"],
                     "pool_efficiency": pool_eff,
                     "hand_efficiency": hand_eff,
+                    "replay_efficiency": replay_eff,
+                    "replay_right": replay_right,
                     "stages_ms": {stage: ms[stage] for stage in stages},
                 },
                 id=f"pipeline.chunk_{label}",

@@ -1,0 +1,93 @@
+"""A Pipeline run captured as a graph and replayed: same results, same arrays only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cupystreams import CudaStreamPool, PoolError
+from cupystreams.pipeline import Pipeline
+
+ROWS, COLS = 1000, 7
+ROW_BYTES = COLS * 4
+
+
+@pytest.fixture
+def big_pool(backend: str) -> Iterator[CudaStreamPool]:
+    p = CudaStreamPool(backend=backend)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def host_arrays(pipe: Pipeline, backend: str) -> tuple[np.ndarray, np.ndarray]:
+    data = pipe.empty_host((ROWS, COLS), np.float32)
+    data[:] = np.random.default_rng(3).standard_normal((ROWS, COLS)).astype(np.float32)
+    return data, pipe.empty_host((ROWS, COLS), np.float32)
+
+
+def test_a_replay_equals_the_serial_run_and_follows_the_data(big_pool: CudaStreamPool) -> None:
+    pipe = Pipeline(big_pool, lambda x: x * 2 + 1, chunk_bytes=64 * ROW_BYTES, max_in_flight=3)
+    data, out = host_arrays(pipe, big_pool.backend)
+    with pipe.capture(data, out) as graph:
+        out[:] = 0
+        assert graph.run() is out
+        assert np.array_equal(out, pipe.run_serial(data))
+        for value in (3.0, -1.5):
+            data[:] = value  # in place: the graph reads the same address again
+            out[:] = 0
+            graph.run(data, out)
+            assert np.all(out == value * 2 + 1)
+    stats = big_pool.stats()
+    assert stats.leased == 0 and stats.events.in_use == 0, stats
+
+
+def test_a_replay_refuses_other_arrays(big_pool: CudaStreamPool) -> None:
+    pipe = Pipeline(big_pool, lambda x: x + 1, chunk_bytes=64 * ROW_BYTES)
+    data, out = host_arrays(pipe, big_pool.backend)
+    graph = pipe.capture(data, out)
+    other = pipe.empty_host((ROWS, COLS), np.float32)
+    with pytest.raises(ValueError, match="data is not the array this graph was captured for"):
+        graph.run(other)
+    with pytest.raises(ValueError, match="data is not the array"):
+        graph.run(data[: ROWS // 2])  # another shape
+    with pytest.raises(ValueError, match="out is not the array"):
+        graph.run(data, other)
+    graph.close()
+    graph.close()  # idempotent
+    assert graph.closed
+    with pytest.raises(PoolError, match="closed"):
+        graph.run()
+
+
+def test_a_replay_of_a_pageable_array_locks_it_in_place(big_pool: CudaStreamPool) -> None:
+    pipe = Pipeline(big_pool, lambda x: x * 3, chunk_bytes=128 * ROW_BYTES)
+    data = np.full((ROWS, COLS), 2.0, np.float32)  # ordinary numpy memory
+    out = np.zeros_like(data)
+    with pipe.capture(data, out) as graph:
+        out[:] = 0
+        graph.run()
+        assert np.all(out == 6.0)
+
+
+@pytest.mark.gpu
+def test_an_fn_that_waits_on_the_host_cannot_be_captured() -> None:
+    import cupy
+
+    def syncs(x: Any) -> Any:
+        y = x * 2
+        cupy.cuda.get_current_stream().synchronize()  # refused inside a capture
+        return y
+
+    with CudaStreamPool(backend="cupy") as pool:
+        pipe = Pipeline(pool, syncs, chunk_bytes=64 * ROW_BYTES)
+        data, out = host_arrays(pipe, "cupy")
+        with pytest.raises(ValueError, match="cannot be captured as a CUDA graph"):
+            pipe.capture(data, out)
+        # The pool is usable afterwards, and nothing was left capturing.
+        assert np.array_equal(pipe.run(data, out), data * 2)
+        assert pool.stats().leased == 0
