@@ -366,22 +366,25 @@ class _Call:
         for slot in self.slots:
             slot.x = self.engine.device_empty((step, *data.shape[1:]), data.dtype)
         copy_in = pool.acquire_comm()
+        joined: list[StreamLease] = []
         try:
             with pool.capture(copy_in) as graph:
-                compute = pool.acquire_compute()
-                try:
-                    copy_out = copy_in
-                    if pool._comm.idle:
-                        with contextlib.suppress(PoolExhaustedError):
-                            copy_out = pool.acquire_comm(blocking=False)
-                    try:
-                        self._loop((copy_in, compute, copy_out))
-                    finally:
-                        if copy_out is not copy_in:
-                            copy_out.release()  # joins back: the origin waits for it
-                finally:
-                    compute.release()
+                joined.append(pool.acquire_compute())
+                copy_out = copy_in
+                if pool._comm.idle:
+                    with contextlib.suppress(PoolExhaustedError):
+                        copy_out = pool.acquire_comm(blocking=False)
+                        joined.append(copy_out)
+                self._loop((copy_in, joined[0], copy_out))
+                for lease in reversed(joined):
+                    lease.release()  # joins back: the origin waits for its work
         finally:
+            for lease in joined:
+                if not lease.released:
+                    # A failure left it joined: the capture's end made it a
+                    # plain lease again, which goes back now.
+                    with contextlib.suppress(Exception):
+                        lease.release()
             for slot in self.slots:
                 slot.free(events)
             copy_in.release()

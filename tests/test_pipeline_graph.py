@@ -91,3 +91,28 @@ def test_an_fn_that_waits_on_the_host_cannot_be_captured() -> None:
         # The pool is usable afterwards, and nothing was left capturing.
         assert np.array_equal(pipe.run(data, out), data * 2)
         assert pool.stats().leased == 0
+
+
+def test_a_capture_that_fails_leaves_no_lease_and_no_capture(
+    big_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = Pipeline(big_pool, lambda x: x + 1, chunk_bytes=64 * ROW_BYTES)
+    data, out = host_arrays(pipe, big_pool.backend)
+    pipe.run(data, out)  # the first run, outside the failure
+    calls = [0]
+    copy_in = pipe._engine.copy_in
+
+    def fails_on_the_third(*args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected: a copy that cannot be captured")
+        copy_in(*args)
+
+    monkeypatch.setattr(pipe._engine, "copy_in", fails_on_the_third)
+    monkeypatch.setattr(pipe, "run", lambda data, out=None: out)  # capture's first run
+    with pytest.raises(ValueError, match="cannot be captured as a CUDA graph"):
+        pipe.capture(data, out)
+    monkeypatch.undo()
+    stats = big_pool.stats()
+    assert stats.leased == 0 and stats.events.in_use == 0, stats
+    assert np.array_equal(pipe.run(data, out), data + 1)  # nothing left capturing
