@@ -109,6 +109,16 @@ def pool(backend: str) -> Iterator[CudaStreamPool]:
 
 
 @pytest.fixture
+def big_pool(backend: str) -> Iterator[CudaStreamPool]:
+    """The default shape (4 compute, 2 comm, 1 high) on each backend, closed afterwards."""
+    p = CudaStreamPool(backend=backend)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
 def gpu_pool() -> Iterator[CudaStreamPool]:
     """A cupy pool (2 compute, 1 comm, 1 high) for tests marked ``gpu``, closed afterwards."""
     with CudaStreamPool(

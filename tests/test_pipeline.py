@@ -26,14 +26,6 @@ def double_plus_one(x: Any) -> Any:
     return x * 2 + 1  # numpy on the host backend, CuPy on the GPU
 
 
-@pytest.fixture
-def big_pool(backend: str) -> Iterator[CudaStreamPool]:
-    """The default shape: 4 compute, 2 comm, 1 high-priority stream."""
-    p = CudaStreamPool(backend=backend)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def sample(rows: int = ROWS, cols: int = COLS) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,13 +14,6 @@ ROWS, COLS = 1000, 7
 ROW_BYTES = COLS * 4
 
 
-@pytest.fixture
-def big_pool(backend: str) -> Iterator[CudaStreamPool]:
-    p = CudaStreamPool(backend=backend)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def host_arrays(pipe: Pipeline, backend: str) -> tuple[np.ndarray, np.ndarray]:
