@@ -223,7 +223,8 @@ class PoolCore:
             # Interrupted (KeyboardInterrupt, say): leave the queue, or pass on
             # a stream handed over meanwhile.
             if waiter.stream is None:
-                lane.waiters.remove(waiter)
+                if waiter in lane.waiters:  # close() may have taken it off already
+                    lane.waiters.remove(waiter)
             elif self.closed_reason is None:
                 self._give_back_locked(waiter.stream)
             raise
