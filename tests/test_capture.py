@@ -8,6 +8,7 @@ computes, with CuPy and torch, are in test_capture_gpu.py.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import threading
@@ -28,6 +29,7 @@ from cupystreams import (
     PoolExhaustedError,
     StreamLease,
 )
+from cupystreams._backends import _host
 from cupystreams._backends._host import HostBackend, HostEvent
 
 SLOW_S = 0.05  # a deliberately slow producer: a missing join shows as wrong data
@@ -479,3 +481,56 @@ def test_a_host_capture_that_breaks_cudas_rules_fails_at_its_end(mistake: str) -
     finally:
         for stream in (origin, side):
             backend.destroy_stream(stream)
+
+
+def test_a_synchronize_racing_a_join_into_a_capture_is_refused_not_hung(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another thread pulls a stream into its capture while this one synchronizes it.
+    CUDA either synchronizes first or refuses; it never waits for ever. The host
+    stream's check and its queued mark must be one step: a mark recorded into the
+    capture instead of queued never fires."""
+    backend = HostBackend()
+    origin, side = backend.create_stream(0, True), backend.create_stream(0, True)
+    mark_made, joined = threading.Event(), threading.Event()
+
+    class MarkThatLetsTheJoinIn(_host._Mark):
+        __slots__ = ()
+
+        def __init__(self) -> None:
+            super().__init__()
+            if threading.current_thread().name == "synchronizing" and not mark_made.is_set():
+                mark_made.set()
+                joined.wait()  # the other thread's join lands here, mid-synchronize
+
+    monkeypatch.setattr(_host, "_Mark", MarkThatLetsTheJoinIn)
+    outcome: list[BaseException | None] = []
+
+    def synchronize() -> None:
+        try:
+            backend.synchronize_stream(side)
+            outcome.append(None)
+        except RuntimeError as error:
+            outcome.append(error)
+
+    try:
+        backend.begin_capture(origin)
+        fork = HostEvent(False)
+        backend.record(fork, origin)
+        worker = threading.Thread(target=synchronize, name="synchronizing", daemon=True)
+        worker.start()
+        assert mark_made.wait(10)
+        backend.wait_event(side, fork)  # the capture pulls the stream in
+        joined.set()
+        worker.join(10)
+        assert not worker.is_alive(), "synchronize() hangs on a mark recorded into the capture"
+        assert outcome and outcome[0] is not None and "cannot be synchronized" in str(outcome[0])
+        with pytest.raises(RuntimeError, match="invalid"):
+            backend.end_capture(origin)  # the refused synchronization invalidated it, as in CUDA
+    finally:
+        if backend.is_capturing(origin):
+            with contextlib.suppress(RuntimeError):
+                backend.end_capture(origin)
+        for stream in (origin, side):
+            if not stream._stopped:
+                stream.stop()

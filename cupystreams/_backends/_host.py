@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from .._errors import PoolClosedError
 from ._callbacks import HostCall
@@ -66,13 +66,17 @@ class HostStream:
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
-    def submit(self, task: _Task) -> None:
+    def submit(self, task: _Task, refused: str | None = None) -> None:
+        """Queue ``task``, or record it into the stream's capture; ``refused`` names
+        what a capturing stream refuses instead (checked in the same step)."""
         with self._lock:
             if self._stopped:
                 # A call that raced close(): as a destroyed CUDA stream would
                 # be, this one is unusable, and nothing may wait on it for ever.
                 raise PoolClosedError("the pool is closed; create a new CudaStreamPool")
             capture = self.capture
+            if capture is not None and refused is not None:
+                self._refuse(capture, refused)
             if capture is not None and capture.record_task(self, task):
                 return
             self._submitted += 1
@@ -143,11 +147,14 @@ class HostStream:
         with self._lock:
             capture = self.capture
         if capture is not None:
-            capture.invalidate(f"{what} of {self!r}")
-            raise RuntimeError(
-                f"{self!r} is capturing a graph: it cannot be synchronized or queried "
-                "(that invalidates the capture, as in CUDA); do it after the capture ends"
-            )
+            self._refuse(capture, what)
+
+    def _refuse(self, capture: HostCapture, what: str) -> NoReturn:
+        capture.invalidate(f"{what} of {self!r}")
+        raise RuntimeError(
+            f"{self!r} is capturing a graph: it cannot be synchronized or queried "
+            "(that invalidates the capture, as in CUDA); do it after the capture ends"
+        )
 
     def _run(self) -> None:
         while (task := self._tasks.get()) is not None:
@@ -164,9 +171,10 @@ class HostStream:
             return self._completed == self._submitted
 
     def synchronize(self) -> None:
-        self.refuse_if_capturing("a synchronization")
         mark = _Mark()
-        self.submit(mark.fire)
+        # Checked as the mark is queued: a stream pulled into a capture between
+        # a check and the queueing would record the mark, which never fires.
+        self.submit(mark.fire, refused="a synchronization")
         mark.done.wait()
 
     def stop(self) -> None:
