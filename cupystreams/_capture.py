@@ -64,6 +64,7 @@ import functools
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -142,8 +143,8 @@ class Capture:
         core = pool._core
         if (error := core.closed_error()) is not None:
             raise error
-        # Held during the block only: the capture and its lease class form a
-        # cycle that only the collector breaks, which must not keep the pool.
+        # Held during the block only: whoever keeps the capture object after
+        # its block must not keep the pool.
         self._pool: CudaStreamPool | None = pool
         self._captures = pool._captures
         self._core: PoolCore = core
@@ -468,13 +469,23 @@ def _capturing_now(stream: PooledStream) -> bool:
 
 
 def _joined_lease_class(capture: Capture) -> type[StreamLease]:
+    # Weakly: a class is in a reference cycle of its own, which would keep the
+    # capture (its graph, its origin, the pool's core) until the collector runs.
+    # A lease is joined only while the capture lives; a method that raced the
+    # end of the block (and its class switch) finds a plain lease.
+    capture_ref = weakref.ref(capture)
+
     class JoinedLease(StreamLease):
         """A lease joined to a capture: its work is captured, not run."""
 
         __slots__ = ()  # the same layout, so a lease's class can be switched
 
         def release(self) -> None:
-            capture.release(self)
+            joined = capture_ref()
+            if joined is None:
+                StreamLease.release(self)
+            else:
+                joined.release(self)
 
         def synchronize(self) -> None:
             self._live()
@@ -486,7 +497,9 @@ def _joined_lease_class(capture: Capture) -> type[StreamLease]:
 
         def wait(self, other: object) -> None:
             self._live()
-            capture.check_inside(other)
+            joined = capture_ref()
+            if joined is not None:
+                joined.check_inside(other)
             StreamLease.wait(self, other)
 
         def __repr__(self) -> str:

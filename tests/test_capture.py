@@ -337,8 +337,7 @@ def test_a_second_pool_joins_a_capture_it_did_not_begin() -> None:
 
 
 def test_a_pool_that_captured_is_freed_where_it_is_dropped() -> None:
-    """The capture and its lease class form a cycle that only the collector
-    breaks: it must not hold the pool."""
+    """Nothing a capture leaves behind (the graph, the block) holds the pool."""
     pool = CudaStreamPool(1, 1, 0, backend="host")
     with pool.acquire_comm() as origin:
         with pool.capture(origin) as graph, pool.acquire_compute():
@@ -352,6 +351,27 @@ def test_a_pool_that_captured_is_freed_where_it_is_dropped() -> None:
         assert collected() is None, "a reference cycle keeps a pool that captured"
     finally:
         gc.enable()
+
+
+def test_a_capture_leaves_no_cycle_and_a_graph_dropped_unclosed_is_freed(
+    host_pool: CudaStreamPool,
+) -> None:
+    """After its block, nothing but the user's references may hold the capture: its
+    lease class must not keep it (and with it the graph, the origin and the pool's
+    core) until the cycle collector runs."""
+    with host_pool.acquire_comm() as origin:
+        gc.disable()
+        try:
+            block = host_pool.capture(origin)
+            with block as graph, host_pool.acquire_compute():
+                pass
+            assert graph is not None
+            capture, dropped = weakref.ref(block), weakref.ref(graph)
+            del block, graph
+            assert capture() is None, "a reference cycle keeps the capture after its block"
+            assert dropped() is None, "a graph dropped without close() waits for the collector"
+        finally:
+            gc.enable()
 
 
 def test_affinity_keys_are_refused_inside_a_capture(pool: CudaStreamPool) -> None:
