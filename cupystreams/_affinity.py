@@ -147,16 +147,17 @@ class AffinityTable:
         last = state.last_stream
         if last is not None and last is not stream and last._unrecorded_key is state:
             self.record_end_locked(state, last)  # the key moves away from an idle stream
-        event, state.last_event = state.last_event, None
-        try:
-            if last is stream or event is None:
-                return False
+        event = state.last_event
+        if event is None:
+            return False
+        moved = last is not stream
+        if moved:
+            # Should the wait fail, the key keeps its end for its next lease.
             stream._backend.wait_event(stream._handle, event._handle)
-            return True
-        finally:
-            if event is not None:
-                # CUDA takes the event's state at the wait: it can be reused now.
-                self.events.release(event)
+        state.last_event = None
+        # CUDA takes the event's state at the wait: it can be reused now.
+        self.events.release(event)
+        return moved
 
     def record_end_locked(self, state: KeyState, stream: PooledStream) -> None:
         """Record the end of ``state``'s last lease, which ran on the idle ``stream``."""

@@ -281,6 +281,41 @@ def test_failed_device_wait_in_a_keyed_acquire_loses_nothing(
         assert_all_idle(pool)
 
 
+def test_failed_device_wait_in_a_keyed_acquire_keeps_the_keys_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cudaStreamWaitEvent failing while a key moves streams must not lose the key's
+    recorded end: the key's next lease, on the other stream, still waits for the work
+    of its earlier lease."""
+    gate = threading.Event()  # holds the key's earlier work back
+    with CudaStreamPool(2, 0, 0, backend="host") as pool:
+        try:
+            with pool.acquire_compute(affinity_key="k") as first:
+                first.launch_host_func(gate.wait)
+                first_stream = first.stream
+            # Another holder takes the key's stream (its end is recorded): the key must move.
+            blocker, other = pool.acquire_compute(), pool.acquire_compute()
+            if blocker.stream is not first_stream:
+                blocker, other = other, blocker
+            other.release()
+
+            def failing_wait(stream: object, event: object) -> None:
+                raise RuntimeError("injected: cudaStreamWaitEvent failed")
+
+            monkeypatch.setattr(pool._backend, "wait_event", failing_wait)
+            with pytest.raises(RuntimeError, match="injected"):
+                pool.acquire_compute(affinity_key="k")
+            monkeypatch.undo()
+            with pool.acquire_compute(affinity_key="k") as second:
+                assert second.stream is not first_stream
+                assert not second.query(), "the key's new stream does not wait for its earlier work"
+                gate.set()
+                second.synchronize()
+            blocker.release()
+        finally:
+            gate.set()
+
+
 def test_failed_record_of_a_keys_end_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """cudaEventRecord failing when a key's stream goes to another holder (the moment
     the key's end is recorded): that acquire raises, the stream stays idle and still
