@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
-from ._errors import LeaseError, PoolClosedError, PoolExhaustedError, PoolTimeoutError
+from ._errors import LeaseError, PoolExhaustedError, PoolTimeoutError
 
 if TYPE_CHECKING:
     from ._events import EventPool, PooledEvent
@@ -71,13 +71,14 @@ class AffinityTable:
         thread: int,
         blocking: bool,
         deadline: float | None,
-        closed_error: Callable[[], PoolClosedError | None],
+        sleep: Callable[[float | None], None],
         lane: Lane,
     ) -> KeyState:
         """Mark ``key`` held by ``thread``; wait first come, first served while it is held.
 
-        ``lane.key_waiting`` counts this thread while it waits, so the pool's
-        statistics show threads blocked on a key as waiting.
+        ``sleep(timeout)`` waits (on ``changed``, or not at all) and raises when
+        the pool closed. ``lane.key_waiting`` counts this thread while it
+        waits, so the pool's statistics show threads blocked on a key as waiting.
         """
         keys = self._keys
         try:
@@ -97,7 +98,7 @@ class AffinityTable:
                     raise PoolExhaustedError(
                         f"affinity_key={key!r} is held by a live lease; wait with blocking=True"
                     )
-                self._wait_turn_locked(key, state, deadline, closed_error, lane)
+                self._wait_turn_locked(key, state, deadline, sleep, lane)
             keys.move_to_end(key)
         state.holder = thread
         return state
@@ -107,7 +108,7 @@ class AffinityTable:
         key: Hashable,
         state: KeyState,
         deadline: float | None,
-        closed_error: Callable[[], PoolClosedError | None],
+        sleep: Callable[[float | None], None],
         lane: Lane,
     ) -> None:
         ticket = object()
@@ -120,9 +121,7 @@ class AffinityTable:
                     raise PoolTimeoutError(
                         f"affinity_key={key!r} stayed held by another lease past the timeout"
                     )
-                self.changed.wait(remaining)
-                if (error := closed_error()) is not None:
-                    raise error
+                sleep(remaining)
         finally:
             state.queue.remove(ticket)
             lane.key_waiting -= 1

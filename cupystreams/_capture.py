@@ -282,7 +282,7 @@ class Capture:
         else:
             stream = lease._stream
             assert stream is not None  # a holder's stream, leased to the capture
-            with self._core.lock:
+            with self._core:
                 stream._acquisitions += 1  # a lease handed out, for the statistics
                 lease._serial = stream._acquisitions
         try:
@@ -351,7 +351,7 @@ class Capture:
         holder._entered = None
         holder._key = None
         holder._key_state = None
-        with self._core.lock:
+        with self._core:
             if lease._stream is not stream:
                 raise LeaseError("this lease was already released")
             holder._serial = lease._serial

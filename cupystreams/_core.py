@@ -20,10 +20,13 @@ Locking: one ``threading.Lock`` per pool, ``PoolCore.lock``. It guards:
 
 ``dropped`` is a ``queue.SimpleQueue``, whose ``put`` is safe inside a
 finalizer: a lease dropped without release is queued there and its stream
-returned by whoever holds the lock next (the finalizer itself when it can
-take the lock). A thread waiting for a stream sleeps without the lock, on its
-``Waiter``'s own lock, which a releaser opens once it has handed the stream
-over; a thread waiting for a key sleeps on a condition over the lock. Under
+returned by the finalizer itself when it can take the lock, or else by the
+thread that holds it (a collection inside one of its critical sections), as
+it lets go: every holder leaves through ``unlock()`` (``with core:``), which
+returns them first, and so does a thread before it sleeps. A thread waiting
+for a stream sleeps without the lock, on its ``Waiter``'s own lock, which a
+releaser opens once it has handed the stream over; a thread waiting for a key
+sleeps on a condition over the lock. Under
 the lock the pool calls only the backend's record / wait (to order a key's
 work) and the event pool, whose lock is taken inside this one and never the
 other way round.
@@ -114,8 +117,7 @@ class PoolCore:
         lease = _new_lease(StreamLease)
         lease._stream = None
         lease._entered = None
-        lock = self.lock
-        lock.acquire()
+        self.lock.acquire()
         try:
             if key is None and lane.idle and not lane.waiters and self.closed_reason is None:
                 stream = lane.idle.pop()  # the uncontended case of _take_locked, inlined
@@ -128,7 +130,7 @@ class PoolCore:
             lease._serial = stream._acquisitions  # tags this lease's host-function errors
             lease._stream = stream
         finally:
-            lock.release()
+            self.unlock()
         return lease
 
     def _take_locked(
@@ -143,7 +145,7 @@ class PoolCore:
         try:
             if key is not None:
                 state = self.keys.reserve_locked(
-                    key, _get_ident(), blocking, deadline, self.closed_error, lane
+                    key, _get_ident(), blocking, deadline, self._sleep_for_key_locked, lane
                 )
             try:
                 stream = None
@@ -214,7 +216,7 @@ class PoolCore:
         lane.waiters.append(waiter)
         try:
             remaining = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            self.lock.release()  # asleep without it: releasers must get in
+            self.unlock()  # asleep without it: releasers must get in
             try:
                 waiter.ready.acquire(timeout=remaining)
             finally:
@@ -267,8 +269,7 @@ class PoolCore:
             raise LeaseError(
                 f"{stream!r} is still capturing a CUDA graph; end the capture, then release"
             )
-        lock = self.lock
-        lock.acquire()
+        self.lock.acquire()
         try:
             if lease._stream is not stream:  # another thread's release won
                 raise LeaseError("this lease was already released")
@@ -276,7 +277,7 @@ class PoolCore:
                 self._end_lease_locked(stream, lease._key_state)
             lease._stream = None
         finally:
-            lock.release()
+            self.unlock()
 
     def _end_lease_locked(self, stream: PooledStream, state: KeyState | None) -> None:
         stream._active_ns += perf_counter_ns() - stream._lease_start
@@ -304,12 +305,9 @@ class PoolCore:
         self.dropped.put((stream, state))
         # A finalizer may run on a thread that holds the lock already (a
         # collection inside one of our critical sections): it must not wait
-        # for ever, and the next holder returns the stream instead.
+        # for ever, and that thread returns the stream as it lets go (unlock).
         if self.lock.acquire(timeout=FINALIZER_LOCK_WAIT_S):
-            try:
-                self._drain_dropped_locked()
-            finally:
-                self.lock.release()
+            self.unlock()  # which returns the stream
 
     def _drain_dropped_locked(self) -> None:
         while True:
@@ -319,6 +317,40 @@ class PoolCore:
                 return
             if self.closed_reason is None and stream.state is _LEASED:
                 self._end_lease_locked(stream, state)
+
+    # -- the lock ----------------------------------------------------------------
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unlock()
+
+    def unlock(self) -> None:
+        """Let go of the lock, first returning the streams of leases dropped meanwhile.
+
+        Their finalizers ran on this very thread (a collection inside the
+        critical section) and could not take the lock; nobody else may come
+        to return them, while threads wait for those streams.
+        """
+        try:
+            if not self.dropped.empty():
+                self._drain_dropped_locked()
+        finally:
+            self.lock.release()
+
+    def _sleep_for_key_locked(self, remaining: float | None) -> None:
+        """Wait for a key to change hands (``AffinityTable``); raise if the pool closed.
+
+        Dropped leases are returned instead of sleeping: one may hold the key,
+        and the caller looks at it again.
+        """
+        if self.dropped.empty():
+            self.keys.changed.wait(remaining)
+        else:
+            self._drain_dropped_locked()
+        if (error := self.closed_error()) is not None:
+            raise error
 
     # -- whole-pool operations -----------------------------------------------
 

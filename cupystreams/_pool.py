@@ -140,7 +140,7 @@ class CudaStreamPool:
                     )
                     self._streams.append(stream)
                     handles.append(stream._handle)
-                    with core.lock:
+                    with core:
                         lane.add_locked(stream)
         except BaseException:
             self._finalizer()  # a half-built pool leaves no stream behind
@@ -300,7 +300,7 @@ class CudaStreamPool:
     def stats(self) -> PoolStats:
         """A consistent, frozen snapshot of the pool's occupancy and counters."""
         core = self._core
-        with core.lock:
+        with core:
             closed = core.closed_reason is not None
             kinds = {
                 kind: KindStats(

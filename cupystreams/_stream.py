@@ -116,7 +116,7 @@ class PooledStream:
     @property
     def stats(self) -> StreamStats:
         """A frozen snapshot of this stream's counters."""
-        with self._core.lock:
+        with self._core:
             active_ns = self._active_ns
             if self.state is StreamState.LEASED:
                 active_ns += perf_counter_ns() - self._lease_start
@@ -157,7 +157,7 @@ class PooledStream:
         self._backend.synchronize_stream(self._open_handle())
         # Each error is reported once, to its lease (or to a stream-wide call):
         # a later lease of this stream never sees an earlier lease's failure.
-        with self._core.lock:
+        with self._core:
             errors = self._host_errors
             mine = [entry for entry in errors if owner is None or entry[0] == owner]
             errors[:] = [entry for entry in errors if entry not in mine]
@@ -176,7 +176,7 @@ class PooledStream:
         if not isinstance(event, PooledEvent):
             raise TypeError(f"event={event!r} must be a PooledEvent (from pool.events.acquire())")
         self._backend.wait_event(handle, event._live_handle())
-        with self._core.lock:
+        with self._core:
             self._waits += 1
 
     def launch_host_func(self, fn: Callable[[], None]) -> None:
@@ -200,7 +200,7 @@ class PooledStream:
                     raise device_error
                 fn()
             except BaseException as exc:  # kept for synchronize(), never lost
-                with core.lock:
+                with core:
                     errors.append((owner, exc))
 
         self._backend.launch_host_func(handle, run)

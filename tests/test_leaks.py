@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from reliability_helpers import LiveObjects, live_objects, no_leaks, record_figures
+from reliability_helpers import LiveObjects, live_objects, no_leaks, record_figures, wait_until
 
-from cupystreams import CudaStreamPool, EventPool
+from cupystreams import CudaStreamPool, EventPool, PoolTimeoutError
+from cupystreams._affinity import AffinityTable
 from cupystreams._backends._host import HostBackend
 from cupystreams._core import PoolCore
 
@@ -370,6 +371,43 @@ def test_a_lease_collected_while_its_thread_holds_the_lock_comes_back_next_time(
     with pool.acquire_compute(blocking=False) as lease:
         assert lease.stream is pool._streams[0]
     assert pool.stats().compute.leased == 0
+    pool.close()
+
+
+@pytest.mark.parametrize("waiting_for", ["stream", "key"])
+def test_a_lease_collected_inside_a_critical_section_goes_to_the_thread_waiting_for_it(
+    monkeypatch: pytest.MonkeyPatch, waiting_for: str
+) -> None:
+    """The collection runs inside one of the pool's critical sections (here
+    ``pool.stats()``), so the dropped lease's finalizer cannot take the lock, while
+    another thread waits for that lease's stream (or its key). The stream must reach
+    the waiter when the critical section ends: nobody else may ever come to return it."""
+    pool = CudaStreamPool(1, 1, 0, backend="host")
+    key = "k" if waiting_for == "key" else None
+    cycle: list[Any] = [pool.acquire_compute(affinity_key=key)]
+    cycle.append(cycle)
+    got: list[bool] = []
+
+    def wait_for_it() -> None:
+        with contextlib.suppress(PoolTimeoutError), pool.acquire_compute(key, timeout=10):
+            got.append(True)
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    wait_until(lambda: pool.stats().compute.waiting == 1, timeout=10, what="the thread waits")
+    held_events = AffinityTable.held_events
+
+    def collecting(table: AffinityTable) -> int:
+        gc.collect()  # as if an allocation in the critical section set the collector off
+        return held_events(table)
+
+    monkeypatch.setattr(AffinityTable, "held_events", collecting)
+    with no_collection_here(), pytest.warns(ResourceWarning, match="dropped without release"):
+        del cycle
+        pool.stats()
+        monkeypatch.undo()
+        waiter.join(30)
+    assert got == [True], "the waiter never got the stream of the lease collected under the lock"
     pool.close()
 
 
