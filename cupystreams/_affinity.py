@@ -49,7 +49,9 @@ class AffinityTable:
     waits on ``changed`` (a condition over the pool's lock) until the key is
     free and the caller is first in line. Only idle keys are forgotten (least
     recently used first); a forgotten key starts afresh, without ordering
-    against its old leases.
+    against its old leases. The keys forgotten wait in ``forgotten`` until the
+    pool's lock is let go (``PoolCore.unlock``): a user's key may hold the last
+    reference to the pool, whose finalizer takes the lock.
     """
 
     def __init__(self, max_keys: int, lock: threading.Lock, events: EventPool) -> None:
@@ -57,6 +59,7 @@ class AffinityTable:
         self.changed = threading.Condition(lock)
         self.events = events
         self._keys: OrderedDict[Hashable, KeyState] = OrderedDict()
+        self.forgotten: list[Hashable] = []
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -199,6 +202,7 @@ class AffinityTable:
                     break
         for old_key in victims:
             self._forget_locked(self._keys.pop(old_key))
+        self.forgotten += victims
 
     def _forget_locked(self, state: KeyState) -> None:
         if state.last_stream is not None and state.last_stream._unrecorded_key is state:

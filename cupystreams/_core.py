@@ -331,13 +331,19 @@ class PoolCore:
 
         Their finalizers ran on this very thread (a collection inside the
         critical section) and could not take the lock; nobody else may come
-        to return them, while threads wait for those streams.
+        to return them, while threads wait for those streams. The keys the
+        table forgot meanwhile are let go of after the lock (see ``AffinityTable``).
         """
+        keys = self.keys
         try:
             if not self.dropped.empty():
                 self._drain_dropped_locked()
+            forgotten = keys.forgotten
+            if forgotten:
+                keys.forgotten = []
         finally:
             self.lock.release()
+        del forgotten  # here, if it was the last reference to a key
 
     def _sleep_for_key_locked(self, remaining: float | None) -> None:
         """Wait for a key to change hands (``AffinityTable``); raise if the pool closed.
@@ -376,7 +382,7 @@ class PoolCore:
             for stream in streams:
                 stream.state = StreamState.CLOSED
         finally:
-            self.lock.release()
+            self.unlock()
         return streams
 
 

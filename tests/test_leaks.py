@@ -311,6 +311,32 @@ def test_a_pool_whose_key_leads_back_to_it_is_still_collected() -> None:
     assert ref() is None, "the pool's finalizer keeps the user's key, which keeps the pool"
 
 
+def test_a_pool_whose_last_reference_was_a_forgotten_key_is_closed() -> None:
+    """The key table forgets its least recently used key while the pool's lock is
+    held. When that key held the last reference to the pool, the pool's finalizer
+    must not run under that lock, where it cannot take it to close the pool."""
+
+    class Worker:
+        def __init__(self, pool: CudaStreamPool) -> None:
+            self.pool = pool
+
+    pool = CudaStreamPool(1, 0, 0, backend="host", max_affinity_keys=1)
+    events, worker_thread = pool.events, pool._streams[0]._handle._worker
+    worker = Worker(pool)
+    with pool.acquire_compute(affinity_key=worker):
+        pass
+    lease = pool.acquire_compute(affinity_key="newer")
+    ref = weakref.ref(pool)
+    with no_collection_here():
+        del pool, worker
+        assert ref() is not None, "the key table holds the worker, which holds the pool"
+        lease.release()  # the table forgets the worker's key: the pool's last reference
+        assert ref() is None
+        assert events._closed_reason is not None, "the dropped pool was never closed"
+    worker_thread.join(10)
+    assert not worker_thread.is_alive(), "the dropped pool's stream was never destroyed"
+
+
 def test_a_lease_collected_in_a_cycle_is_released_by_the_collecting_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
