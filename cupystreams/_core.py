@@ -28,8 +28,9 @@ for a stream sleeps without the lock, on its ``Waiter``'s own lock, which a
 releaser opens once it has handed the stream over; a thread waiting for a key
 sleeps on a condition over the lock. Under
 the lock the pool calls only the backend's record / wait (to order a key's
-work) and the event pool, whose lock is taken inside this one and never the
-other way round.
+work), its capture probe (a dropped lease's stream that a capture pulled in
+stays queued until the capture has ended) and the event pool, whose lock is
+taken inside this one and never the other way round.
 """
 
 from __future__ import annotations
@@ -310,13 +311,22 @@ class PoolCore:
             self.unlock()  # which returns the stream
 
     def _drain_dropped_locked(self) -> None:
+        capturing = []
         while True:
             try:
                 stream, state = self.dropped.get_nowait()
             except queue.Empty:
-                return
+                break
             if self.closed_reason is None and stream.state is _LEASED:
-                self._end_lease_locked(stream, state)
+                probe = stream._capture_probe
+                if probe is not None and probe():
+                    # Pulled into a capture (as release() refuses to, this must
+                    # not make it idle): back once the capture has ended.
+                    capturing.append((stream, state))
+                else:
+                    self._end_lease_locked(stream, state)
+        for item in capturing:
+            self.dropped.put(item)
 
     # -- the lock ----------------------------------------------------------------
 

@@ -374,6 +374,27 @@ def test_a_capture_leaves_no_cycle_and_a_graph_dropped_unclosed_is_freed(
             gc.enable()
 
 
+def test_a_lease_dropped_while_its_stream_is_captured_comes_back_after_the_capture(
+    host_pool: CudaStreamPool,
+) -> None:
+    """A plain lease whose stream a capture pulled in (CUDA's cross-stream capture),
+    dropped without release: its finalizer must not make the capturing stream idle,
+    where a plain acquire would queue work into the graph, but return it once the
+    capture has ended."""
+    with host_pool.acquire_comm() as origin:
+        outside = host_pool.acquire_high_priority()  # a plain lease, taken before the capture
+        with host_pool.capture(origin) as graph, host_pool.acquire_compute() as joined:
+            outside.wait(joined)  # its stream joins the capture
+            joined.wait(outside)  # and is joined back through this lease
+            with pytest.warns(ResourceWarning, match="dropped without release"):
+                del outside
+            assert host_pool.stats().high_priority.idle == 0, "a capturing stream went idle"
+        assert graph is not None
+        graph.close()
+    stats = host_pool.stats().high_priority
+    assert (stats.idle, stats.leased) == (1, 0), "the stream did not come back after the capture"
+
+
 def test_affinity_keys_are_refused_inside_a_capture(pool: CudaStreamPool) -> None:
     with pool.acquire_comm() as origin, pool.capture(origin):
         before = pool.stats()
