@@ -437,6 +437,31 @@ def test_a_lease_collected_inside_a_critical_section_goes_to_the_thread_waiting_
     pool.close()
 
 
+def test_a_pool_collected_by_a_host_function_of_its_own_stream_is_closed() -> None:
+    """A collection inside a host function runs on the stream's worker, a thread of
+    the library, and may run the finalizer of the pool that stream belongs to:
+    destroying the stream must not wait for the very thread that destroys it."""
+    pool = CudaStreamPool(1, 0, 0, backend="host")
+    events, worker = pool.events, pool._streams[0]._handle._worker
+    lease = pool.acquire_compute()
+    collected = threading.Event()
+
+    def collect() -> None:
+        gc.collect()
+        collected.set()
+
+    cycle: list[Any] = [pool]
+    cycle.append(cycle)
+    with no_collection_here():
+        del pool, cycle
+        lease.launch_host_func(collect)
+        assert collected.wait(10), "the pool's finalizer waits for the stream that runs it"
+    assert events._closed_reason is not None
+    worker.join(10)
+    assert not worker.is_alive()
+    lease.release()  # a no-op: its pool was closed
+
+
 def test_a_lease_and_its_pool_collected_together(destroyed_on: list[str]) -> None:
     pool = CudaStreamPool(1, 0, 0, backend="host")
     lease = pool.acquire_compute()

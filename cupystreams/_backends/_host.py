@@ -171,6 +171,10 @@ class HostStream:
             return self._completed == self._submitted
 
     def synchronize(self) -> None:
+        if threading.current_thread() is self._worker:
+            # One of its own tasks (a collection there closing the stream's
+            # pool): what came before is done, and waiting for itself never ends.
+            return
         mark = _Mark()
         # Checked as the mark is queued: a stream pulled into a capture between
         # a check and the queueing would record the mark, which never fires.
@@ -181,7 +185,8 @@ class HostStream:
         with self._lock:
             self._stopped = True
             self._tasks.put(None)
-        self._worker.join()
+        if threading.current_thread() is not self._worker:  # as in synchronize()
+            self._worker.join()
 
     def __repr__(self) -> str:
         return f"<HostStream priority={self.priority} thread={self._worker.name}>"
