@@ -205,7 +205,10 @@ class Capture:
         finally:
             _unshadow_acquires(pool)
         if failure is not None and exc is None:
-            raise failure
+            try:
+                raise failure
+            finally:
+                del failure  # see the end of _end
 
     def _end(self, body_failed: bool) -> BaseException | None:
         """End the capture whatever happened; return the error to raise, if any."""
@@ -244,7 +247,13 @@ class Capture:
             elif body_failed:
                 why = "its with block raised"
             self._graph._finish(graph, why)
-        return failure
+        try:
+            return failure
+        finally:
+            # The error's traceback holds this frame, which must not hold the
+            # error: a cycle only the collector breaks would keep every frame
+            # of the call, and the pool in the caller's.
+            del failure, first_error
 
     def _left_message(self, left: list[_Joined]) -> str:
         leases = "; ".join(f"{entry.lease!r} acquired at {entry.where}" for entry in left)

@@ -295,7 +295,10 @@ class CudaStreamPool:
             except Exception as exc:
                 first_error = first_error or exc
         if first_error is not None:
-            raise first_error
+            try:
+                raise first_error
+            finally:
+                del first_error  # its traceback holds this frame, and the frame the pool
 
     def stats(self) -> PoolStats:
         """A consistent, frozen snapshot of the pool's occupancy and counters."""

@@ -162,7 +162,10 @@ class PooledStream:
             mine = [entry for entry in errors if owner is None or entry[0] == owner]
             errors[:] = [entry for entry in errors if entry not in mine]
         if mine:
-            raise mine[0][1]
+            try:
+                raise mine[0][1]
+            finally:
+                del mine  # its traceback holds this frame (and its callers': the pool)
 
     def query(self) -> bool:
         """True when all work queued on the stream has finished."""

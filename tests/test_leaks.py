@@ -14,13 +14,13 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from reliability_helpers import LiveObjects, live_objects, no_leaks, record_figures, wait_until
 
-from cupystreams import CudaStreamPool, EventPool, PoolTimeoutError
+from cupystreams import CudaStreamPool, EventPool, LeaseError, PoolTimeoutError
 from cupystreams._affinity import AffinityTable
 from cupystreams._backends._host import HostBackend
 from cupystreams._core import PoolCore
@@ -291,6 +291,44 @@ def test_a_dropped_pool_is_freed_where_it_is_dropped(destroyed_on: list[str]) ->
         assert ref() is None, "a reference cycle keeps a dropped pool"
         assert events() is None, "a reference cycle keeps a dropped pool's events"
     assert destroyed_on == [threading.current_thread().name] * 4
+
+
+def _capture_leaving_a_lease_joined(pool: CudaStreamPool) -> None:
+    with pool.acquire_comm() as origin:
+        try:
+            with pool.capture(origin):
+                left = pool.acquire_compute()
+        except LeaseError:
+            left.release()
+            return
+    raise AssertionError("the capture did not fail")
+
+
+def _sync_all_after_a_failing_host_function(pool: CudaStreamPool) -> None:
+    with pool.acquire_compute() as lease:
+        lease.launch_host_func(lambda: None if pool.closed else 1 / 0)
+    try:
+        pool.sync_all()
+    except ZeroDivisionError:
+        return
+    raise AssertionError("sync_all() did not raise")
+
+
+@pytest.mark.parametrize(
+    "failure", [_capture_leaving_a_lease_joined, _sync_all_after_a_failing_host_function]
+)
+def test_a_pool_whose_call_failed_is_still_freed_where_it_is_dropped(
+    failure: Callable[[CudaStreamPool], None],
+) -> None:
+    """An error a pool raised and the caller handled must not keep the pool: no
+    frame of the library may hold the error that holds that frame (a cycle that
+    only the collector breaks, which kept every frame of the call, and the pool)."""
+    with no_collection_here():
+        pool = CudaStreamPool(2, 1, 0, backend="host")
+        failure(pool)
+        ref = weakref.ref(pool)
+        del pool
+        assert ref() is None, "the handled error of a failed call keeps the pool"
 
 
 def test_a_pool_whose_key_leads_back_to_it_is_still_collected() -> None:
