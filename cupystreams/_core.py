@@ -310,8 +310,10 @@ class PoolCore:
         if self.lock.acquire(timeout=FINALIZER_LOCK_WAIT_S):
             self.unlock()  # which returns the stream
 
-    def _drain_dropped_locked(self) -> None:
+    def _drain_dropped_locked(self) -> int:
+        """Return the streams of leases dropped unreleased; how many went back."""
         capturing = []
+        returned = 0
         while True:
             try:
                 stream, state = self.dropped.get_nowait()
@@ -325,8 +327,10 @@ class PoolCore:
                     capturing.append((stream, state))
                 else:
                     self._end_lease_locked(stream, state)
+                    returned += 1
         for item in capturing:
             self.dropped.put(item)
+        return returned
 
     # -- the lock ----------------------------------------------------------------
 
@@ -358,13 +362,13 @@ class PoolCore:
     def _sleep_for_key_locked(self, remaining: float | None) -> None:
         """Wait for a key to change hands (``AffinityTable``); raise if the pool closed.
 
-        Dropped leases are returned instead of sleeping: one may hold the key,
-        and the caller looks at it again.
+        Dropped leases are returned first; when one did go back, the caller
+        looks at the key again instead of sleeping (that lease may have held
+        it, and its notification came before this wait). Streams kept queued
+        by a capture do not count, so a waiter never spins on them.
         """
-        if self.dropped.empty():
+        if self.dropped.empty() or not self._drain_dropped_locked():
             self.keys.changed.wait(remaining)
-        else:
-            self._drain_dropped_locked()
         if (error := self.closed_error()) is not None:
             raise error
 
