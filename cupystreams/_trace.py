@@ -123,7 +123,7 @@ class Trace:
         self._events = EventPool(initial_size=0, max_size=256, timing=True, backend=self._backend)
         self._counter = itertools.count()
         # Leases are acquired and released on any thread: _lock guards _open,
-        # _closed, _staged and _counter.
+        # _closed, _staged, _counter and unfinished.
         self._lock = threading.Lock()
         self._open: dict[int, _Open] = {}
         self._staged: set[int] = set()  # leases whose stages are spans: not spans themselves
@@ -203,7 +203,8 @@ class Trace:
             self._closed.append((entry, end))
 
     def _drop(self, entry: _Open) -> None:
-        self.unfinished += 1
+        with self._lock:
+            self.unfinished += 1
         self._events.release(entry.start)
         if self._nvtx is not None:
             self._nvtx.end_range(entry.nvtx_range)
