@@ -370,11 +370,9 @@ class _Call:
         try:
             with pool.capture(copy_in) as graph:
                 joined.append(pool.acquire_compute())
-                copy_out = copy_in
-                if pool._comm.idle:
-                    with contextlib.suppress(PoolExhaustedError):
-                        copy_out = pool.acquire_comm(blocking=False)
-                        joined.append(copy_out)
+                copy_out = _copy_out_lease(pool, copy_in)
+                if copy_out is not copy_in:
+                    joined.append(copy_out)
                 self._loop((copy_in, joined[0], copy_out))
                 for lease in reversed(joined):
                     lease.release()  # joins back: the origin waits for its work
@@ -400,14 +398,7 @@ class _Call:
             return lease, lease, lease
         copy_in = pool.acquire_comm()
         try:
-            copy_out = copy_in
-            # Never block for the second: two runs each holding one comm
-            # stream and waiting for the other would deadlock. A glance at
-            # the idle list first (a hint, read without the lock) keeps
-            # exhaustions out of the pool's counters.
-            if pool._comm.idle:
-                with contextlib.suppress(PoolExhaustedError):
-                    copy_out = pool.acquire_comm(blocking=False)
+            copy_out = _copy_out_lease(pool, copy_in)
             try:
                 compute = pool.acquire_compute()
             except BaseException:
@@ -524,6 +515,19 @@ class _Call:
             trace._stage_end(span, "copy-out")
         engine.record(slot.ev_out, copy_out)
         slot.last = slot.ev_out
+
+
+def _copy_out_lease(pool: CudaStreamPool, copy_in: StreamLease) -> StreamLease:
+    """A second comm lease for the copy-out if one is idle now, else ``copy_in`` itself.
+
+    Never blocks for the second: two runs each holding one comm stream and
+    waiting for the other would deadlock. A glance at the idle list first (a
+    hint, read without the lock) keeps exhaustions out of the pool's counters.
+    """
+    if pool._comm.idle:
+        with contextlib.suppress(PoolExhaustedError):
+            return pool.acquire_comm(blocking=False)
+    return copy_in
 
 
 class PipelineGraph:
