@@ -87,9 +87,7 @@ class PoolCore:
         self.closed_reason: str | None = None
         self.timeouts = 0
         self.exhaustions = 0
-        self.dropped: queue.SimpleQueue[tuple[PooledStream, KeyState | None]] = (
-            queue.SimpleQueue()
-        )
+        self.dropped: queue.SimpleQueue[tuple[PooledStream, KeyState | None]] = queue.SimpleQueue()
 
     def closed_error(self) -> PoolClosedError | None:
         """The error a use of the pool should raise now, or None while it is open."""

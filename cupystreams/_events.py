@@ -83,8 +83,10 @@ class PooledEvent:
     def _record(self, stream: object, argument: str) -> None:
         handle = self._live_handle()
         backend = self._pool._backend
-        target = backend.current_stream() if stream is None else resolve_stream(
-            backend, stream, argument
+        target = (
+            backend.current_stream()
+            if stream is None
+            else resolve_stream(backend, stream, argument)
         )
         backend.record(handle, target)
 

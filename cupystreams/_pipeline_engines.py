@@ -178,6 +178,18 @@ class Engine(Protocol):
         """Queue ``fn(x)`` on ``lease`` (its stream current while ``fn`` runs)."""
         ...
 
+    def gather(
+        self,
+        lease: StreamLease,
+        result: Pending,
+        into: Any,
+        check: Callable[[Any], None],
+        state: RunState,
+    ) -> None:
+        """Queue, on ``lease`` after ``fn``, the copy of its result into device ``into``
+        (rows of a copy group's buffer), once ``check(result)`` accepted it."""
+        ...
+
     def copy_out(
         self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
     ) -> None:
@@ -203,6 +215,7 @@ class CupyEngine:
         self._event_synchronize = runtime.eventSynchronize
         self._to_device = runtime.memcpyHostToDevice
         self._to_host = runtime.memcpyDeviceToHost
+        self._on_device = runtime.memcpyDeviceToDevice
         # Page-locked host memory: the copy engines read and write it directly.
         self._pinned = runtime.memoryTypeHost
 
@@ -286,6 +299,19 @@ class CupyEngine:
             self._backend.exit(token)
         return Pending(y)
 
+    def gather(
+        self,
+        lease: StreamLease,
+        result: Pending,
+        into: Any,
+        check: Callable[[Any], None],
+        state: RunState,
+    ) -> None:
+        y = result.value
+        check(y)
+        ptr = stream_of(lease).ptr
+        self._memcpy(into.data.ptr, y.data.ptr, y.nbytes, self._on_device, ptr)
+
     def copy_out(
         self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
     ) -> None:
@@ -367,6 +393,21 @@ class HostEngine:
 
         self._queue(lease, state, task)
         return result
+
+    def gather(
+        self,
+        lease: StreamLease,
+        result: Pending,
+        into: Any,
+        check: Callable[[Any], None],
+        state: RunState,
+    ) -> None:
+        def task() -> None:
+            y = result.value
+            check(y)
+            np.copyto(into, y)
+
+        self._queue(lease, state, task)
 
     def copy_out(
         self, lease: StreamLease, result: Pending, destination: Destination, state: RunState

@@ -28,10 +28,11 @@ as host functions on the leases' simulated streams, in stream order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -51,13 +52,22 @@ from ._pipeline_engines import (
 from ._pool import CudaStreamPool
 from ._validate import check_flag, check_int
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Pipeline", "PipelineGraph"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_MIN_COPY_BYTES", "Pipeline", "PipelineGraph"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+#: Copies move at least this much when chunks are smaller: on an H200, a 64 KiB
+#: copy costs about 4 µs of copy engine, about what 1 MiB of bandwidth costs.
+DEFAULT_MIN_COPY_BYTES = 1 << 20
+#: The most compute leases a captured graph spreads a group's chunks over.
+GRAPH_COMPUTE_LEASES = 4
 
 
 class _Slot:
-    """One chunk in flight: its buffers, the events between its stages."""
+    """One copy group in flight: its buffers, and the events between its stages.
+
+    A group is one chunk, or several consecutive ones that are copied in and
+    out together (``Pipeline``'s ``min_copy_bytes``).
+    """
 
     __slots__ = (
         "busy",
@@ -65,8 +75,8 @@ class _Slot:
         "ev_comp",
         "ev_in",
         "ev_out",
-        "last",
-        "result",
+        "gathered",
+        "results",
         "stage_in",
         "stage_in_ptr",
         "stage_out",
@@ -74,23 +84,32 @@ class _Slot:
         "x",
     )
 
-    def __init__(self, events: EventPool) -> None:
-        self.ev_in: PooledEvent = events.acquire()
-        self.ev_comp: PooledEvent = events.acquire()
-        self.ev_out: PooledEvent = events.acquire()
-        self.last: PooledEvent | None = None  # the latest event recorded for this slot
+    def __init__(self, events: EventPool, computes: int) -> None:
+        taken: list[PooledEvent] = []
+        try:
+            for _ in range(computes + 2):
+                taken.append(events.acquire())
+        except BaseException:
+            for event in taken:
+                events.release(event)
+            raise
+        self.ev_in: PooledEvent = taken[0]
+        self.ev_out: PooledEvent = taken[1]
+        self.ev_comp: list[PooledEvent] = taken[2:]  # one per compute lease of the run
         self.busy = False
-        self.x: Any = None  # device input buffer, reused chunk after chunk
+        self.x: Any = None  # device input buffer, reused group after group
+        self.gathered: Any = None  # device buffer a group's results are gathered into
         self.stage_in: np.ndarray | None = None
         self.stage_out: np.ndarray | None = None
         self.stage_in_ptr = self.stage_out_ptr = 0  # their addresses, read once
-        self.result: Pending | None = None  # kept alive until its copy-out is done
+        self.results: list[Pending] = []  # kept alive until their copy-out is done
         self.copy_back: tuple[np.ndarray, np.ndarray] | None = None  # (dst, staged)
 
     def free(self, events: EventPool) -> None:
-        for event in (self.ev_in, self.ev_comp, self.ev_out):
+        for event in (self.ev_in, self.ev_out, *self.ev_comp):
             events.release(event)
-        self.x = self.stage_in = self.stage_out = self.result = self.copy_back = None
+        self.x = self.gathered = self.stage_in = self.stage_out = self.copy_back = None
+        self.results = []
 
 
 class _Output:
@@ -117,26 +136,41 @@ class _Output:
         self.ptr = out.ctypes.data if out is not None and self.direct else 0
 
     def view(self, y: Any, start: int, stop: int) -> np.ndarray:
-        """Where fn's result ``y`` for rows ``start:stop`` goes; checks its shape."""
-        rows = stop - start
-        shape = tuple(y.shape)
-        if not shape or shape[0] != rows:
-            raise ValueError(
-                f"fn returned shape {shape} for a chunk of {rows} rows; fn must return "
-                "one row per input row (the same first dimension)"
-            )
+        """Where fn's result ``y`` for rows ``start:stop`` goes; checks it first.
+
+        The first result allocates the output when the caller passed none.
+        """
+        _check_rows(y, start, stop)
         with self._lock:
             if self.array is None:
+                shape = tuple(y.shape)
                 self.array = self._engine.host_empty((self._rows, *shape[1:]), np.dtype(y.dtype))
                 self.ptr = self.array.ctypes.data
+        self.check(y, start, stop)
+        return self.array[start:stop]
+
+    def check(self, y: Any, start: int, stop: int) -> None:
+        """Refuse a result for rows ``start:stop`` that does not fit the output."""
+        _check_rows(y, start, stop)
         out = self.array
+        assert out is not None  # allocated by the first result's view()
+        shape = tuple(y.shape)
         if out.shape[1:] != shape[1:] or out.dtype != y.dtype:
             raise ValueError(
                 f"fn returned {y.dtype} rows of shape {shape[1:]} for rows {start}:{stop}, but "
                 f"the output holds {out.dtype} rows of shape {out.shape[1:]}; fn must return "
                 "the same dtype and row shape for every chunk (and match out=)"
             )
-        return out[start:stop]
+
+
+def _check_rows(y: Any, start: int, stop: int) -> None:
+    rows = stop - start
+    shape = tuple(y.shape)
+    if not shape or shape[0] != rows:
+        raise ValueError(
+            f"fn returned shape {shape} for a chunk of {rows} rows; fn must return "
+            "one row per input row (the same first dimension)"
+        )
 
 
 class Pipeline:
@@ -154,9 +188,15 @@ class Pipeline:
             with ``__cuda_array_interface__`` / ``__dlpack__``). On the host
             backend it runs on the stream's worker thread and returns numpy.
         chunk_bytes: Bytes of input per chunk (whole rows; at least one row).
-        max_in_flight: Chunks queued at once; each holds a device input buffer,
-            its result, and staging buffers for pageable arrays. Four keeps three
-            stages busy with a chunk of slack.
+        max_in_flight: Copy groups queued at once; each holds a device input
+            buffer, its results, and staging buffers for pageable arrays. Four
+            keeps three stages busy with a group of slack.
+        min_copy_bytes: Chunks smaller than this are copied to and from the
+            device in groups of consecutive chunks moving at least this many
+            bytes (fn still sees one chunk at a time; its results are gathered
+            on the device into one buffer per group). A copy has a fixed cost
+            of a few microseconds, on the host and on the copy engine, which
+            dominates small chunks. 0: one copy per chunk.
         page_lock: Page-lock a pageable ``data`` or ``out`` in place
             (``cudaHostRegister``) the second time a run sees it, and copy
             straight from and into it from then on; the first time, and with
@@ -167,8 +207,8 @@ class Pipeline:
     Leases: a run holds its leases from start to end, as a loop written by
     hand holds its streams — a comm lease for copy-in, a second comm lease
     for copy-out when one is idle (else both directions share the first),
-    and a compute lease; ``run_serial`` holds one compute lease. Per chunk it
-    only records and waits on events.
+    and a compute lease; ``run_serial`` holds one compute lease. Per copy
+    group it only records and waits on events; per chunk it calls ``fn``.
 
     Thread safety: ``run`` and ``run_serial`` may be called from several threads
     at once; each call keeps its own buffers and waits for leases like any
@@ -182,6 +222,7 @@ class Pipeline:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_in_flight: int = 4,
+        min_copy_bytes: int = DEFAULT_MIN_COPY_BYTES,
         page_lock: bool = True,
     ) -> None:
         if not isinstance(pool, CudaStreamPool):
@@ -198,6 +239,7 @@ class Pipeline:
         self.fn = fn
         self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, least=1)
         self.max_in_flight = check_int("max_in_flight", max_in_flight, least=1)
+        self.min_copy_bytes = check_int("min_copy_bytes", min_copy_bytes, least=0)
         self.page_lock = check_flag("page_lock", page_lock)
         backend = pool._backend
         self._engine: Engine = (
@@ -309,8 +351,19 @@ class Pipeline:
         )
 
 
+class _Leases(NamedTuple):
+    """The leases a run holds from start to end (one lease may fill several roles)."""
+
+    copy_in: StreamLease
+    computes: tuple[StreamLease, ...]  # a group's chunks take them in turn
+    copy_out: StreamLease
+
+    def each(self) -> list[StreamLease]:
+        return list(dict.fromkeys((self.copy_in, *self.computes, self.copy_out)))
+
+
 class _Call:
-    """One ``run``/``run_serial`` call: its chunks, slots, output and failure state."""
+    """One ``run``/``run_serial`` call: its copy groups, slots, output and failure state."""
 
     def __init__(
         self, pipe: Pipeline, data: np.ndarray, step: int, output: _Output, serial: bool
@@ -321,10 +374,23 @@ class _Call:
         self.data = data
         self.step = step
         rows = data.shape[0]
-        self.chunks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+        chunks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+        # Small chunks are copied in groups: each copy has a fixed cost (a few
+        # microseconds of host and copy engine) that would dominate small ones.
+        chunk_bytes = step * data.itemsize * math.prod(data.shape[1:])
+        wanted = 1 if serial else -(-pipe.min_copy_bytes // max(1, chunk_bytes))
+        self.per_group = max(1, min(wanted, len(chunks)))
+        first = 0
+        if self.per_group > 1 and output.array is None:
+            # Results are gathered into a buffer of the output's dtype, which
+            # the first chunk's result decides: that chunk goes alone.
+            first = 1
+        self.groups = [chunks[:first]] if first else []
+        step_groups = range(first, len(chunks), self.per_group)
+        self.groups += [chunks[i : i + self.per_group] for i in step_groups]
         self.output = output
         self.serial = serial
-        self.count = 1 if serial else min(pipe.max_in_flight, len(self.chunks))
+        self.count = 1 if serial else min(pipe.max_in_flight, len(self.groups))
         self.slots: list[_Slot] = []
         self.state = RunState()
         self.trace = pipe.pool._trace  # a traced pool gets a span per stage of each chunk
@@ -334,21 +400,19 @@ class _Call:
         self.graph_results: list[Any] | None = None
 
     def execute(self) -> None:
-        events = self.pool.events
         leases = self._acquire_leases()
         try:
             self._loop(leases)
         except BaseException as exc:
             self.state.fail(exc)  # queued host-backend stages skip their work
-            for slot in self.slots:
-                if slot.last is not None:
-                    with contextlib.suppress(Exception):
-                        self.engine.synchronize(slot.last)  # no buffer is freed under a copy
+            for lease in leases.each():
+                with contextlib.suppress(Exception):
+                    lease.synchronize()  # no buffer is freed under a copy or a kernel
             raise
         finally:
             for slot in self.slots:
-                slot.free(events)
-            for lease in dict.fromkeys(leases):  # each once: copy_out may share copy_in's
+                slot.free(self.pool.events)
+            for lease in leases.each():
                 lease.release()
 
     def capture_graph(self) -> tuple[CapturedGraph, list[Any]]:
@@ -356,24 +420,34 @@ class _Call:
 
         The copy-in lease is the capture's origin; the compute and copy-out
         leases are acquired inside the capture, so they join it, and released
-        inside it, so they join back. Events and device buffers are taken
-        before the capture begins (none may be created during it).
+        inside it, so they join back. Besides the one compute lease it needs,
+        the capture takes up to ``GRAPH_COMPUTE_LEASES`` that are idle, and
+        gives each a group's chunks in turn: in a graph, kernels on one stream
+        run one after another, kernels on several side by side. Events and
+        device buffers are taken before the capture begins (none may be
+        created during it).
         """
         pool, events = self.pool, self.pool.events
         self.graph_results = []
-        self.slots = [_Slot(events) for _ in range(self.count)]
-        step, data = self.step, self.data
+        most = min(GRAPH_COMPUTE_LEASES, pool._compute.capacity, self.per_group)
+        self.slots = [_Slot(events, most) for _ in range(self.count)]
         for slot in self.slots:
-            slot.x = self.engine.device_empty((step, *data.shape[1:]), data.dtype)
+            self._buffers(slot)
         copy_in = pool.acquire_comm()
         joined: list[StreamLease] = []
         try:
             with pool.capture(copy_in) as graph:
                 joined.append(pool.acquire_compute())
+                while len(joined) < most and pool._compute.idle:  # a hint, as below
+                    try:
+                        joined.append(pool.acquire_compute(blocking=False))
+                    except PoolExhaustedError:
+                        break
+                computes = tuple(joined)
                 copy_out = _copy_out_lease(pool, copy_in)
                 if copy_out is not copy_in:
                     joined.append(copy_out)
-                self._loop((copy_in, joined[0], copy_out))
+                self._loop(_Leases(copy_in, computes, copy_out))
                 for lease in reversed(joined):
                     lease.release()  # joins back: the origin waits for its work
         finally:
@@ -383,19 +457,20 @@ class _Call:
                     # plain lease again, which goes back now.
                     with contextlib.suppress(Exception):
                         lease.release()
+            kept = [buffer for slot in self.slots for buffer in (slot.x, slot.gathered)]
             for slot in self.slots:
                 slot.free(events)
             copy_in.release()
         assert graph is not None  # the origin is a lease: the capture began here
-        return graph, [slot.x for slot in self.slots] + self.graph_results
+        return graph, kept + self.graph_results
 
-    def _acquire_leases(self) -> tuple[StreamLease, StreamLease, StreamLease]:
-        """(copy-in, compute, copy-out) leases held for the whole run, as a loop by
-        hand holds its streams: per chunk, leasing would cost more than the copies."""
+    def _acquire_leases(self) -> _Leases:
+        """The leases held for the whole run, as a loop by hand holds its streams:
+        per chunk, leasing would cost more than the copies."""
         pool = self.pool
         if self.serial:
             lease = pool.acquire_compute()
-            return lease, lease, lease
+            return _Leases(lease, (lease,), lease)
         copy_in = pool.acquire_comm()
         try:
             copy_out = _copy_out_lease(pool, copy_in)
@@ -408,30 +483,45 @@ class _Call:
         except BaseException:
             copy_in.release()
             raise
-        return copy_in, compute, copy_out
+        return _Leases(copy_in, (compute,), copy_out)
 
-    def _loop(self, leases: tuple[StreamLease, StreamLease, StreamLease]) -> None:
-        engine, data, step = self.engine, self.data, self.step
-        row_shape = data.shape[1:]
+    def _buffers(self, slot: _Slot) -> None:
+        """Give ``slot`` its device buffers: input, and gathered results for groups."""
+        data = self.data
+        rows = self.per_group * self.step
+        if slot.x is None:
+            slot.x = self.engine.device_empty((rows, *data.shape[1:]), data.dtype)
+        out = self.output.array
+        if slot.gathered is None and self.per_group > 1 and out is not None:
+            slot.gathered = self.engine.device_empty((rows, *out.shape[1:]), out.dtype)
+
+    def _loop(self, leases: _Leases) -> None:
+        engine, data = self.engine, self.data
+        rows_per_group = self.per_group * self.step
         direct_in = engine.make_direct(data)
         # Addresses by arithmetic: direct arrays are C-contiguous.
         base, row_bytes = (data.ctypes.data, data.strides[0]) if direct_in else (0, 0)
-        for index, (start, stop) in enumerate(self.chunks):
+        for index, group in enumerate(self.groups):
+            start, stop = group[0][0], group[-1][1]
+            if self.per_group > 1 and self.output.array is None and index:
+                # The first chunk's result allocates the output (on the host
+                # backend, on a worker thread): later groups gather into its dtype.
+                for slot in self.slots:
+                    self._retire(slot)
             if len(self.slots) < self.count:
-                self.slots.append(_Slot(self.pool.events))
+                self.slots.append(_Slot(self.pool.events, len(leases.computes)))
             slot = self.slots[index % self.count]
-            self._retire(slot, leases[0])  # bounds the chunks in flight
+            self._retire(slot, leases.copy_in)  # bounds the groups in flight
             src = data[start:stop]
             src_ptr = base + start * row_bytes
             if not direct_in:
                 if slot.stage_in is None:
-                    slot.stage_in = engine.host_empty((step, *row_shape), data.dtype)
+                    slot.stage_in = engine.host_empty((rows_per_group, *data.shape[1:]), data.dtype)
                     slot.stage_in_ptr = slot.stage_in.ctypes.data
                 src, src_ptr = slot.stage_in[: stop - start], slot.stage_in_ptr
                 host_copy(src, data[start:stop])
-            if slot.x is None:
-                slot.x = engine.device_empty((step, *row_shape), data.dtype)
-            self._stages(slot, src, src_ptr, self._destination(slot, start, stop), leases)
+            self._buffers(slot)
+            self._stages(slot, group, src, src_ptr, leases)
             if self.serial:
                 self._retire(slot)  # as a blocking .get() would
         for slot in self.slots:
@@ -447,7 +537,7 @@ class _Call:
                 return view, output.ptr + start * output.array.strides[0]
             if slot.stage_out is None:
                 slot.stage_out = self.engine.host_empty(
-                    (self.step, *view.shape[1:]), np.dtype(view.dtype)
+                    (self.per_group * self.step, *view.shape[1:]), np.dtype(view.dtype)
                 )
                 slot.stage_out_ptr = slot.stage_out.ctypes.data
             staged = slot.stage_out[: stop - start]
@@ -457,7 +547,7 @@ class _Call:
         return destination
 
     def _retire(self, slot: _Slot, copy_in: StreamLease | None = None) -> None:
-        """Wait until the slot's chunk is back on the host, then free the slot.
+        """Wait until the slot's group is back on the host, then free the slot.
 
         In a capture, ``copy_in`` waits on the device instead (None at the end
         of the run: the capture's join-back orders what is left).
@@ -465,56 +555,68 @@ class _Call:
         if slot.busy and self.graph_results is not None:
             if copy_in is not None:
                 self.engine.wait(copy_in, slot.ev_out)
-            self.graph_results.append(slot.result)
-            slot.result = None
+            self.graph_results += slot.results
+            slot.results = []
             slot.busy = False
         elif slot.busy:
             self.engine.synchronize(slot.ev_out)
             if slot.copy_back is not None:
                 host_copy(*slot.copy_back)
             slot.copy_back = None
-            slot.result = None  # the device may reuse the result's memory now
+            slot.results = []  # the device may reuse the results' memory now
             slot.busy = False
         self.state.check()
 
     def _stages(
         self,
         slot: _Slot,
+        group: list[tuple[int, int]],
         src: np.ndarray,
         src_ptr: int,
-        destination: Destination,
-        leases: tuple[StreamLease, StreamLease, StreamLease],
+        leases: _Leases,
     ) -> None:
-        copy_in, compute, copy_out = leases
-        engine, state, trace = self.engine, self.state, self.trace
-        x = slot.x if src.shape[0] == self.step else slot.x[: src.shape[0]]
+        copy_in, copy_out = leases.copy_in, leases.copy_out
+        engine, state, trace, fn = self.engine, self.state, self.trace, self.fn
+        start, stop = group[0][0], group[-1][1]
+        x = slot.x if stop - start == slot.x.shape[0] else slot.x[: stop - start]
         span = None if trace is None else trace._stage_begin(copy_in)
         engine.copy_in(copy_in, x, src, src_ptr, state)
         if span is not None and trace is not None:
             trace._stage_end(span, "copy-in")
         engine.record(slot.ev_in, copy_in)
-        slot.last = slot.ev_in
         slot.busy = True
-        if compute is not copy_in:
-            engine.wait(compute, slot.ev_in)
-        if trace is not None:
-            span = trace._stage_begin(compute)  # after the wait: the stage, not its wait
+        computes = leases.computes[: len(group)]
+        for compute in computes:
+            if compute is not copy_in:
+                engine.wait(compute, slot.ev_in)
+        gathered = None if len(group) == 1 else slot.gathered[: stop - start]
         try:
-            slot.result = engine.compute(compute, self.fn, x, state)
+            for index, (first, last) in enumerate(group):
+                compute = computes[index % len(computes)]
+                span = None if trace is None else trace._stage_begin(compute)
+                if gathered is None:
+                    slot.results.append(engine.compute(compute, fn, x, state))
+                else:
+                    rows = slice(first - start, last - start)
+                    result = engine.compute(compute, fn, x[rows], state)
+                    slot.results.append(result)
+                    check = functools.partial(self.output.check, start=first, stop=last)
+                    engine.gather(compute, result, gathered[rows], check, state)
+                if span is not None and trace is not None:
+                    trace._stage_end(span, "compute")
         finally:
             # Also after a failure: fn may have queued work that reads x.
-            engine.record(slot.ev_comp, compute)
-            slot.last = slot.ev_comp
-        if copy_out is not compute:
-            engine.wait(copy_out, slot.ev_comp)
-        if span is not None and trace is not None:
-            trace._stage_end(span, "compute")
-            span = trace._stage_begin(copy_out)
-        engine.copy_out(copy_out, slot.result, destination, state)
+            for compute, event in zip(computes, slot.ev_comp, strict=False):
+                engine.record(event, compute)
+        for compute, event in zip(computes, slot.ev_comp, strict=False):
+            if copy_out is not compute:
+                engine.wait(copy_out, event)
+        span = None if trace is None else trace._stage_begin(copy_out)
+        result = slot.results[0] if gathered is None else Pending(gathered)
+        engine.copy_out(copy_out, result, self._destination(slot, start, stop), state)
         if span is not None and trace is not None:
             trace._stage_end(span, "copy-out")
         engine.record(slot.ev_out, copy_out)
-        slot.last = slot.ev_out
 
 
 def _copy_out_lease(pool: CudaStreamPool, copy_in: StreamLease) -> StreamLease:

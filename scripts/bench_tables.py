@@ -100,8 +100,7 @@ class Figures:
 
 def _rows(figures: Figures, ids: list[str]) -> list[list[str]]:
     return [
-        [code(i), figures.by_id[i]["name"], figures.shown(i), figures.by_id[i]["note"]]
-        for i in ids
+        [code(i), figures.by_id[i]["name"], figures.shown(i), figures.by_id[i]["note"]] for i in ids
     ]
 
 
@@ -167,15 +166,23 @@ def render_sweep(f: Figures) -> str:
             [
                 code(i),
                 share("pool_efficiency"),
+                share("per_chunk_efficiency"),
                 share("hand_efficiency"),
                 share("replay_efficiency"),
                 per_chunk,
             ]
         )
     for i in f.ids("pipeline.pageable_"):
-        rows.append([code(i), f.shown(i), "", "", f.by_id[i]["note"]])
-    header = ["id", "Pipeline.run", "by hand", "graph replay", "Pipeline.run per chunk"]
-    return table(header, rows, right=[1, 2, 3, 4])
+        rows.append([code(i), f.shown(i), "", "", "", f.by_id[i]["note"]])
+    header = [
+        "id",
+        "Pipeline.run",
+        "a copy per chunk",
+        "by hand",
+        "graph replay",
+        "Pipeline.run per chunk",
+    ]
+    return table(header, rows, right=[1, 2, 3, 4, 5])
 
 
 def render_graphs(f: Figures) -> str:

@@ -26,6 +26,11 @@ def double_plus_one(x: Any) -> Any:
     return x * 2 + 1  # numpy on the host backend, CuPy on the GPU
 
 
+@pytest.fixture(params=[0, 300 * ROW_BYTES], ids=["copy-per-chunk", "copy-groups"])
+def min_copy(request: pytest.FixtureRequest) -> int:
+    """A copy per chunk, or chunks copied in groups of about 300 rows (a few
+    groups in flight, and a last group and chunk shorter than the others)."""
+    return int(request.param)
 
 
 def sample(rows: int = ROWS, cols: int = COLS) -> np.ndarray:
@@ -40,9 +45,15 @@ def check_nothing_held(pool: CudaStreamPool, pipe: Pipeline) -> None:
     assert pipe.buffers_in_use == 0
 
 
-def test_run_equals_serial_and_reference(big_pool: CudaStreamPool) -> None:
+def test_run_equals_serial_and_reference(big_pool: CudaStreamPool, min_copy: int) -> None:
     data = sample()
-    pipe = Pipeline(big_pool, double_plus_one, chunk_bytes=64 * ROW_BYTES, max_in_flight=3)
+    pipe = Pipeline(
+        big_pool,
+        double_plus_one,
+        chunk_bytes=64 * ROW_BYTES,
+        max_in_flight=3,
+        min_copy_bytes=min_copy,
+    )
     out = pipe.run(data)
     serial = pipe.run_serial(data)
     assert out.shape == data.shape and out.dtype == np.float32
@@ -59,30 +70,32 @@ def test_chunks_of_one_row_and_one_chunk(big_pool: CudaStreamPool) -> None:
     assert np.array_equal(whole.run(data), data * 2 + 1)
 
 
-def test_fn_may_change_dtype_and_row_shape(big_pool: CudaStreamPool) -> None:
+def test_fn_may_change_dtype_and_row_shape(big_pool: CudaStreamPool, min_copy: int) -> None:
     data = sample()
 
     def first_two_columns_as_float64(x: Any) -> Any:
         return (x[:, :2] * 3).astype(np.float64)
 
-    pipe = Pipeline(big_pool, first_two_columns_as_float64, chunk_bytes=100 * ROW_BYTES)
+    pipe = Pipeline(
+        big_pool, first_two_columns_as_float64, chunk_bytes=100 * ROW_BYTES, min_copy_bytes=min_copy
+    )
     out = pipe.run(data)
     assert out.dtype == np.float64 and out.shape == (ROWS, 2)
     assert np.array_equal(out, (data[:, :2] * 3).astype(np.float64))
     assert np.array_equal(out, pipe.run_serial(data))
 
 
-def test_out_is_filled_and_returned(big_pool: CudaStreamPool) -> None:
+def test_out_is_filled_and_returned(big_pool: CudaStreamPool, min_copy: int) -> None:
     data = sample()
-    pipe = Pipeline(big_pool, double_plus_one, chunk_bytes=128 * ROW_BYTES)
+    pipe = Pipeline(big_pool, double_plus_one, chunk_bytes=128 * ROW_BYTES, min_copy_bytes=min_copy)
     out = np.full_like(data, np.nan)
     assert pipe.run(data, out=out) is out
     assert np.array_equal(out, data * 2 + 1)
 
 
-def test_a_pool_with_one_comm_stream_still_works(backend: str) -> None:
+def test_a_pool_with_one_comm_stream_still_works(backend: str, min_copy: int) -> None:
     with CudaStreamPool(1, 1, 0, backend=backend) as pool:
-        pipe = Pipeline(pool, double_plus_one, chunk_bytes=50 * ROW_BYTES)
+        pipe = Pipeline(pool, double_plus_one, chunk_bytes=50 * ROW_BYTES, min_copy_bytes=min_copy)
         data = sample()
         assert np.array_equal(pipe.run(data), data * 2 + 1)
         check_nothing_held(pool, pipe)
@@ -103,10 +116,12 @@ def failing_on(chunk_start: float) -> tuple[Callable[[Any], Any], Boom]:
     return fn, error
 
 
-def test_exception_in_fn_propagates_and_frees_everything(big_pool: CudaStreamPool) -> None:
+def test_exception_in_fn_propagates_and_frees_everything(
+    big_pool: CudaStreamPool, min_copy: int
+) -> None:
     data = np.arange(ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS)
     fn, error = failing_on(float(data[500, 0]))
-    pipe = Pipeline(big_pool, fn, chunk_bytes=100 * ROW_BYTES)
+    pipe = Pipeline(big_pool, fn, chunk_bytes=100 * ROW_BYTES, min_copy_bytes=min_copy)
     for run in (pipe.run, pipe.run_serial):
         with pytest.raises(Boom) as raised:
             run(data)
@@ -117,19 +132,23 @@ def test_exception_in_fn_propagates_and_frees_everything(big_pool: CudaStreamPoo
     assert np.array_equal(again.run(data), data * 2 + 1)
 
 
-def test_wrong_number_of_rows_is_a_clear_error(big_pool: CudaStreamPool) -> None:
-    pipe = Pipeline(big_pool, lambda x: x[:-1], chunk_bytes=100 * ROW_BYTES)
+def test_wrong_number_of_rows_is_a_clear_error(big_pool: CudaStreamPool, min_copy: int) -> None:
+    pipe = Pipeline(
+        big_pool, lambda x: x[:-1], chunk_bytes=100 * ROW_BYTES, min_copy_bytes=min_copy
+    )
     with pytest.raises(ValueError, match="one row per input row"):
         pipe.run(sample())
     check_nothing_held(big_pool, pipe)
 
 
-def test_changing_result_shape_between_chunks_is_an_error(big_pool: CudaStreamPool) -> None:
+def test_changing_result_shape_between_chunks_is_an_error(
+    big_pool: CudaStreamPool, min_copy: int
+) -> None:
     def fn(x: Any) -> Any:
         return x if float(x[0, 0]) < 500 else x[:, :3]
 
     data = np.arange(ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS) / COLS
-    pipe = Pipeline(big_pool, fn, chunk_bytes=100 * ROW_BYTES)
+    pipe = Pipeline(big_pool, fn, chunk_bytes=100 * ROW_BYTES, min_copy_bytes=min_copy)
     with pytest.raises(ValueError, match="same dtype and row shape"):
         pipe.run(data)
     check_nothing_held(big_pool, pipe)
@@ -142,6 +161,8 @@ def test_bad_arguments_name_the_argument(big_pool: CudaStreamPool, backend: str)
         Pipeline(big_pool, double_plus_one, chunk_bytes=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_in_flight=0"):
         Pipeline(big_pool, double_plus_one, max_in_flight=0)
+    with pytest.raises(ValueError, match="min_copy_bytes=-1"):
+        Pipeline(big_pool, double_plus_one, min_copy_bytes=-1)
     with pytest.raises(TypeError, match="fn="):
         Pipeline(big_pool, "not callable")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pool="):
@@ -176,7 +197,7 @@ def test_at_most_max_in_flight_chunks_are_queued() -> None:
         return x + 1
 
     with CudaStreamPool(backend="host") as pool:
-        pipe = Pipeline(pool, fn, chunk_bytes=10 * ROW_BYTES, max_in_flight=2)
+        pipe = Pipeline(pool, fn, chunk_bytes=10 * ROW_BYTES, max_in_flight=2, min_copy_bytes=0)
         queued: list[int] = []
         copy_in = pipe._engine.copy_in
 
@@ -201,6 +222,31 @@ def test_at_most_max_in_flight_chunks_are_queued() -> None:
             gate.set()
             runner.join()
         assert np.array_equal(result[0], data + 1)
+
+
+def test_small_chunks_are_copied_in_groups_of_a_mebibyte() -> None:
+    calls = {"copy_in": 0, "gather": 0, "copy_out": 0}
+    with CudaStreamPool(backend="host") as pool:
+        pipe = Pipeline(pool, double_plus_one, chunk_bytes=64 << 10)  # 16 chunks a MiB
+        engine = pipe._engine
+        for name in calls:
+            stage = getattr(engine, name)
+
+            def counted(*args: Any, stage: Any = stage, name: str = name) -> None:
+                calls[name] += 1
+                stage(*args)
+
+            setattr(engine, name, counted)
+        data = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: 64 chunks
+        out = np.empty_like(data)
+        assert pipe.run(data, out) is out
+        assert np.array_equal(out, data * 2 + 1)
+        assert calls == {"copy_in": 4, "gather": 64, "copy_out": 4}
+        # Without out, the first chunk goes alone: its result says what to gather into.
+        calls.update(dict.fromkeys(calls, 0))
+        assert np.array_equal(pipe.run(data), data * 2 + 1)
+        assert calls == {"copy_in": 5, "gather": 63, "copy_out": 5}
+        check_nothing_held(pool, pipe)
 
 
 def test_concurrent_runs_share_the_pool(big_pool: CudaStreamPool) -> None:
@@ -269,7 +315,8 @@ def test_gpu_pinned_and_pageable_arrays_give_the_same_result(gpu_pool: CudaStrea
 
 
 @pytest.mark.gpu
-def test_gpu_stages_wait_for_a_slow_compute(gpu_pool: CudaStreamPool) -> None:
+@pytest.mark.parametrize("min_copy", [0, 4 * 64 * 64 * 4], ids=["copy-per-chunk", "copy-groups"])
+def test_gpu_stages_wait_for_a_slow_compute(gpu_pool: CudaStreamPool, min_copy: int) -> None:
     import cupy
 
     from cupystreams._bench.workloads import cycles_per_us, gpu_spin_kernel
@@ -284,7 +331,9 @@ def test_gpu_stages_wait_for_a_slow_compute(gpu_pool: CudaStreamPool) -> None:
         return x * 3 - 2
 
     data = np.arange(64 * 1024, dtype=np.float32).reshape(-1, 64)
-    pipe = Pipeline(gpu_pool, slow, chunk_bytes=64 * 64 * 4, max_in_flight=2)
+    pipe = Pipeline(
+        gpu_pool, slow, chunk_bytes=64 * 64 * 4, max_in_flight=2, min_copy_bytes=min_copy
+    )
     out = pipe.run(data)
     assert np.array_equal(out, data * 3 - 2)
 
@@ -305,7 +354,7 @@ def test_gpu_fn_runs_on_a_pooled_compute_stream(gpu_pool: CudaStreamPool) -> Non
 
 
 @pytest.mark.gpu
-def test_gpu_failure_returns_device_memory(gpu_pool: CudaStreamPool) -> None:
+def test_gpu_failure_returns_device_memory(gpu_pool: CudaStreamPool, min_copy: int) -> None:
     import cupy
 
     def fn(x: Any) -> Any:
@@ -314,7 +363,7 @@ def test_gpu_failure_returns_device_memory(gpu_pool: CudaStreamPool) -> None:
         return x * 2 + 1
 
     data = np.arange(ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS)
-    pipe = Pipeline(gpu_pool, fn, chunk_bytes=100 * ROW_BYTES)
+    pipe = Pipeline(gpu_pool, fn, chunk_bytes=100 * ROW_BYTES, min_copy_bytes=min_copy)
     mempool = cupy.get_default_memory_pool()
     before = mempool.used_bytes()
     with pytest.raises(Boom):

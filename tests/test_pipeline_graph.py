@@ -14,16 +14,23 @@ ROWS, COLS = 1000, 7
 ROW_BYTES = COLS * 4
 
 
-
-
 def host_arrays(pipe: Pipeline, backend: str) -> tuple[np.ndarray, np.ndarray]:
     data = pipe.empty_host((ROWS, COLS), np.float32)
     data[:] = np.random.default_rng(3).standard_normal((ROWS, COLS)).astype(np.float32)
     return data, pipe.empty_host((ROWS, COLS), np.float32)
 
 
-def test_a_replay_equals_the_serial_run_and_follows_the_data(big_pool: CudaStreamPool) -> None:
-    pipe = Pipeline(big_pool, lambda x: x * 2 + 1, chunk_bytes=64 * ROW_BYTES, max_in_flight=3)
+@pytest.mark.parametrize("min_copy", [0, 300 * ROW_BYTES], ids=["copy-per-chunk", "copy-groups"])
+def test_a_replay_equals_the_serial_run_and_follows_the_data(
+    big_pool: CudaStreamPool, min_copy: int
+) -> None:
+    pipe = Pipeline(
+        big_pool,
+        lambda x: x * 2 + 1,
+        chunk_bytes=64 * ROW_BYTES,
+        max_in_flight=3,
+        min_copy_bytes=min_copy,
+    )
     data, out = host_arrays(pipe, big_pool.backend)
     with pipe.capture(data, out) as graph:
         out[:] = 0
@@ -88,7 +95,7 @@ def test_an_fn_that_waits_on_the_host_cannot_be_captured() -> None:
 def test_a_capture_that_fails_leaves_no_lease_and_no_capture(
     big_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pipe = Pipeline(big_pool, lambda x: x + 1, chunk_bytes=64 * ROW_BYTES)
+    pipe = Pipeline(big_pool, lambda x: x + 1, chunk_bytes=64 * ROW_BYTES, min_copy_bytes=0)
     data, out = host_arrays(pipe, big_pool.backend)
     pipe.run(data, out)  # the first run, outside the failure
     calls = [0]

@@ -146,7 +146,7 @@ def test_nvtx_ranges_when_nvtx_is_installed(
 
 def test_a_traced_pipeline_has_three_spans_per_chunk(backend: str) -> None:
     with CudaStreamPool(backend=backend) as pool:
-        pipe = Pipeline(pool, lambda x: x + 1, chunk_bytes=4096)
+        pipe = Pipeline(pool, lambda x: x + 1, chunk_bytes=4096, min_copy_bytes=0)
         data = np.arange(4 * 1024, dtype=np.float32)
         with pool.trace() as trace:
             out = pipe.run(data)
@@ -159,3 +159,12 @@ def test_a_traced_pipeline_has_three_spans_per_chunk(backend: str) -> None:
         # Copy-in and copy-out kept to their own comm streams.
         comm_lanes = {s.stream_id for s in trace.spans if s.kind == "comm"}
         assert len(comm_lanes) == 2
+        # Chunks copied as one group: one span per copy, still one per fn call.
+        grouped = Pipeline(pool, lambda x: x + 1, chunk_bytes=4096, min_copy_bytes=16384)
+        with pool.trace() as trace:
+            grouped.run(data, out)
+        assert np.array_equal(out, data + 1)
+        stages = [(s.stage, s.kind) for s in trace.spans]
+        assert stages.count(("copy-in", "comm")) == 1
+        assert stages.count(("compute", "compute")) == 4
+        assert stages.count(("copy-out", "comm")) == 1

@@ -288,5 +288,3 @@ def foreign_stream(obj: object) -> Any:
             f"{type(obj).__name__}.__cuda_stream__() must return a tuple (0, ptr) of ints: {exc}"
         ) from None
     return cupy.cuda.Stream.null if handle.ptr == 0 else handle
-
-

@@ -69,6 +69,7 @@ class ModelEngine:
         self._filled_by: dict[int, Op] = {}  # buffer -> the copy-in that filled it
         self._results: dict[int, tuple[Op, np.ndarray, float]] = {}  # Pending -> kernel
         self._emptied_by: dict[int, Op] = {}  # buffer -> copy-out of its last chunk
+        self._gathered: dict[int, list[Op]] = {}  # group buffer -> kernels gathered into it
 
     def timed(self, run: Callable[[], object]) -> tuple[float, list[Interval]]:
         """Run ``run()`` on a fresh model: (modelled ms until all its work is done, intervals)."""
@@ -76,6 +77,7 @@ class ModelEngine:
         self._filled_by.clear()
         self._results.clear()
         self._emptied_by.clear()
+        self._gathered.clear()
         run()
         return self.model.finish(), self.model.intervals()
 
@@ -143,13 +145,28 @@ class ModelEngine:
         self._results[id(result)] = (kernel, buffer, mib)
         return result
 
+    def gather(
+        self,
+        lease: StreamLease,
+        result: Pending,
+        into: Any,
+        check: Callable[[Any], None],
+        state: RunState,
+    ) -> None:
+        # Timed as free: a device-to-device copy is small next to the PCIe copies.
+        made = self._results.pop(id(result), None)
+        if made is not None:
+            self._gathered.setdefault(id(_root(into)), []).append(made[0])
+        self._host.gather(lease, result, into, check, state)
+
     def copy_out(
         self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
     ) -> None:
         made = self._results.pop(id(result), None)
-        if made is None:  # a device buffer copied out as it is
+        if made is None:  # a device buffer copied out as it is (a group's, gathered)
             mib = result.value.nbytes * self._mib_per_byte
-            self.model.copy(lease.stream.stream_id, "d2h", mib, "copy-out")
+            after = tuple(self._gathered.pop(id(_root(result.value)), ()))
+            self.model.copy(lease.stream.stream_id, "d2h", mib, "copy-out", after=after)
         else:
             kernel, buffer, mib = made
             op = self.model.copy(lease.stream.stream_id, "d2h", mib, "copy-out", after=(kernel,))

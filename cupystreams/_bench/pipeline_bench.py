@@ -262,6 +262,7 @@ def _model_pipeline(setup: PipelineSetup, pool: CudaStreamPool | None) -> Pipeli
             transform("host", setup.iterations),
             chunk_bytes=_MODELLED_CHUNK_BYTES,
             max_in_flight=setup.max_in_flight,
+            min_copy_bytes=0,  # its small chunks stand for large ones, never grouped
         )
         engine = ModelEngine(
             pool._backend,

@@ -64,6 +64,11 @@ def _sweep(pool: CudaStreamPool, total: int, repeats: int) -> list[Result]:
         runs, state = _stage_runs(pool, pipe, data, out, chunks)
         stages = ("h2d", "d2h", "both", "compute")
         runs["pool"] = functools.partial(pipe.run, data, out)
+        # The same run with a copy per chunk, as the loop by hand copies.
+        per_chunk = Pipeline(
+            pool, _fn, chunk_bytes=chunk_bytes, max_in_flight=_DEPTH, min_copy_bytes=0
+        )
+        runs["per_chunk"] = functools.partial(per_chunk.run, data, out)
         runs["hand"] = _raw_cupy_three_streams(_fn, data, out, chunk_bytes // 4, _DEPTH)
         with pipe.capture(data, out) as graph:
             runs["replay"] = graph.run
@@ -74,6 +79,7 @@ def _sweep(pool: CudaStreamPool, total: int, repeats: int) -> list[Result]:
         state.check()
         bound = max(ms[stage] for stage in stages)
         pool_eff, hand_eff = bound / ms["pool"], bound / ms["hand"]
+        per_chunk_eff = bound / ms["per_chunk"]
         replay_eff = bound / ms["replay"]
         per_chunk_us = ms["pool"] * 1e3 / chunks
         results.append(
@@ -82,7 +88,8 @@ def _sweep(pool: CudaStreamPool, total: int, repeats: int) -> list[Result]:
                 f"{label} chunks: Pipeline.run / bound",
                 pool_eff,
                 "x bound",
-                f"hand-written 3-stream loop {hand_eff:.2f}, graph replay {replay_eff:.2f}; "
+                f"hand-written 3-stream loop {hand_eff:.2f}, graph replay {replay_eff:.2f}, "
+                f"a copy per chunk {per_chunk_eff:.2f}; "
                 f"{chunks} chunks, {per_chunk_us:.1f} µs per chunk, bound {bound:.2f} ms",
                 {
                     "chunk_bytes": chunk_bytes,
@@ -90,6 +97,8 @@ def _sweep(pool: CudaStreamPool, total: int, repeats: int) -> list[Result]:
                     "bound_ms": bound,
                     "pool_ms": ms["pool"],
                     "hand_ms": ms["hand"],
+                    "per_chunk_ms": ms["per_chunk"],
+                    "per_chunk_efficiency": per_chunk_eff,
                     "replay_ms": ms["replay"],
                     "pool_efficiency": pool_eff,
                     "hand_efficiency": hand_eff,
