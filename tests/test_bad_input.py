@@ -693,9 +693,7 @@ def capture_cases() -> list[Case]:
             LeaseError,
             "released",
         ),
-        Case(
-            "capture-closed-pool", lambda c: c.closed.capture(c.lease), PoolClosedError, "closed"
-        ),
+        Case("capture-closed-pool", lambda c: c.closed.capture(c.lease), PoolClosedError, "closed"),
         Case(
             "capture-affinity_key-inside",
             keyed_inside,

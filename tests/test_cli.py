@@ -140,14 +140,29 @@ def test_bench_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     results = document["results"]
     groups = {r["group"] for r in results}
     assert groups == {
-        "lease", "peer", "goal", "threads", "pipeline", "sweep", "priority", "memory", "adapters",
+        "lease",
+        "peer",
+        "goal",
+        "threads",
+        "pipeline",
+        "sweep",
+        "priority",
+        "memory",
+        "adapters",
         "graph",
     }
     ids = [r["id"] for r in results]
     assert len(ids) == len(set(ids)), "every result has its own stable id"
     by_id = {r["id"]: r for r in results}
-    for row in ("acquire_release", "acquire_release_timeout", "same_key", "two_keys", "with",
-                "compute_context", "event_cycle"):
+    for row in (
+        "acquire_release",
+        "acquire_release_timeout",
+        "same_key",
+        "two_keys",
+        "with",
+        "compute_context",
+        "event_cycle",
+    ):
         assert by_id[f"lease.{row}"]["value"] > 0, row
     # The ratios that need no GPU are computed from the same run.
     goal = by_id["goal.timeout_vs_plain"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cupystreams import CudaStreamPool
-from cupystreams.pipeline import Pipeline
+from cupystreams.pipeline import DEFAULT_MIN_COPY_BYTES, Pipeline
 
 ROWS, COLS = 1000, 7
 ROW_BYTES = COLS * 4
@@ -224,10 +224,11 @@ def test_at_most_max_in_flight_chunks_are_queued() -> None:
         assert np.array_equal(result[0], data + 1)
 
 
-def test_small_chunks_are_copied_in_groups_of_a_mebibyte() -> None:
+def test_small_chunks_are_copied_in_groups_of_min_copy_bytes() -> None:
     calls = {"copy_in": 0, "gather": 0, "copy_out": 0}
+    per_group = DEFAULT_MIN_COPY_BYTES // (64 << 10)
     with CudaStreamPool(backend="host") as pool:
-        pipe = Pipeline(pool, double_plus_one, chunk_bytes=64 << 10)  # 16 chunks a MiB
+        pipe = Pipeline(pool, double_plus_one, chunk_bytes=64 << 10)
         engine = pipe._engine
         for name in calls:
             stage = getattr(engine, name)
@@ -237,15 +238,16 @@ def test_small_chunks_are_copied_in_groups_of_a_mebibyte() -> None:
                 stage(*args)
 
             setattr(engine, name, counted)
-        data = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: 64 chunks
+        data = np.arange(4 * per_group * (16 << 10), dtype=np.float32)  # 4 groups
         out = np.empty_like(data)
         assert pipe.run(data, out) is out
         assert np.array_equal(out, data * 2 + 1)
-        assert calls == {"copy_in": 4, "gather": 64, "copy_out": 4}
+        chunks = 4 * per_group
+        assert calls == {"copy_in": 4, "gather": chunks, "copy_out": 4}
         # Without out, the first chunk goes alone: its result says what to gather into.
         calls.update(dict.fromkeys(calls, 0))
         assert np.array_equal(pipe.run(data), data * 2 + 1)
-        assert calls == {"copy_in": 5, "gather": 63, "copy_out": 5}
+        assert calls == {"copy_in": 5, "gather": chunks - 1, "copy_out": 5}
         check_nothing_held(pool, pipe)
 
 

@@ -150,6 +150,7 @@ class ModelEngine:
         lease: StreamLease,
         result: Pending,
         into: Any,
+        row: int,
         check: Callable[[Any], None],
         state: RunState,
     ) -> None:
@@ -157,7 +158,7 @@ class ModelEngine:
         made = self._results.pop(id(result), None)
         if made is not None:
             self._gathered.setdefault(id(_root(into)), []).append(made[0])
-        self._host.gather(lease, result, into, check, state)
+        self._host.gather(lease, result, into, row, check, state)
 
     def copy_out(
         self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
