@@ -4,7 +4,8 @@ For each mutation below, a scratch copy of the tree gets one synchronization
 taken out (the line becomes ``pass``, a key's end is forgotten instead of
 recorded, a host function stops waiting for its event, the capture check
 before a release is dropped, a lease no longer joins a graph capture or is no
-longer joined back), and the tests that guard it must then FAIL.
+longer joined back, a pipeline stage no longer waits for the one before),
+and the tests that guard it must then FAIL.
 Before any mutation, all the tests involved must PASS on the untouched tree,
 and none may skip: a test that fails or skips anyway proves nothing when it
 fails under a mutation.
@@ -65,6 +66,8 @@ CAPTURE_REPLAYS = (
     "tests/test_capture_gpu.py::"
     "test_a_torch_capture_with_side_work_on_leases_replays_the_eager_result",
 )
+PIPELINE_COMPUTE_WAIT = " " * 16 + "engine.wait(compute, slot.ev_in)"
+PIPELINE_COPY_OUT_WAIT = " " * 16 + "engine.wait(copy_out, event)"
 TORCHRUN_WAIT = (
     " " * 8 + "comm.wait(compute)  # on the device: bucket i is complete before it is reduced"
 )
@@ -106,6 +109,19 @@ MUTATIONS = [
     Mutation(
         "capture-join-back", "cupystreams/_capture.py", CAPTURE_JOIN_BACK,
         _pass(CAPTURE_JOIN_BACK), CAPTURE_REPLAYS,
+    ),
+    Mutation(
+        "pipeline-compute-waits", "cupystreams/pipeline.py",
+        PIPELINE_COMPUTE_WAIT, _pass(PIPELINE_COMPUTE_WAIT),
+        ("tests/test_pipeline.py::test_gpu_compute_waits_for_its_copy_in",),
+    ),
+    Mutation(
+        "pipeline-copy-out-waits", "cupystreams/pipeline.py",
+        PIPELINE_COPY_OUT_WAIT, _pass(PIPELINE_COPY_OUT_WAIT),
+        (
+            "tests/test_pipeline.py::test_gpu_stages_wait_for_a_slow_compute[copy-per-chunk]",
+            "tests/test_pipeline.py::test_gpu_stages_wait_for_a_slow_compute[copy-groups]",
+        ),
     ),
     Mutation(
         "torch-waits-for-lease", "adapters/torch.py",

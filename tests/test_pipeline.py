@@ -341,6 +341,21 @@ def test_gpu_stages_wait_for_a_slow_compute(gpu_pool: CudaStreamPool, min_copy: 
 
 
 @pytest.mark.gpu
+def test_gpu_compute_waits_for_its_copy_in(gpu_pool: CudaStreamPool) -> None:
+    # 32 MiB chunks take about 0.7 ms to copy in, and fn's kernel is queued
+    # microseconds after the copy: a compute that does not wait for the copy
+    # reads a buffer that still holds garbage or the previous chunk.
+    pipe = Pipeline(gpu_pool, double_plus_one, chunk_bytes=32 << 20, max_in_flight=2)
+    data = pipe.empty_host((4 * (8 << 20),), np.float32)
+    out = pipe.empty_host(data.shape, np.float32)
+    for value in (1.0, -3.0):
+        data[:] = np.arange(data.size, dtype=np.float32) % 1024 * value
+        out[:] = np.nan
+        pipe.run(data, out)
+        assert np.array_equal(out, data * 2 + 1)
+
+
+@pytest.mark.gpu
 def test_gpu_fn_runs_on_a_pooled_compute_stream(gpu_pool: CudaStreamPool) -> None:
     import cupy
 
