@@ -40,7 +40,11 @@ def _fn(x: Any) -> Any:
 def measure_sweep(backend: str, quick: bool) -> list[Result]:
     """One result per chunk size (``pipeline.chunk_<size>``) and the pageable rows."""
     ids = [f"pipeline.chunk_{label}" for _, label in CHUNK_SIZES]
-    ids += ["pipeline.pageable_first", "pipeline.pageable_again"]
+    ids += [
+        "pipeline.pageable_first",
+        "pipeline.pageable_again",
+        "pipeline.pageable_batched_copies",
+    ]
     if backend != "cupy":
         return [Result("sweep", i, None, "x bound", "needs a GPU", id=i) for i in ids]
     total = (64 if quick else 256) << 20
@@ -141,6 +145,7 @@ def _pageable(pool: CudaStreamPool, total: int, repeats: int) -> list[Result]:
     again: Callable[[], object] = functools.partial(pipe.run, data, out)
     again_ms = interleaved_medians({"again": again}, repeats)["again"]
     right = bool(np.array_equal(out, _fn(source)))
+    batched_ms = _batched_pageable_copies_ms(source, chunk, repeats)
     note = f"64 MiB chunks, {total >> 20} MiB each way; of the page-locked bound {bound:.2f} ms"
     return [
         Result(
@@ -162,4 +167,60 @@ def _pageable(pool: CudaStreamPool, total: int, repeats: int) -> list[Result]:
             {"ms": again_ms, "bound_ms": bound, "locking_run_ms": locking_ms, "right": right},
             id="pipeline.pageable_again",
         ),
+        Result(
+            "sweep",
+            "pageable arrays, batched copies alone / bound",
+            None if batched_ms is None else bound / batched_ms,
+            "x bound",
+            note + "; cuMemcpyBatchAsync straight from and into the pageable arrays, both "
+            "directions at once, no compute: the most a pipeline on them could reach"
+            if batched_ms is not None
+            else "needs cuda-bindings 12.8+ (cuMemcpyBatchAsync)",
+            {"ms": batched_ms, "bound_ms": bound},
+            id="pipeline.pageable_batched_copies",
+        ),
     ]
+
+
+def _batched_pageable_copies_ms(source: np.ndarray, chunk: int, repeats: int) -> float | None:
+    """Both directions of ``source`` (pageable) as two batches of ``chunk``-byte copies.
+
+    ``cuMemcpyBatchAsync`` (CUDA 12.8+) takes pageable memory when the source
+    may be read out of stream order; it is measured here so the pipeline can
+    keep whichever is faster. None where cuda-bindings lacks it.
+    """
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return None
+    if not hasattr(driver, "cuMemcpyBatchAsync"):
+        return None
+    import cupy
+
+    back = np.zeros_like(source)
+    device_in, device_out = cupy.empty_like(source), cupy.asarray(source)
+    attributes = driver.CUmemcpyAttributes()
+    attributes.srcAccessOrder = driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_ANY
+    h2d, d2h = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    count = source.nbytes // chunk
+
+    def batch(dst: int, src: int, stream: Any) -> None:
+        dsts = [driver.CUdeviceptr(dst + i * chunk) for i in range(count)]
+        srcs = [driver.CUdeviceptr(src + i * chunk) for i in range(count)]
+        (error, *_) = driver.cuMemcpyBatchAsync(
+            dsts, srcs, [chunk] * count, count, [attributes], [0], 1, stream.ptr
+        )
+        if error != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuMemcpyBatchAsync failed: {error}")
+
+    def both() -> None:
+        batch(device_in.data.ptr, source.ctypes.data, h2d)
+        batch(back.ctypes.data, device_out.data.ptr, d2h)
+        h2d.synchronize()
+        d2h.synchronize()
+
+    try:
+        ms = interleaved_medians({"batched": both}, repeats)["batched"]
+    except RuntimeError:
+        return None  # a driver older than the bindings
+    return ms if np.array_equal(back, source) else None
