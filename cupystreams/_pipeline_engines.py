@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -173,9 +173,19 @@ class Engine(Protocol):
         ...
 
     def compute(
-        self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
-    ) -> Pending:
-        """Queue ``fn(x)`` on ``lease`` (its stream current while ``fn`` runs)."""
+        self,
+        lease: StreamLease,
+        fn: Callable[[Any], Any],
+        chunks: Sequence[Any],
+        results: Sequence[Pending],
+        state: RunState,
+    ) -> None:
+        """Queue ``fn(x)`` for each of ``chunks`` on ``lease``, into ``results``.
+
+        The lease's stream is current while ``fn`` runs, made so once for all
+        of them. The caller holds ``results`` first, so a failure half-way
+        loses none that the device may still write.
+        """
         ...
 
     def gather(
@@ -276,29 +286,40 @@ class CupyEngine:
         self._memcpy(dst.data.ptr, src_ptr, src.nbytes, self._to_device, ptr)
 
     def compute(
-        self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
-    ) -> Pending:
-        cupy = self._cupy
+        self,
+        lease: StreamLease,
+        fn: Callable[[Any], Any],
+        chunks: Sequence[Any],
+        results: Sequence[Pending],
+        state: RunState,
+    ) -> None:
+        ndarray = self._cupy.ndarray
         token = self._backend.enter(stream_of(lease))
         try:
-            y = fn(x)
-            if isinstance(y, np.ndarray) or not (
-                isinstance(y, cupy.ndarray)
-                or hasattr(y, "__cuda_array_interface__")
-                or hasattr(y, "__dlpack__")
-            ):
-                raise TypeError(
-                    f"fn returned {type(y).__name__}; on the cupy backend fn must return a "
-                    "device array (a cupy.ndarray, or an array with __cuda_array_interface__ "
-                    "or __dlpack__)"
-                )
-            # Zero-copy for CuPy, torch, Numba results; a copy on this stream
-            # only when the result is not contiguous.
-            if type(y) is not cupy.ndarray or not y.flags.c_contiguous:
-                y = cupy.ascontiguousarray(cupy.asarray(y))
+            for x, result in zip(chunks, results, strict=True):
+                y = fn(x)
+                if type(y) is not ndarray or not y.flags.c_contiguous:
+                    y = self._contiguous(y)
+                result.value = y
         finally:
             self._backend.exit(token)
-        return Pending(y)
+
+    def _contiguous(self, y: Any) -> Any:
+        """fn's result as a C-contiguous ``cupy.ndarray``, or the error that says why not."""
+        cupy = self._cupy
+        if isinstance(y, np.ndarray) or not (
+            isinstance(y, cupy.ndarray)
+            or hasattr(y, "__cuda_array_interface__")
+            or hasattr(y, "__dlpack__")
+        ):
+            raise TypeError(
+                f"fn returned {type(y).__name__}; on the cupy backend fn must return a "
+                "device array (a cupy.ndarray, or an array with __cuda_array_interface__ "
+                "or __dlpack__)"
+            )
+        # Zero-copy for torch and Numba results; a copy on this stream only
+        # when the result is not contiguous.
+        return cupy.ascontiguousarray(cupy.asarray(y))
 
     def gather(
         self,
@@ -374,27 +395,31 @@ class HostEngine:
         self._queue(lease, state, lambda: np.copyto(dst, src))
 
     def compute(
-        self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
-    ) -> Pending:
-        result = Pending()
+        self,
+        lease: StreamLease,
+        fn: Callable[[Any], Any],
+        chunks: Sequence[Any],
+        results: Sequence[Pending],
+        state: RunState,
+    ) -> None:
         handle = stream_of(lease)
         backend = self._backend
 
         def task() -> None:
             token = backend.enter(handle)  # fn sees its stream as current, as on a GPU
             try:
-                y = fn(x)
+                for x, result in zip(chunks, results, strict=True):
+                    y = fn(x)
+                    if not isinstance(y, np.ndarray):
+                        raise TypeError(
+                            f"fn returned {type(y).__name__}; on the host backend fn must "
+                            "return a numpy.ndarray"
+                        )
+                    result.value = y
             finally:
                 backend.exit(token)
-            if not isinstance(y, np.ndarray):
-                raise TypeError(
-                    f"fn returned {type(y).__name__}; on the host backend fn must return "
-                    "a numpy.ndarray"
-                )
-            result.value = y
 
         self._queue(lease, state, task)
-        return result
 
     def gather(
         self,

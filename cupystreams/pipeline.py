@@ -401,7 +401,7 @@ class _Call:
         self.count = 1 if serial else min(pipe.max_in_flight, len(self.groups))
         self.slots: list[_Slot] = []
         self.state = RunState()
-        self.trace = pipe.pool._trace  # a traced pool gets a span per stage of each chunk
+        self.trace = pipe.pool._trace  # a traced pool gets a span per stage of each group
         # While captured as a graph (capture_graph), the run must never wait
         # on the host: a slot is reused after a device-side wait instead, and
         # every result is kept, since the graph writes it at every replay.
@@ -536,7 +536,7 @@ class _Call:
             self._retire(slot)
 
     def _chunk_view(self, slot: _Slot, index: int, first: int, last: int) -> Any:
-        """Rows ``first:last`` of the slot's input buffer, the ``index``-th chunk of a group."""
+        """Rows ``first:last`` of the slot's input buffer: a group's ``index``-th chunk."""
         if last - first != self.step:
             return slot.x[first:last]  # the run's last, shorter chunk
         views = slot.chunks
@@ -609,17 +609,22 @@ class _Call:
                 engine.wait(compute, slot.ev_in)
         gathered = None if len(group) == 1 else slot.gathered
         try:
-            for index, (first, last) in enumerate(group):
-                compute = computes[index % len(computes)]
-                span = None if trace is None else trace._stage_begin(compute)
+            for lane, compute in enumerate(computes):
+                # This lease's chunks of the group (every len(computes)-th).
+                indices = range(lane, len(group), len(computes))
                 if gathered is None:
-                    slot.results.append(engine.compute(compute, fn, x, state))
+                    chunks = [x]
                 else:
-                    chunk = self._chunk_view(slot, index, first - start, last - start)
-                    result = engine.compute(compute, fn, chunk, state)
-                    slot.results.append(result)
-                    check = functools.partial(self.output.check, start=first, stop=last)
-                    engine.gather(compute, result, gathered, first - start, check, state)
+                    chunks = [self._chunk_view(slot, i, *_rows(group[i], start)) for i in indices]
+                results = [Pending() for _ in chunks]
+                slot.results += results  # held before fn runs: it may fail half-way
+                span = None if trace is None else trace._stage_begin(compute)
+                engine.compute(compute, fn, chunks, results, state)
+                if gathered is not None:
+                    for i, result in zip(indices, results, strict=True):
+                        first, last = group[i]
+                        check = functools.partial(self.output.check, start=first, stop=last)
+                        engine.gather(compute, result, gathered, first - start, check, state)
                 if span is not None and trace is not None:
                     trace._stage_end(span, "compute")
         finally:
@@ -639,6 +644,11 @@ class _Call:
         if span is not None and trace is not None:
             trace._stage_end(span, "copy-out")
         engine.record(slot.ev_out, copy_out)
+
+
+def _rows(chunk: tuple[int, int], start: int) -> tuple[int, int]:
+    """A chunk's rows in its group's buffer, which starts at row ``start``."""
+    return chunk[0] - start, chunk[1] - start
 
 
 def _copy_out_lease(pool: CudaStreamPool, copy_in: StreamLease) -> StreamLease:

@@ -18,7 +18,7 @@ arrays, the model times them as ``mib_per_byte`` times as many MiB.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -126,24 +126,29 @@ class ModelEngine:
         self._host.copy_in(lease, dst, src, src_ptr, state)
 
     def compute(
-        self, lease: StreamLease, fn: Callable[[Any], Any], x: Any, state: RunState
-    ) -> Pending:
-        buffer = _root(x)
-        source = self._filled_by.get(id(buffer))
-        mib = x.nbytes * self._mib_per_byte
+        self,
+        lease: StreamLease,
+        fn: Callable[[Any], Any],
+        chunks: Sequence[Any],
+        results: Sequence[Pending],
+        state: RunState,
+    ) -> None:
         stream = lease.stream
-        kernel = self.model.kernel(
-            stream.stream_id,
-            # The transform fills every SM for its whole time, as on a GPU.
-            blocks=self._params.sms,
-            block_ms=self._kernel_ms or mib * self._params.compute_ms_per_mib,
-            stage="compute",
-            priority=stream.priority,
-            after=() if source is None else (source,),
-        )
-        result = self._host.compute(lease, fn, x, state)
-        self._results[id(result)] = (kernel, buffer, mib)
-        return result
+        for x, result in zip(chunks, results, strict=True):
+            buffer = _root(x)
+            source = self._filled_by.get(id(buffer))
+            mib = x.nbytes * self._mib_per_byte
+            kernel = self.model.kernel(
+                stream.stream_id,
+                # The transform fills every SM for its whole time, as on a GPU.
+                blocks=self._params.sms,
+                block_ms=self._kernel_ms or mib * self._params.compute_ms_per_mib,
+                stage="compute",
+                priority=stream.priority,
+                after=() if source is None else (source,),
+            )
+            self._results[id(result)] = (kernel, buffer, mib)
+        self._host.compute(lease, fn, chunks, results, state)
 
     def gather(
         self,

@@ -131,7 +131,7 @@ def _stage_runs(
             for i in range(chunks):
                 # Each result is dropped at once: its memory is reused in
                 # stream order by the next chunk's kernel.
-                engine.compute(lease, pipe.fn, ring[i % 2], state)
+                engine.compute(lease, pipe.fn, [ring[i % 2]], [Pending()], state)
             lease.synchronize()
 
     runs: dict[str, Callable[[], object]] = {
