@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cupystreams import CudaStreamPool, PoolError
-from cupystreams.pipeline import Pipeline
+from cupystreams.pipeline import Pipeline, PipelineGraph
 
 ROWS, COLS = 1000, 7
 ROW_BYTES = COLS * 4
@@ -43,6 +43,31 @@ def test_a_replay_equals_the_serial_run_and_follows_the_data(
             assert np.all(out == value * 2 + 1)
     stats = big_pool.stats()
     assert stats.leased == 0 and stats.events.in_use == 0, stats
+
+
+def test_a_capture_spreads_a_groups_chunks_over_idle_compute_leases(
+    big_pool: CudaStreamPool,
+) -> None:
+    pipe = Pipeline(big_pool, lambda x: x * 2, chunk_bytes=64 * ROW_BYTES, min_copy_bytes=1)
+    data, out = host_arrays(pipe, big_pool.backend)
+    pipe.run(data, out)  # the capture's first run, by hand: it uses one compute lease
+
+    def compute_acquisitions() -> list[int]:
+        return [s.acquisitions for s in big_pool.stream_stats() if s.kind == "compute"]
+
+    before = compute_acquisitions()
+    one_copy = Pipeline(big_pool, lambda x: x * 2, chunk_bytes=64 * ROW_BYTES)  # one group
+    with PipelineGraph._capture(one_copy, data, out) as graph:
+        taken = [b - a for a, b in zip(before, compute_acquisitions(), strict=True)]
+        assert sorted(taken) == [1, 1, 1, 1], "every idle compute stream joined the capture"
+        out[:] = 0
+        graph.run()
+        assert np.array_equal(out, data * 2)
+    # A copy per chunk: a group of one chunk needs one compute lease.
+    before = compute_acquisitions()
+    with PipelineGraph._capture(pipe, data, out):
+        taken = [b - a for a, b in zip(before, compute_acquisitions(), strict=True)]
+        assert sum(taken) == 1
 
 
 def test_a_replay_refuses_other_arrays(big_pool: CudaStreamPool) -> None:
