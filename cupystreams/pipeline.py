@@ -440,12 +440,23 @@ class _Call:
         device buffers are taken before the capture begins (none may be
         created during it).
         """
-        pool, events = self.pool, self.pool.events
+        events = self.pool.events
         self.graph_results = []
-        most = min(GRAPH_COMPUTE_LEASES, pool._compute.capacity, self.per_group)
-        self.slots = [_Slot(events, most) for _ in range(self.count)]
-        for slot in self.slots:
-            self._buffers(slot)
+        most = min(GRAPH_COMPUTE_LEASES, self.pool._compute.capacity, self.per_group)
+        try:
+            for _ in range(self.count):
+                self.slots.append(_Slot(events, most))
+                self._buffers(self.slots[-1])
+            graph = self._capture_loop(most)
+            kept = [buffer for slot in self.slots for buffer in (slot.x, slot.gathered)]
+        finally:
+            for slot in self.slots:  # also when a buffer or the capture failed half-way
+                slot.free(events)
+        return graph, [buffer for buffer in kept if buffer is not None] + self.graph_results
+
+    def _capture_loop(self, most: int) -> CapturedGraph:
+        """The capture itself, on slots ready: its leases join it and join back."""
+        pool = self.pool
         copy_in = pool.acquire_comm()
         joined: list[StreamLease] = []
         try:
@@ -470,12 +481,9 @@ class _Call:
                     # plain lease again, which goes back now.
                     with contextlib.suppress(Exception):
                         lease.release()
-            kept = [buffer for slot in self.slots for buffer in (slot.x, slot.gathered)]
-            for slot in self.slots:
-                slot.free(events)
             copy_in.release()
         assert graph is not None  # the origin is a lease: the capture began here
-        return graph, kept + self.graph_results
+        return graph
 
     def _acquire_leases(self) -> _Leases:
         """The leases held for the whole run, as a loop by hand holds its streams:

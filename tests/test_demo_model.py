@@ -235,3 +235,36 @@ def test_panels_are_plain_data() -> None:
     panel = Panel("t", ("a",), (Bar("a", "compute", 1.0, 2.5), Bar("a", "copy-in", 0.0, 1.0)))
     assert panel.end_ms == 2.5
     assert [bar.stage for bar in panel.lane("a")] == ["copy-in", "compute"]
+
+
+@pytest.mark.parametrize("min_copy", [0, 2 * (64 << 10)], ids=["copy-per-chunk", "copy-groups"])
+def test_the_model_refills_a_buffer_only_after_its_copy_out(min_copy: int) -> None:
+    import numpy as np
+
+    from cupystreams import CudaStreamPool
+    from cupystreams._bench.model_engine import ModelEngine
+    from cupystreams.pipeline import Pipeline
+
+    with CudaStreamPool(backend="host") as pool:
+        # One group in flight: each copy-in refills the buffer the last group used.
+        pipe = Pipeline(
+            pool,
+            lambda x: x + 1,
+            chunk_bytes=64 << 10,
+            max_in_flight=1,
+            min_copy_bytes=min_copy,
+        )
+        engine = ModelEngine(pool._backend, mib_per_byte=8 / (64 << 10), kernel_ms=1.0)
+        pipe._engine = engine
+        data = np.zeros(8 * (16 << 10), np.float32)
+        out = np.zeros_like(data)
+        _, intervals = engine.timed(lambda: pipe.run(data, out))
+        assert np.array_equal(out, data + 1)
+    ordered = sorted(intervals, key=lambda i: i.start_ms)
+    copies_in = [i for i in ordered if i.stage == "copy-in"]
+    copies_out = [i for i in ordered if i.stage == "copy-out"]
+    kernels = [i for i in ordered if i.stage == "compute"]
+    assert len(copies_in) == len(copies_out) == (8 if min_copy == 0 else 4)
+    assert len(kernels) == 8
+    for refill, emptied in zip(copies_in[1:], copies_out, strict=False):
+        assert refill.start_ms >= emptied.end_ms - 1e-9

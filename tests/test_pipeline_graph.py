@@ -70,6 +70,33 @@ def test_a_capture_spreads_a_groups_chunks_over_idle_compute_leases(
         assert sum(taken) == 1
 
 
+def test_a_capture_whose_buffers_cannot_be_allocated_holds_nothing(
+    big_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = Pipeline(
+        big_pool, lambda x: x * 2, chunk_bytes=64 * ROW_BYTES, min_copy_bytes=300 * ROW_BYTES
+    )
+    data, out = host_arrays(pipe, big_pool.backend)
+    pipe.run(data, out)
+    allocate = pipe._engine.device_empty
+    calls = [0]
+
+    def fails_on_the_second(shape: tuple[int, ...], dtype: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:  # before the capture: the first slot's gathered results
+            raise MemoryError("injected: out of device memory")
+        return allocate(shape, dtype)
+
+    monkeypatch.setattr(pipe._engine, "device_empty", fails_on_the_second)
+    monkeypatch.setattr(pipe, "run", lambda data, out=None: out)  # capture's first run
+    with pytest.raises(ValueError, match="out of device memory"):
+        pipe.capture(data, out)
+    monkeypatch.undo()
+    stats = big_pool.stats()
+    assert stats.leased == 0 and stats.events.in_use == 0, stats
+    assert pipe.buffers_in_use == 0
+
+
 def test_a_replay_refuses_other_arrays(big_pool: CudaStreamPool) -> None:
     pipe = Pipeline(big_pool, lambda x: x + 1, chunk_bytes=64 * ROW_BYTES)
     data, out = host_arrays(pipe, big_pool.backend)

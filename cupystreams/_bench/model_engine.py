@@ -69,7 +69,8 @@ class ModelEngine:
         self._filled_by: dict[int, Op] = {}  # buffer -> the copy-in that filled it
         self._results: dict[int, tuple[Op, np.ndarray, float]] = {}  # Pending -> kernel
         self._emptied_by: dict[int, Op] = {}  # buffer -> copy-out of its last chunk
-        self._gathered: dict[int, list[Op]] = {}  # group buffer -> kernels gathered into it
+        # group buffer -> (kernel, its input buffer) of each result gathered into it
+        self._gathered: dict[int, list[tuple[Op, np.ndarray]]] = {}
 
     def timed(self, run: Callable[[], object]) -> tuple[float, list[Interval]]:
         """Run ``run()`` on a fresh model: (modelled ms until all its work is done, intervals)."""
@@ -162,7 +163,8 @@ class ModelEngine:
         # Timed as free: a device-to-device copy is small next to the PCIe copies.
         made = self._results.pop(id(result), None)
         if made is not None:
-            self._gathered.setdefault(id(_root(into)), []).append(made[0])
+            kernel, buffer, _ = made
+            self._gathered.setdefault(id(_root(into)), []).append((kernel, buffer))
         self._host.gather(lease, result, into, row, check, state)
 
     def copy_out(
@@ -171,8 +173,11 @@ class ModelEngine:
         made = self._results.pop(id(result), None)
         if made is None:  # a device buffer copied out as it is (a group's, gathered)
             mib = result.value.nbytes * self._mib_per_byte
-            after = tuple(self._gathered.pop(id(_root(result.value)), ()))
-            self.model.copy(lease.stream.stream_id, "d2h", mib, "copy-out", after=after)
+            gathered = self._gathered.pop(id(_root(result.value)), [])
+            after = tuple(kernel for kernel, _ in gathered)
+            op = self.model.copy(lease.stream.stream_id, "d2h", mib, "copy-out", after=after)
+            for _, buffer in gathered:  # as below: the inputs are free once this is done
+                self._emptied_by[id(buffer)] = op
         else:
             kernel, buffer, mib = made
             op = self.model.copy(lease.stream.stream_id, "d2h", mib, "copy-out", after=(kernel,))
