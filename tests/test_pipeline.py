@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cupystreams import CudaStreamPool
 from cupystreams.pipeline import DEFAULT_MIN_COPY_BYTES, Pipeline
@@ -248,6 +250,52 @@ def test_small_chunks_are_copied_in_groups_of_min_copy_bytes() -> None:
         calls.update(dict.fromkeys(calls, 0))
         assert np.array_equal(pipe.run(data), data * 2 + 1)
         assert calls == {"copy_in": 5, "gather": chunks - 1, "copy_out": 5}
+        check_nothing_held(pool, pipe)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.integers(1, 60),
+    cols=st.integers(1, 3),
+    chunk_rows=st.integers(1, 9),
+    group_chunks=st.integers(0, 5),
+    max_in_flight=st.integers(1, 4),
+    give_out=st.booleans(),
+    widen=st.booleans(),
+)
+def test_any_chunking_gives_the_serial_result_and_holds_nothing(
+    rows: int,
+    cols: int,
+    chunk_rows: int,
+    group_chunks: int,
+    max_in_flight: int,
+    give_out: bool,
+    widen: bool,
+) -> None:
+    # Groups of 0 (a copy per chunk) to 5 chunks, short last chunks and
+    # groups, fn changing the dtype and the row shape, out given or allocated.
+    row_bytes = cols * 4
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        y = x[:, ::-1] * 2 + 1
+        return np.concatenate([y, y[:, :1]], axis=1).astype(np.float64) if widen else y
+
+    data = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    expected = fn(data)
+    with CudaStreamPool(backend="host") as pool:
+        pipe = Pipeline(
+            pool,
+            fn,
+            chunk_bytes=chunk_rows * row_bytes,
+            max_in_flight=max_in_flight,
+            min_copy_bytes=group_chunks * chunk_rows * row_bytes,
+        )
+        out = np.full_like(expected, np.nan) if give_out else None
+        result = pipe.run(data, out)
+        assert result.dtype == expected.dtype and np.array_equal(result, expected)
+        if out is not None:
+            assert result is out
+        assert np.array_equal(pipe.run_serial(data), expected)
         check_nothing_held(pool, pipe)
 
 
