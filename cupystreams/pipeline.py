@@ -9,11 +9,13 @@ each chunk through three stages, each on its own lease of the pool:
 3. copy-out on a second comm lease (device to host).
 
 Events order the stages of one chunk; different chunks overlap, so the copy
-engines and the SMs are busy at the same time. At most ``max_in_flight``
-chunks are queued at once, each with its own device buffer (and page-locked
-staging buffers where the caller's arrays are pageable), so memory stays
-bounded whatever the input size. ``run`` returns exactly what ``run_serial``
-(one stream, one chunk at a time) returns::
+engines and the SMs are busy at the same time. Chunks smaller than
+``min_copy_bytes`` are copied in groups of consecutive chunks (``fn`` still
+sees one chunk at a time). At most ``max_in_flight`` groups are queued at
+once, each with its own device buffers (and page-locked staging buffers
+where the caller's arrays are pageable), so memory stays bounded whatever
+the input size. ``run`` returns exactly what ``run_serial`` (one stream, one
+chunk at a time) returns::
 
     pool = CudaStreamPool()
     pipe = Pipeline(pool, lambda x: cupy.sqrt(x) * 2, chunk_bytes=64 << 20)
@@ -259,7 +261,8 @@ class Pipeline:
 
     @property
     def buffers_in_use(self) -> int:
-        """Chunk slots (device buffer, result, staging) held by running calls; 0 when idle."""
+        """Copy-group slots (device buffers, results, staging) held by running calls;
+        0 when idle."""
         return self._slots_in_use
 
     def empty_host(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:

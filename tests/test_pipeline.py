@@ -189,8 +189,8 @@ def test_bad_arguments_name_the_argument(big_pool: CudaStreamPool, backend: str)
 
 
 def test_at_most_max_in_flight_chunks_are_queued() -> None:
-    # fn blocks on the first chunk; the run may queue max_in_flight chunks
-    # and must then wait for the first to come back.
+    # fn blocks on the first chunk; the run may queue max_in_flight chunks (a
+    # copy each: min_copy_bytes=0) and must then wait for the first to come back.
     gate = threading.Event()
 
     def fn(x: np.ndarray) -> np.ndarray:
