@@ -14,6 +14,24 @@ ROWS, COLS = 1000, 7
 ROW_BYTES = COLS * 4
 
 
+def fail_on_call(
+    monkeypatch: pytest.MonkeyPatch, pipe: Pipeline, stage: str, n: int, error: Exception
+) -> None:
+    """Make the ``n``-th call of the engine's ``stage`` raise ``error`` (injected),
+    and ``pipe.capture`` skip its first run (done by the test, outside the failure)."""
+    original = getattr(pipe._engine, stage)
+    calls = [0]
+
+    def failing(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == n:
+            raise error
+        return original(*args)
+
+    monkeypatch.setattr(pipe._engine, stage, failing)
+    monkeypatch.setattr(pipe, "run", lambda data, out=None: out)
+
+
 def host_arrays(pipe: Pipeline, backend: str) -> tuple[np.ndarray, np.ndarray]:
     data = pipe.empty_host((ROWS, COLS), np.float32)
     data[:] = np.random.default_rng(3).standard_normal((ROWS, COLS)).astype(np.float32)
@@ -78,17 +96,8 @@ def test_a_capture_whose_buffers_cannot_be_allocated_holds_nothing(
     )
     data, out = host_arrays(pipe, big_pool.backend)
     pipe.run(data, out)
-    allocate = pipe._engine.device_empty
-    calls = [0]
-
-    def fails_on_the_second(shape: tuple[int, ...], dtype: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 2:  # before the capture: the first slot's gathered results
-            raise MemoryError("injected: out of device memory")
-        return allocate(shape, dtype)
-
-    monkeypatch.setattr(pipe._engine, "device_empty", fails_on_the_second)
-    monkeypatch.setattr(pipe, "run", lambda data, out=None: out)  # capture's first run
+    # The second allocation, before the capture: the first slot's gathered results.
+    fail_on_call(monkeypatch, pipe, "device_empty", 2, MemoryError("out of device memory"))
     with pytest.raises(ValueError, match="out of device memory"):
         pipe.capture(data, out)
     monkeypatch.undo()
@@ -150,17 +159,7 @@ def test_a_capture_that_fails_leaves_no_lease_and_no_capture(
     pipe = Pipeline(big_pool, lambda x: x + 1, chunk_bytes=64 * ROW_BYTES, min_copy_bytes=0)
     data, out = host_arrays(pipe, big_pool.backend)
     pipe.run(data, out)  # the first run, outside the failure
-    calls = [0]
-    copy_in = pipe._engine.copy_in
-
-    def fails_on_the_third(*args: Any) -> None:
-        calls[0] += 1
-        if calls[0] == 3:
-            raise RuntimeError("injected: a copy that cannot be captured")
-        copy_in(*args)
-
-    monkeypatch.setattr(pipe._engine, "copy_in", fails_on_the_third)
-    monkeypatch.setattr(pipe, "run", lambda data, out=None: out)  # capture's first run
+    fail_on_call(monkeypatch, pipe, "copy_in", 3, RuntimeError("a copy that cannot be captured"))
     with pytest.raises(ValueError, match="cannot be captured as a CUDA graph"):
         pipe.capture(data, out)
     monkeypatch.undo()
