@@ -2,10 +2,12 @@
 
 Locking: ``EventPool._lock`` (a plain ``threading.Lock``) guards the pool's
 ``_idle`` list, its ``_created`` / ``_destroyed`` counters, ``_closed_reason``
-and every event's ``_held`` flag. While it is held, the only other lock of
-the library taken is the capture registry's leaf lock (``_capturing``), and
-no Python code of a user's runs under it. A stream pool may take it while it
-holds its own lock (to record a key's end), never the other way round.
+and every event's ``_held`` flag (one exception: a dropped stream pool's
+finalizer that cannot take the lock in time stores ``_closed_reason`` alone).
+While it is held, the only other lock of the library taken is the capture
+registry's leaf lock (``_capturing``), and no Python code of a user's runs
+under it. A stream pool may take it while it holds its own lock (to record
+a key's end), never the other way round.
 
 While a CUDA graph capture of its device is in progress (``_capturing``) the
 pool creates and destroys no event: ``acquire`` hands out idle events only,
@@ -276,9 +278,21 @@ class EventPool:
             self._destroyed += len(freed)
         del freed  # CUDA events go with their last reference, outside the lock
 
-    def _close(self, reason: str) -> None:
-        with self._lock:
+    def _close(self, reason: str, lock_wait: float = -1) -> None:
+        """Refuse further acquires and free the idle events.
+
+        ``lock_wait`` bounds the wait for the lock (a dropped pool's finalizer,
+        which may run inside one of this pool's critical sections on the very
+        thread that holds the lock): when it runs out, the pool is only marked
+        closed, and its idle events are freed with it.
+        """
+        if not self._lock.acquire(timeout=lock_wait):
+            self._closed_reason = reason  # one store: seen by the next holder of the lock
+            return
+        try:
             self._closed_reason = reason
+        finally:
+            self._lock.release()
         self.clear()
 
     def stats(self) -> EventPoolStats:

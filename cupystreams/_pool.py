@@ -453,7 +453,7 @@ def _close_core(core: PoolCore, events: EventPool, reason: str, lock_wait: float
         for stream in streams:
             handles.append(stream._handle)
             stream._handle = None
-        _destroy(handles, core.backend, events)
+        _destroy(handles, core.backend, events, lock_wait)
 
 
 def _close_dropped(
@@ -466,11 +466,16 @@ def _close_dropped(
     else:
         # Collected with its core (a key leading back to the pool): nobody
         # can reach the pool's streams any more, so only their handles remain.
-        _destroy(handles, backend, events)
+        _destroy(handles, backend, events, FINALIZER_LOCK_WAIT_S)
 
 
-def _destroy(handles: list[Any], backend: Backend, events: EventPool) -> None:
+def _destroy(
+    handles: list[Any], backend: Backend, events: EventPool, lock_wait: float = -1
+) -> None:
     """Destroy every stream in ``handles``, then the backend's threads and the events.
+
+    ``lock_wait`` bounds the waits for the backend's and the event pool's
+    locks, as for the core's (a finalizer's call).
 
     Every stream is destroyed even if one fails (after a faulting kernel
     every CUDA call reports the error); the first failure is raised last.
@@ -482,9 +487,9 @@ def _destroy(handles: list[Any], backend: Backend, events: EventPool) -> None:
         except Exception as exc:
             first_error = first_error or exc
     try:
-        backend.close()
+        backend.close(lock_wait)
     finally:
-        events._close("the pool that owns this EventPool was closed")
+        events._close("the pool that owns this EventPool was closed", lock_wait)
     if first_error is not None:
         raise first_error
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from reliability_helpers import LiveObjects, live_objects, no_leaks, record_figures, wait_until
 
-from cupystreams import CudaStreamPool, EventPool, LeaseError, PoolTimeoutError
+from cupystreams import CudaStreamPool, EventPool, LeaseError, PoolClosedError, PoolTimeoutError
 from cupystreams._affinity import AffinityTable
 from cupystreams._backends._host import HostBackend
 from cupystreams._core import PoolCore
@@ -531,3 +531,54 @@ def test_a_warning_made_an_error_does_not_keep_the_stream(
     assert [type(error) for error in unraisable] == [ResourceWarning]
     assert pool.stats().compute.leased == 0
     pool.close()
+
+
+def test_a_pool_dropped_while_its_thread_holds_the_event_lock_does_not_deadlock(
+    destroyed_on: list[str],
+) -> None:
+    """A collection can run a dropped pool's finalizer inside one of the event
+    pool's critical sections, on the thread that holds its lock. The finalizer
+    must not wait for that lock for ever: it marks the event pool closed and
+    leaves the idle events to be freed with it."""
+    outcome: list[str] = []
+
+    def drop_while_holding_the_lock() -> None:
+        pool = CudaStreamPool(2, 1, 0, backend="host")
+        events = pool.events
+        pool.events.acquire().release()  # an idle event the close would free
+        events._lock.acquire()
+        try:
+            del pool  # the finalizer runs here, on this thread, under the lock
+        finally:
+            events._lock.release()
+        try:
+            events.acquire()
+        except PoolClosedError:
+            outcome.append("closed")
+
+    thread = threading.Thread(target=drop_while_holding_the_lock, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the finalizer waited for a lock its own thread held"
+    assert outcome == ["closed"]
+    assert len(destroyed_on) == 3, "the pool's streams were destroyed all the same"
+
+
+def test_a_host_function_thread_closed_by_a_finalizer_waits_a_bounded_time() -> None:
+    from cupystreams._backends._callbacks import CallbackThread
+
+    ran = threading.Event()
+    callbacks = CallbackThread(lambda event: None, name="test-callbacks")
+    callbacks.launch(0, None, lambda error: ran.set())
+    assert ran.wait(5)
+    callbacks._changed.acquire()  # as a collection inside a critical section would find it
+    try:
+        started = time.monotonic()
+        callbacks.close(lock_wait=0.05)
+        assert time.monotonic() - started < 2
+    finally:
+        callbacks._changed.release()
+    with pytest.raises(PoolClosedError):
+        callbacks.launch(0, None, lambda error: None)  # closed all the same
+    callbacks.close()  # a later close still stops the thread
+    assert callbacks._thread is None

@@ -110,6 +110,9 @@ class Backend(Protocol):
         pointer) into a handle, or raise ``TypeError``."""
         ...
 
-    def close(self) -> None:
-        """Stop the backend's own threads once their work is done (idempotent)."""
+    def close(self, lock_wait: float = -1) -> None:
+        """Stop the backend's own threads once their work is done (idempotent).
+
+        ``lock_wait`` bounds each wait for a lock (see ``EventPool._close``).
+        """
         ...

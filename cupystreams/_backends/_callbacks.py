@@ -8,8 +8,9 @@ function runs after the work queued before it, as with CUDA; unlike CUDA,
 later work on the stream does not wait for the function.
 
 Locking: ``CallbackThread._changed`` (a ``threading.Condition`` over its own
-lock) guards every field below; the waiting for events and the calls happen
-outside it.
+lock) guards every field below (but for one store of ``_closing`` by a
+dropped pool's finalizer that cannot take it in time); the waiting for events
+and the calls happen outside it.
 
 | field | meaning |
 | --- | --- |
@@ -74,12 +75,24 @@ class CallbackThread:
             target = self._launched.get(stream_key, 0)
             self._changed.wait_for(lambda: self._finished.get(stream_key, 0) >= target)
 
-    def close(self) -> None:
-        """Run what is pending, then stop the thread (idempotent)."""
-        with self._changed:
+    def close(self, lock_wait: float = -1) -> None:
+        """Run what is pending, then stop the thread (idempotent).
+
+        ``lock_wait`` bounds the wait for the lock (a dropped pool's finalizer,
+        which may run inside a critical section of this object on the thread
+        that holds it). When it runs out, ``_closing`` is set without waking
+        the thread: an idle thread then sleeps on (a daemon, it leaves with
+        the process), a busy one stops once its pending functions have run.
+        """
+        if not self._changed.acquire(timeout=lock_wait):
+            self._closing = True  # one store: read by the thread under the lock
+            return
+        try:
             self._closing = True
             thread = self._thread
             self._changed.notify_all()
+        finally:
+            self._changed.release()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 

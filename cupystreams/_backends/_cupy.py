@@ -244,8 +244,8 @@ class CupyBackend:
         with self._device:  # a foreign pointer is taken to be on this device
             return foreign_stream(obj)
 
-    def close(self) -> None:
-        self._callbacks.close()
+    def close(self, lock_wait: float = -1) -> None:
+        self._callbacks.close(lock_wait)
 
 
 CUPY_STREAMS = (cupy.cuda.Stream, cupy.cuda.ExternalStream)

@@ -358,5 +358,5 @@ class HostBackend:
             "(use backend='cupy' for CUDA streams)"
         )
 
-    def close(self) -> None:
+    def close(self, lock_wait: float = -1) -> None:
         pass  # each stream's worker stops with destroy_stream
