@@ -28,8 +28,10 @@ for a stream sleeps without the lock, on its ``Waiter``'s own lock, which a
 releaser opens once it has handed the stream over; a thread waiting for a key
 sleeps on a condition over the lock. Under
 the lock the pool calls only the backend's record / wait (to order a key's
-work), its capture probe (a dropped lease's stream that a capture pulled in
-stays queued until the capture has ended) and the event pool, whose lock is
+work), its capture probe (a stream still capturing is not released, and a
+dropped lease's stream that a capture pulled in stays queued until the
+capture has ended; under the lock, close() cannot destroy the stream during
+the query) and the event pool, whose lock is
 taken inside this one and never the other way round.
 """
 
@@ -263,16 +265,17 @@ class PoolCore:
 
     def release(self, lease: StreamLease, stream: PooledStream) -> None:
         """End ``lease``, which holds ``stream``; see ``StreamLease.release``."""
-        probe = stream._capture_probe
-        if probe is not None and self.closed_reason is None and probe():
-            raise LeaseError(
-                f"{stream!r} is still capturing a CUDA graph; end the capture, then release"
-            )
         self.lock.acquire()
         try:
             if lease._stream is not stream:  # another thread's release won
                 raise LeaseError("this lease was already released")
             if self.closed_reason is None:
+                # Under the lock: close() cannot destroy the stream during the query.
+                probe = stream._capture_probe
+                if probe is not None and probe():
+                    raise LeaseError(
+                        f"{stream!r} is still capturing a CUDA graph; end the capture, then release"
+                    )
                 self._end_lease_locked(stream, lease._key_state)
             lease._stream = None
         finally:

@@ -504,6 +504,35 @@ def test_close_right_after_a_hand_off_gives_no_live_lease_on_a_dead_stream(
         assert pool.stats().closed
 
 
+def test_close_cannot_destroy_a_stream_while_its_release_asks_if_it_is_capturing(
+    backend: str,
+) -> None:
+    """A release asks the device whether its stream is capturing; a close() on
+    another thread must not destroy the stream in the middle of that query."""
+    with CudaStreamPool(1, 0, 0, backend=backend) as pool:
+        lease = pool.acquire_compute()
+        stream = lease.stream
+        seen: list[bool] = []
+        closer = threading.Thread(target=pool.close, daemon=True)
+        query = stream._capture_probe
+        assert query is not None
+
+        def slow_query() -> int:
+            closer.start()  # close() begins while the query runs ...
+            closer.join(0.3)
+            seen.append(stream._handle is not None)  # ... and must not have destroyed it
+            return query()
+
+        stream._capture_probe = slow_query
+        try:
+            lease.release()
+        finally:
+            stream._capture_probe = query
+        closer.join(10)
+        assert seen == [True], "the stream was destroyed during its capture query"
+        assert not closer.is_alive() and pool.closed
+
+
 def test_close_at_random_moments_under_load(backend: str) -> None:
     """Threads lease, work and wait while close() lands at a random moment: every
     thread finishes promptly, and every failure is PoolClosedError."""
