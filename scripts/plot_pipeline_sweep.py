@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-SIZES = ("64KiB", "1MiB", "8MiB")
 LINES = (
     ("bound_ms", "stage bound, same chunks", "k:"),
     ("pool_ms", "Pipeline.run", "o-"),
@@ -38,8 +37,11 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"plot_pipeline_sweep: {source}: not a bench JSON file ({exc})", file=sys.stderr)
         return 2
-    rows = [results.get(f"pipeline.chunk_{size}") for size in SIZES]
-    if any(row is None or row.get("value") is None for row in rows):
+    rows = sorted(
+        (row for key, row in results.items() if key.startswith("pipeline.chunk_")),
+        key=lambda row: (row.get("extra") or {}).get("chunk_bytes", 0),
+    )
+    if not rows or any(row.get("value") is None for row in rows):
         print(f"plot_pipeline_sweep: {source} has no measured sweep (a GPU run)", file=sys.stderr)
         return 2
     import matplotlib
@@ -48,12 +50,13 @@ def main(argv: list[str]) -> int:
     from matplotlib import pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
+    sizes = [row["id"].removeprefix("pipeline.chunk_") for row in rows]
+    extras = [row["extra"] for row in rows]
     for key, label, style in LINES:
-        extras = [row["extra"] for row in rows if row is not None]
         if all(extra.get(key) is not None for extra in extras):
             gib = [e["chunk_bytes"] * e["chunks"] / (1 << 30) for e in extras]
             rates = [size / (extra[key] / 1e3) for size, extra in zip(gib, extras, strict=True)]
-            axis.plot(SIZES, rates, style, label=label)
+            axis.plot(sizes, rates, style, label=label)
     axis.set_ylim(bottom=0)
     axis.set_xlabel("chunk size")
     axis.set_ylabel("GiB/s each way")

@@ -184,7 +184,15 @@ def test_bench_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     # Peers that need a GPU are reported as missing, not invented.
     assert by_id["peer.cupy_stream"]["value"] is None
     assert by_id["goal.with_vs_cupy_with"]["value"] is None
-    for row in ("chunk_64KiB", "chunk_1MiB", "chunk_8MiB", "pageable_first", "pageable_again"):
+    for row in (
+        "chunk_64KiB",
+        "chunk_256KiB",
+        "chunk_1MiB",
+        "chunk_8MiB",
+        "chunk_64MiB",
+        "pageable_first",
+        "pageable_again",
+    ):
         assert by_id[f"pipeline.{row}"]["value"] is None  # measured on a GPU only
     # Device time on the host backend is modelled: the demo's pipeline and
     # CuPy's arenas, each figure labelled so, and the first line says it.
