@@ -54,11 +54,16 @@ def test_the_machine_catches_waits_that_do_nothing(
     else:
         from cupystreams._backends._cupy import CupyBackend as Backend  # type: ignore[assignment]
     monkeypatch.setattr(Backend, "wait_event", lambda self, stream, event: None)
+    # A missing wait shows when the consumer's task runs while the producer's
+    # is held back. On a busy machine a worker thread can take longer than the
+    # usual hold to wake, so this test holds longer and tries more runs (the
+    # first failure ends it: a pool that orders nothing fails within a few).
+    monkeypatch.setattr("cupystreams.testing.GATE_SECONDS", 0.01)
     try:
         run_state_machine_as_test(
             lambda: PoolStateMachine(lambda: CudaStreamPool(2, 1, 1, backend=backend)),
             settings=settings(
-                max_examples=50,
+                max_examples=300,
                 stateful_step_count=40,
                 deadline=None,
                 phases=[Phase.generate],  # finding it is the point; shrinking only costs time
