@@ -33,7 +33,7 @@ import contextlib
 import functools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -389,24 +389,20 @@ class _Call:
         self.engine = pipe._engine
         self.data = data
         self.step = step
-        rows = data.shape[0]
-        chunks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+        chunks = -(-data.shape[0] // step)
         # Small chunks are copied in groups: each copy has a fixed cost (a few
         # microseconds of host and copy engine) that would dominate small ones.
         chunk_bytes = step * data.itemsize * math.prod(data.shape[1:])
         wanted = 1 if serial else -(-pipe.min_copy_bytes // max(1, chunk_bytes))
-        self.per_group = max(1, min(wanted, len(chunks)))
-        first = 0
-        if self.per_group > 1 and output.array is None:
-            # Results are gathered into a buffer of the output's dtype, which
-            # the first chunk's result decides: that chunk goes alone.
-            first = 1
-        self.groups = [chunks[:first]] if first else []
-        step_groups = range(first, len(chunks), self.per_group)
-        self.groups += [chunks[i : i + self.per_group] for i in step_groups]
+        self.per_group = max(1, min(wanted, chunks))
+        # Results are gathered into a buffer of the output's dtype, which the
+        # first chunk's result decides: without an output yet, that chunk goes alone.
+        self.first_alone = self.per_group > 1 and output.array is None
+        alone = int(self.first_alone)
+        self.group_count = alone + -(-(chunks - alone) // self.per_group)
         self.output = output
         self.serial = serial
-        self.count = 1 if serial else min(pipe.max_in_flight, len(self.groups))
+        self.count = 1 if serial else min(pipe.max_in_flight, self.group_count)
         self.slots: list[_Slot] = []
         self.state = RunState()
         self.trace = pipe.pool._trace  # a traced pool gets a span per stage of each group
@@ -519,13 +515,30 @@ class _Call:
         if slot.gathered is None and self.per_group > 1 and out is not None:
             slot.gathered = self.engine.device_empty((rows, *out.shape[1:]), out.dtype)
 
+    def _groups(self) -> Iterator[list[tuple[int, int]]]:
+        """Each copy group's chunks, as (start, stop) rows, in order.
+
+        Made one group at a time: a run of many small chunks would otherwise
+        build all of them before its first copy.
+        """
+        rows, step = self.data.shape[0], self.step
+        start = 0
+        if self.first_alone:
+            yield [(0, min(rows, step))]
+            start = step
+        span = self.per_group * step
+        for first in range(start, rows, span):
+            yield [
+                (row, min(rows, row + step)) for row in range(first, min(rows, first + span), step)
+            ]
+
     def _loop(self, leases: _Leases) -> None:
         engine, data = self.engine, self.data
         rows_per_group = self.per_group * self.step
         direct_in = engine.make_direct(data)
         # Addresses by arithmetic: direct arrays are C-contiguous.
         base, row_bytes = (data.ctypes.data, data.strides[0]) if direct_in else (0, 0)
-        for index, group in enumerate(self.groups):
+        for index, group in enumerate(self._groups()):
             start, stop = group[0][0], group[-1][1]
             if self.per_group > 1 and self.output.array is None and index:
                 # The first chunk's result allocates the output (on the host
@@ -548,8 +561,18 @@ class _Call:
             self._stages(slot, group, src, src_ptr, leases)
             if self.serial:
                 self._retire(slot)  # as a blocking .get() would
-        for slot in self.slots:
+        if self.graph_results is not None:
+            for slot in self.slots:
+                self._retire(slot)  # the capture keeps the slots' buffers
+            return
+        # The last groups, oldest first: each slot goes back as soon as its
+        # group is home, while the device still works on the later ones, so
+        # that after the last copy-out the run has one slot left to give back.
+        last = self.group_count
+        for slot in [self.slots[i % self.count] for i in range(last - len(self.slots), last)]:
             self._retire(slot)
+            self.slots.remove(slot)
+            slot.free(self.pool.events)
 
     def _chunk_view(self, slot: _Slot, index: int, first: int, last: int) -> Any:
         """Rows ``first:last`` of the slot's input buffer: a group's ``index``-th chunk."""
