@@ -22,12 +22,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from . import _gather_kernel
+
 if TYPE_CHECKING:
     from ._backends import Backend
     from ._events import PooledEvent
     from ._lease import StreamLease
 
 __all__ = [
+    "Check",
     "CupyEngine",
     "Destination",
     "Engine",
@@ -42,6 +45,9 @@ __all__ = [
 #: that array's address (computed by the run from its base, not per chunk:
 #: ``ndarray.ctypes`` costs microseconds).
 Destination = Callable[[Any], tuple[np.ndarray, int]]
+#: Refuses (raises) a result of ``fn`` for the run's rows ``start:stop`` that
+#: does not fit the output: ``check(result, start, stop)``.
+Check = Callable[[Any, int, int], None]
 
 # Staging copies of pageable arrays are host memcpys: one thread moves about
 # 10 GB/s, a few threads saturate the memory bus. numpy releases the GIL while
@@ -191,14 +197,17 @@ class Engine(Protocol):
     def gather(
         self,
         lease: StreamLease,
-        result: Pending,
+        results: Sequence[Pending],
         into: Any,
-        row: int,
-        check: Callable[[Any], None],
+        chunks: Sequence[tuple[int, int]],
+        start: int,
+        check: Check,
         state: RunState,
     ) -> None:
-        """Queue, on ``lease`` after ``fn``, the copy of its result into device
-        buffer ``into`` from ``row`` on, once ``check(result)`` accepted it."""
+        """Queue, on ``lease`` after ``fn``, the copy of each result into device
+        buffer ``into``, whose row 0 is the run's row ``start``: the result for
+        the run's rows ``chunks[i]`` goes to those rows, once ``check(result,
+        *chunks[i])`` accepted it."""
         ...
 
     def copy_out(
@@ -258,6 +267,7 @@ class CupyEngine:
 
     @contextlib.contextmanager
     def graph_memory(self) -> Iterator[Any]:
+        _gather_kernel.load()  # no module may be loaded during the capture
         # A graph replays the addresses it captured: nothing it allocated may
         # go back to CuPy's shared pool, where other work would reuse it.
         memory = self._cupy.cuda.MemoryPool()
@@ -324,16 +334,36 @@ class CupyEngine:
     def gather(
         self,
         lease: StreamLease,
-        result: Pending,
+        results: Sequence[Pending],
         into: Any,
-        row: int,
-        check: Callable[[Any], None],
+        chunks: Sequence[tuple[int, int]],
+        start: int,
+        check: Check,
         state: RunState,
     ) -> None:
-        y = result.value
-        check(y)
-        dst = into.data.ptr + row * into.strides[0]  # by arithmetic: CuPy slicing is slow
-        self._memcpy(dst, y.data.ptr, y.nbytes, self._on_device, stream_of(lease).ptr)
+        values = []
+        for result, (first, last) in zip(results, chunks, strict=True):
+            check(result.value, first, last)
+            values.append(result.value)
+        stream = stream_of(lease)
+        # Addresses by arithmetic: CuPy slicing is slow.
+        base, row_bytes = into.data.ptr, into.strides[0]
+        size = values[0].nbytes
+        # The results of one size at evenly spaced rows (a lease's chunks of a
+        # group) go in one kernel launch; a copy each costs the host as much as
+        # the launch. The run's last chunk may be shorter: it is copied alone.
+        even = [y for y in values if y.nbytes == size]
+        spacing = chunks[1][0] - chunks[0][0] if len(even) > 1 else 0
+        if len(even) > 1 and all(
+            chunks[i][0] - chunks[0][0] == i * spacing for i in range(len(even))
+        ):
+            sources = [y.data.ptr for y in even]
+            dst = base + (chunks[0][0] - start) * row_bytes
+            _gather_kernel.gather(dst, spacing * row_bytes, sources, size, stream)
+            values, chunks = values[len(even) :], chunks[len(even) :]
+        for y, (first, _) in zip(values, chunks, strict=True):
+            dst = base + (first - start) * row_bytes
+            self._memcpy(dst, y.data.ptr, y.nbytes, self._on_device, stream.ptr)
 
     def copy_out(
         self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
@@ -424,16 +454,17 @@ class HostEngine:
     def gather(
         self,
         lease: StreamLease,
-        result: Pending,
+        results: Sequence[Pending],
         into: Any,
-        row: int,
-        check: Callable[[Any], None],
+        chunks: Sequence[tuple[int, int]],
+        start: int,
+        check: Check,
         state: RunState,
     ) -> None:
         def task() -> None:
-            y = result.value
-            check(y)
-            np.copyto(into[row : row + len(y)], y)
+            for result, (first, last) in zip(results, chunks, strict=True):
+                check(result.value, first, last)
+                np.copyto(into[first - start : last - start], result.value)
 
         self._queue(lease, state, task)
 

@@ -30,7 +30,6 @@ as host functions on the leases' simulated streams, in stream order.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -633,7 +632,7 @@ class _Call:
         leases: _Leases,
     ) -> None:
         copy_in, copy_out = leases.copy_in, leases.copy_out
-        engine, state, trace, fn = self.engine, self.state, self.trace, self.fn
+        engine, state, trace, fn, output = self.engine, self.state, self.trace, self.fn, self.output
         start, stop = group[0][0], group[-1][1]
         x = slot.x if stop - start == slot.x.shape[0] else slot.x[: stop - start]
         span = None if trace is None else trace._stage_begin(copy_in)
@@ -660,10 +659,10 @@ class _Call:
                 span = None if trace is None else trace._stage_begin(compute)
                 engine.compute(compute, fn, chunks, results, state)
                 if gathered is not None:
-                    for i, result in zip(indices, results, strict=True):
-                        first, last = group[i]
-                        check = functools.partial(self.output.check, start=first, stop=last)
-                        engine.gather(compute, result, gathered, first - start, check, state)
+                    lane_chunks = [group[i] for i in indices]
+                    engine.gather(
+                        compute, results, gathered, lane_chunks, start, output.check, state
+                    )
                 if span is not None and trace is not None:
                     trace._stage_end(span, "compute")
         finally:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 from test_pool_gpu import slow_fill
 
 from cupystreams import CudaStreamPool, get_global_stream_pool
+from cupystreams.pipeline import Pipeline
 
 pytestmark = pytest.mark.gpu(count=2)
 
@@ -34,6 +36,20 @@ def test_a_pool_lives_on_its_device(pools: tuple[CudaStreamPool, CudaStreamPool]
         data = cupy.ones(1024, dtype=cupy.float32)
         assert data.device.id == 1
     assert cupy.cuda.runtime.getDevice() == 0
+
+
+def test_a_pipeline_runs_on_its_pools_device(pools: tuple[CudaStreamPool, CudaStreamPool]) -> None:
+    """Small chunks: results are gathered by a kernel, loaded on each device it runs on."""
+    import cupy
+
+    data = np.arange(1 << 16, dtype=np.float32)
+    for pool in pools:  # device 0 first: the kernel is then loaded on device 1 as well
+        cupy.cuda.Device(0).use()
+        pipe = Pipeline(pool, lambda x: x * 2 + 1, chunk_bytes=4096)
+        assert np.array_equal(pipe.run(data), data * 2 + 1)
+        assert cupy.cuda.runtime.getDevice() == 0
+        with pipe.capture(data, pipe.empty_host(data.shape)) as graph:
+            assert np.array_equal(graph.run(), data * 2 + 1)
 
 
 def test_a_block_that_leaves_another_device_current_is_put_right(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._pipeline_engines import Destination, HostEngine, Pending, RunState
+from .._pipeline_engines import Check, Destination, HostEngine, Pending, RunState
 from .model import H100, DeviceModel, DeviceParams, Interval, Op
 
 if TYPE_CHECKING:
@@ -154,18 +154,20 @@ class ModelEngine:
     def gather(
         self,
         lease: StreamLease,
-        result: Pending,
+        results: Sequence[Pending],
         into: Any,
-        row: int,
-        check: Callable[[Any], None],
+        chunks: Sequence[tuple[int, int]],
+        start: int,
+        check: Check,
         state: RunState,
     ) -> None:
         # Timed as free: a device-to-device copy is small next to the PCIe copies.
-        made = self._results.pop(id(result), None)
-        if made is not None:
-            kernel, buffer, _ = made
-            self._gathered.setdefault(id(_root(into)), []).append((kernel, buffer))
-        self._host.gather(lease, result, into, row, check, state)
+        for result in results:
+            made = self._results.pop(id(result), None)
+            if made is not None:
+                kernel, buffer, _ = made
+                self._gathered.setdefault(id(_root(into)), []).append((kernel, buffer))
+        self._host.gather(lease, results, into, chunks, start, check, state)
 
     def copy_out(
         self, lease: StreamLease, result: Pending, destination: Destination, state: RunState
