@@ -134,6 +134,36 @@ def test_exception_in_fn_propagates_and_frees_everything(
     assert np.array_equal(again.run(data), data * 2 + 1)
 
 
+@pytest.mark.parametrize("failing", [0, 1, 3])
+def test_a_failure_while_the_last_groups_come_home_frees_everything_once(failing: int) -> None:
+    """The end of a run gives each slot back as soon as its group is home; a wait
+    that fails there (the ``failing``-th of the last four) still leaves nothing
+    held, and gives nothing back twice."""
+    with CudaStreamPool(backend="host") as pool:
+        pipe = Pipeline(
+            pool, double_plus_one, chunk_bytes=10 * ROW_BYTES, max_in_flight=4, min_copy_bytes=0
+        )
+        data = np.arange(100 * COLS, dtype=np.float32).reshape(100, COLS)  # 10 groups
+        assert np.array_equal(pipe.run(data), data * 2 + 1)  # every event made once
+        idle = pool.events.stats().idle
+        engine = pipe._engine
+        synchronize, waits = engine.synchronize, []
+
+        def fail_at_the_end(event: Any) -> None:
+            waits.append(event)
+            if len(waits) == 10 - 4 + 1 + failing:  # 6 waits in the loop, then the last 4
+                raise Boom("the device failed")
+            synchronize(event)
+
+        engine.synchronize = fail_at_the_end  # type: ignore[method-assign]
+        with pytest.raises(Boom):
+            pipe.run(data)
+        del engine.synchronize
+        check_nothing_held(pool, pipe)
+        assert pool.events.stats().idle == idle
+        assert np.array_equal(pipe.run(data), data * 2 + 1)
+
+
 def test_wrong_number_of_rows_is_a_clear_error(big_pool: CudaStreamPool, min_copy: int) -> None:
     pipe = Pipeline(
         big_pool, lambda x: x[:-1], chunk_bytes=100 * ROW_BYTES, min_copy_bytes=min_copy
