@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = (ROOT / "BENCHMARKS.md", ROOT / "README.md")
@@ -299,38 +300,89 @@ def blocks_in(text: str) -> list[str]:
     return [match.group(2) for match in BLOCK.finditer(text)]
 
 
+def load_run(path: str) -> Figures:
+    """The run in the file at ``path``, checked as far as the tables read it.
+
+    Raises:
+        ValueError: The file cannot be read, or is not a ``cupystreams bench
+            --json`` file (the message says what is wrong).
+    """
+    try:
+        run = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(str(exc)) from exc
+    if not isinstance(run, dict) or run.get("tool") != "cupystreams bench":
+        raise ValueError('no "tool": "cupystreams bench" at its top')
+    results = run.get("results")
+    if not isinstance(results, list) or not results:
+        raise ValueError("no results")
+    for result in results:
+        if not isinstance(result, dict):
+            raise ValueError(f"a result is {type(result).__name__}, not an object")
+        for key in ("id", "name", "unit", "note"):
+            if not isinstance(result.get(key), str):
+                raise ValueError(f"result {result.get('id')!r} has no text {key!r}")
+        value = result.get("value", False)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"result {result['id']!r} has no number (or null) as its value")
+        if not isinstance(result.get("extra", {}), dict):
+            raise ValueError(f"result {result['id']!r} has an extra that is not an object")
+    return Figures(run)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="bench_tables", description=__doc__.splitlines()[0])
     parser.add_argument("run", help="the JSON written by `cupystreams bench --json`")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="update the documents in place")
     mode.add_argument("--check", action="store_true", help="exit 1 if a document differs")
     args = parser.parse_args(argv)
+    # Everything is read, checked and rendered before anything is printed or
+    # written: a bad run or document leaves the documents as they were.
+    blocks: list[tuple[str, str]] = []
+    rendered: dict[Path, str] = {}
     try:
-        run = json.loads(Path(args.run).read_text(encoding="utf-8"))
-        figures = Figures(run)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"bench_tables: {args.run}: not a `cupystreams bench --json` file ({exc})",
+        figures = load_run(args.run)
+        if not (args.write or args.check):
+            blocks = [(name, render_block(name, figures)) for name in RENDERERS]
+        for path in DOCUMENTS if args.write or args.check else ():
+            text = path.read_text(encoding="utf-8")
+            if unknown := sorted(set(blocks_in(text)) - set(RENDERERS)):
+                print(f"bench_tables: {path.name} has bench blocks {unknown} that name no "
+                      f"table; known: {sorted(RENDERERS)}", file=sys.stderr)  # fmt: skip
+                return 2
+            rendered[path] = render_document(text, figures)
+    except (ValueError, TypeError, KeyError) as exc:
+        print(f"bench_tables: {args.run}: not a `cupystreams bench --json` file ({exc!r})",
               file=sys.stderr)  # fmt: skip
         return 2
-    if not (args.write or args.check):
-        for name in RENDERERS:
-            print(f"<!-- bench:{name} -->\n{render_block(name, figures)}<!-- /bench:{name} -->\n")
+    except OSError as exc:
+        print(f"bench_tables: {exc}", file=sys.stderr)
+        return 2
+    for name, block in blocks:
+        print(f"<!-- bench:{name} -->\n{block}<!-- /bench:{name} -->\n")
+    changed = {path: text for path, text in rendered.items()
+               if text != path.read_text(encoding="utf-8")}  # fmt: skip
+    if args.check:
+        if changed:
+            names = ", ".join(path.name for path in changed)
+            print(f"bench_tables: {names} differ from {args.run}", file=sys.stderr)
+            return 1
         return 0
-    stale = []
-    for path in DOCUMENTS:
-        text = path.read_text(encoding="utf-8")
-        rendered = render_document(text, figures)
-        if rendered == text:
-            continue
-        if args.write:
-            path.write_text(rendered, encoding="utf-8")
-            print(f"updated {path.name}: {', '.join(blocks_in(text))}")
-        else:
-            stale.append(path.name)
-    if stale:
-        print(f"bench_tables: {', '.join(stale)} differ from {args.run}", file=sys.stderr)
-        return 1
+    unwritable = [path.name for path in changed if not os.access(path, os.W_OK)]
+    if unwritable:
+        print(f"bench_tables: cannot write {', '.join(unwritable)}; nothing was written",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    for path, text in changed.items():
+        blocks_before = ", ".join(blocks_in(path.read_text(encoding="utf-8")))
+        path.write_text(text, encoding="utf-8")
+        print(f"updated {path.name}: {blocks_before}")
     return 0
 
 

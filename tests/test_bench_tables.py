@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -92,6 +93,54 @@ def test_a_file_that_is_no_run_is_one_line_and_status_2(
     assert bench_tables.main([str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a `cupystreams bench --json` file" in err
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda run: run.pop("tool"),  # another tool's JSON
+        lambda run: run.update(results=[]),  # a run of nothing would empty every table
+        lambda run: run["results"][0].pop("name"),
+        lambda run: run["results"][0].update(id=1),
+        lambda run: run["results"][0].update(value="fast"),
+        lambda run: run["results"][-1].update(extra=[]),
+    ],
+)
+def test_a_run_the_tables_cannot_read_writes_nothing(
+    run: Path,
+    documents: list[Path],
+    tmp_path: Path,
+    change: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    document = json.loads(run.read_text())
+    change(document)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(document))
+    before = [path.read_text() for path in documents]
+    assert bench_tables.main([str(bad), "--write"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert [path.read_text() for path in documents] == before
+
+
+def test_a_document_with_an_unknown_block_leaves_both_documents_as_they_were(
+    run: Path, documents: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, readme = documents
+    readme.write_text(readme.read_text() + "\n<!-- bench:bogus -->\n<!-- /bench:bogus -->\n")
+    before = [path.read_text() for path in documents]
+    assert bench_tables.main([str(run), "--write"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "README.md" in err and "'bogus'" in err
+    assert [path.read_text() for path in documents] == before
+
+
+def test_a_usage_error_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench_tables.main(["run.json", "--write", "--check"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_figures_keep_three_significant_digits() -> None:
