@@ -11,8 +11,8 @@ Whatever a user can get wrong is checked before any work runs: the ``cli``
 extra (rich for the tables, matplotlib for the timeline), the files to write
 (``--output`` ends in ``.png``, ``--json`` in ``.json``, each in an existing
 directory that can be written), and the backend, by flag or by
-``CUPYSTREAMS_BACKEND``. Each such mistake exits with status 2 and one line on
-stderr, as argparse's own usage errors do.
+``CUPYSTREAMS_BACKEND``. Each such mistake, like a usage error, exits with
+status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from ._backends import (
@@ -95,10 +95,14 @@ def _check_extra(command: str) -> None:
 
 def _check_writable(flag: str, path: str, what: str, suffix: str) -> None:
     """Fail now, not after minutes of work, if ``path`` cannot take the file."""
-    target = Path(path)
-    if target.suffix.lower() != suffix:
+    if Path(path).suffix.lower() != suffix:
         raise UsageError(f"{flag} {path}: {what}; name a file ending in {suffix}")
-    parent = target.parent  # "." for a bare file name
+    target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()  # checked where it leads
+    if target.exists() and not (target.is_file() or target.is_dir()):
+        raise UsageError(f"{flag} {path}: not a regular file; name a file ending in {suffix}")
+    parent = target.parent
     if not parent.exists():
         raise UsageError(f"{flag} {path}: directory {parent} does not exist; create it first")
     if not parent.is_dir():
@@ -123,8 +127,15 @@ def _writing(flag: str, path: str) -> Iterator[None]:
         raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from exc
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="cupystreams", description="A CUDA stream and event pool: demo, benchmarks, info."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

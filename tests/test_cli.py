@@ -267,6 +267,8 @@ BAD_PATHS = [
     ("demo", "--output", "{tmp}/a-dir.png", "is a directory"),
     ("bench", "--json", "{tmp}/missing/x.json", "directory {tmp}/missing does not exist"),
     ("bench", "--json", "{tmp}/bench.png", "the results are JSON; name a file ending in .json"),
+    ("bench", "--json", "{tmp}/link.json", "directory {tmp}/missing does not exist"),
+    ("demo", "--output", "{tmp}/fifo.png", "not a regular file; name a file ending in .png"),
 ]
 
 
@@ -282,6 +284,11 @@ def test_a_bad_output_path_fails_before_the_work(
 ) -> None:
     (tmp_path / "a-file").write_text("")
     (tmp_path / "a-dir.png").mkdir()
+    (tmp_path / "link.json").symlink_to(tmp_path / "missing" / "y.json")  # leads nowhere
+    if "fifo" in path:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no named pipes here")
+        os.mkfifo(tmp_path / "fifo.png")  # a write would block, or fail at the end
     path, why = (text.replace("{tmp}", str(tmp_path)) for text in (path, why))
     assert main([command, "--backend", "host", "--quick", flag, path]) == 2
     captured = capsys.readouterr()
@@ -289,6 +296,18 @@ def test_a_bad_output_path_fails_before_the_work(
     assert_one_line_error(captured.err, f"cupystreams {command}: {flag} {path}: {why}")
     assert work_calls == []
     assert not Path(path).is_file()
+
+
+def test_a_usage_error_is_one_line_and_status_2(
+    work_calls: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (["bench", "--json"], ["demo", "--quick=1"], ["nonsense"], []):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("cupystreams"), (argv, err)
+    assert work_calls == []
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")
