@@ -15,8 +15,10 @@ fails under a mutation.
 
 Run on a GPU machine. ``CUPYSTREAMS_REQUIRE_GPU`` says how many GPUs the
 tests may demand (1 if unset); the NCCL and cross-device mutations need 2 and
-are listed as not run below that. Exits non-zero if a mutation survived (some
-test it guards still passed) or the untouched tree did not pass.
+are listed as not run below that. Exits 1 if a mutation survived (some test
+it guards still passed); 2, with one line, if the untouched tree did not pass
+or the run cannot start (a prefix that names no mutation, too few GPUs), which
+is checked before the tree is copied.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ MUTATIONS = [
 ]  # fmt: skip
 
 
-GPUS = int(os.environ.get("CUPYSTREAMS_REQUIRE_GPU") or 1)
+GPUS = 1  # how many GPUs the tests may demand: set by main() from the environment
 
 
 # pytest -q's last word: "2 failed, 1 passed, 1 warning in 3.1s"
@@ -227,22 +229,51 @@ def pytest(tree: Path, tests: tuple[str, ...]) -> Outcome:
     )
 
 
-def main(prefixes: list[str]) -> int:
+def _fail(message: str) -> int:
+    print(f"mutation_check: {message}", file=sys.stderr)
+    return 2
+
+
+def _visible_gpus() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # no CuPy, no driver, no device: no GPU to run on
+        return 0
+
+
+def main(argv: list[str]) -> int:
+    from cupystreams.cli import _OneLineParser
+
+    global GPUS
+    parser = _OneLineParser(prog="mutation_check", description=__doc__.splitlines()[0])
+    parser.add_argument("prefixes", nargs="*", help="run the mutations whose names start so")
+    prefixes = parser.parse_args(argv).prefixes
+    # Everything is checked before the tree is copied and the tests run (minutes).
+    raw = os.environ.get("CUPYSTREAMS_REQUIRE_GPU") or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        return _fail(f"CUPYSTREAMS_REQUIRE_GPU={raw!r}: give the GPUs the tests may use: 1 or 2")
+    GPUS = int(raw)
+    names = [m.name for m in MUTATIONS]
+    unknown = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+    if unknown:
+        return _fail(f"no mutation starts with {', '.join(unknown)}; names: {', '.join(names)}")
     named = [m for m in MUTATIONS if not prefixes or m.name.startswith(tuple(prefixes))]
-    if not named:
-        print(f"no mutation starts with {prefixes}; names: {[m.name for m in MUTATIONS]}")
-        return 2
     chosen = [m for m in named if m.gpus <= GPUS]
+    if not chosen:
+        most = max(m.gpus for m in named)
+        return _fail(f"every mutation chosen needs {most} GPUs; set CUPYSTREAMS_REQUIRE_GPU={most}")
+    visible = _visible_gpus()
+    if visible < GPUS:
+        return _fail(f"the tests need {GPUS} GPU(s) and {visible} can be seen; run on a GPU host")
     for m in named:
         if m.gpus > GPUS:
             print(f"NOT RUN  {m.name}: needs {m.gpus} GPUs (CUPYSTREAMS_REQUIRE_GPU={m.gpus})")
-    if not chosen:
-        return 0
     for m in chosen:
         count = (ROOT / m.path).read_text().count(m.old)
         if count != 1:
-            print(f"{m.name}: the text to mutate occurs {count} times in {m.path}, not once")
-            return 2
+            return _fail(f"{m.name}: the text to mutate occurs {count} times in {m.path}, not once")
     status = 0
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "tree"
@@ -259,9 +290,8 @@ def main(prefixes: list[str]) -> int:
         if baseline.count("passed") == 0 or any(
             baseline.count(word) for word in ("failed", "skipped", "error")
         ):
-            print(f"the tests do not all pass on the untouched tree ({baseline.summary}):")
-            print("\n".join(baseline.lines[-15:]))
-            return 2
+            print("\n".join(baseline.lines[-15:]), file=sys.stderr)
+            return _fail(f"the tests do not all pass on the untouched tree ({baseline.summary})")
         print(f"untouched tree: {baseline.summary}")
         for m in chosen:
             file = tree / m.path
