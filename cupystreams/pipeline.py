@@ -431,12 +431,12 @@ class _Call:
 
         The copy-in lease is the capture's origin; the compute and copy-out
         leases are acquired inside the capture, so they join it, and released
-        inside it, so they join back. Besides the one compute lease it needs,
-        the capture takes up to ``GRAPH_COMPUTE_LEASES`` that are idle, and
-        gives each a group's chunks in turn: in a graph, kernels on one stream
-        run one after another, kernels on several side by side. Events and
-        device buffers are taken before the capture begins (none may be
-        created during it).
+        inside it, so they join back. The capture takes up to
+        ``GRAPH_COMPUTE_LEASES`` compute leases in all (the one it needs, and
+        others while they are idle), and gives each a group's chunks in turn:
+        in a graph, kernels on one stream run one after another, kernels on
+        several side by side. Events and device buffers are taken before the
+        capture begins (none may be created during it).
         """
         events = self.pool.events
         self.graph_results = []
