@@ -11,6 +11,10 @@ quoted in the two documents comes from one run.
     python scripts/bench_tables.py bench.json --write       # put them in the documents
     python scripts/bench_tables.py bench.json --check       # exit 1 if a document differs
 
+``--write`` takes a full GPU run; a host-backend or ``--quick`` run would
+replace the documents' GPU figures, and is written only with
+``--allow-partial``.
+
 Only the standard library is needed.
 """
 
@@ -341,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="update the documents in place")
     mode.add_argument("--check", action="store_true", help="exit 1 if a document differs")
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="let --write put a host-backend or --quick run in the documents",
+    )
     args = parser.parse_args(argv)
     # Everything is read, checked and rendered before anything is printed or
     # written: a bad run or document leaves the documents as they were.
@@ -363,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         print(f"bench_tables: {exc}", file=sys.stderr)
+        return 2
+    run = figures.run
+    if args.write and not args.allow_partial and (run.get("backend") != "cupy" or run.get("quick")):
+        kind = "a --quick run" if run.get("quick") else f"a {run.get('backend')}-backend run"
+        print(f"bench_tables: {args.run} is {kind}; its figures would replace the documents' "
+              "GPU figures: pass --allow-partial to write it anyway", file=sys.stderr)  # fmt: skip
         return 2
     for name, block in blocks:
         print(f"<!-- bench:{name} -->\n{block}<!-- /bench:{name} -->\n")

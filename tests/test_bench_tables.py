@@ -76,9 +76,16 @@ def test_the_readme_quotes_the_same_run(run: Path) -> None:
     assert f"| {fresh} vs 16.0 MiB |" in block
 
 
-def test_write_then_check(run: Path, documents: list[Path]) -> None:
+def test_write_then_check(
+    run: Path, documents: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert bench_tables.main([str(run), "--check"]) == 1  # the committed figures are another run's
-    assert bench_tables.main([str(run), "--write"]) == 0
+    before = [path.read_text() for path in documents]
+    # A host-backend run would replace the GPU figures: written only when asked.
+    assert bench_tables.main([str(run), "--write"]) == 2
+    assert "--allow-partial" in capsys.readouterr().err
+    assert [path.read_text() for path in documents] == before
+    assert bench_tables.main([str(run), "--write", "--allow-partial"]) == 0
     assert bench_tables.main([str(run), "--check"]) == 0
     text = documents[0].read_text()
     documents[0].write_text(text.replace("| `lease.with` |", "| `lease.with` | edited |"))
@@ -118,7 +125,7 @@ def test_a_run_the_tables_cannot_read_writes_nothing(
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(document))
     before = [path.read_text() for path in documents]
-    assert bench_tables.main([str(bad), "--write"]) == 2
+    assert bench_tables.main([str(bad), "--write", "--allow-partial"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1, captured
     assert [path.read_text() for path in documents] == before
@@ -130,7 +137,7 @@ def test_a_document_with_an_unknown_block_leaves_both_documents_as_they_were(
     _, readme = documents
     readme.write_text(readme.read_text() + "\n<!-- bench:bogus -->\n<!-- /bench:bogus -->\n")
     before = [path.read_text() for path in documents]
-    assert bench_tables.main([str(run), "--write"]) == 2
+    assert bench_tables.main([str(run), "--write", "--allow-partial"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "README.md" in err and "'bogus'" in err
     assert [path.read_text() for path in documents] == before
