@@ -15,19 +15,18 @@ quoted in the two documents comes from one run.
 replace the documents' GPU figures, and is written only with
 ``--allow-partial``.
 
-Only the standard library is needed.
+Its usage errors are one line, as the ``cupystreams`` command's are.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = (ROOT / "BENCHMARKS.md", ROOT / "README.md")
@@ -334,12 +333,9 @@ def load_run(path: str) -> Figures:
     return Figures(run)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
+    from cupystreams.cli import _OneLineParser
+
     parser = _OneLineParser(prog="bench_tables", description=__doc__.splitlines()[0])
     parser.add_argument("run", help="the JSON written by `cupystreams bench --json`")
     mode = parser.add_mutually_exclusive_group()
