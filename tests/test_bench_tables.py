@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from script_helpers import ROOT, load_script
 
 from cupystreams.cli import main as cupystreams_main
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "scripts/bench_tables.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_tables = load_script()
+bench_tables = load_script("bench_tables")
 
 
 @pytest.fixture(scope="module")

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from script_helpers import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script() -> ModuleType:
-    path = ROOT / "scripts/plot_pipeline_sweep.py"
-    spec = importlib.util.spec_from_file_location("plot_pipeline_sweep", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-plot = load_script()
+plot = load_script("plot_pipeline_sweep")
 
 
 def sweep_run(path: Path) -> Path:
