@@ -40,6 +40,22 @@ def sample(rows: int = ROWS, cols: int = COLS) -> np.ndarray:
     return rng.standard_normal((rows, cols)).astype(np.float32)
 
 
+def fail_on_call(
+    monkeypatch: pytest.MonkeyPatch, pipe: Pipeline, stage: str, n: int, error: Exception
+) -> None:
+    """Make the ``n``-th call of the pipeline engine's ``stage`` raise ``error`` (injected)."""
+    original = getattr(pipe._engine, stage)
+    calls = [0]
+
+    def failing(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == n:
+            raise error
+        return original(*args)
+
+    monkeypatch.setattr(pipe._engine, stage, failing)
+
+
 def check_nothing_held(pool: CudaStreamPool, pipe: Pipeline) -> None:
     stats = pool.stats()
     assert stats.leased == 0
@@ -135,7 +151,9 @@ def test_exception_in_fn_propagates_and_frees_everything(
 
 
 @pytest.mark.parametrize("failing", [0, 1, 3])
-def test_a_failure_while_the_last_groups_come_home_frees_everything_once(failing: int) -> None:
+def test_a_failure_while_the_last_groups_come_home_frees_everything_once(
+    failing: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The end of a run gives each slot back as soon as its group is home; a wait
     that fails there (the ``failing``-th of the last four) still leaves nothing
     held, and gives nothing back twice."""
@@ -146,19 +164,11 @@ def test_a_failure_while_the_last_groups_come_home_frees_everything_once(failing
         data = np.arange(100 * COLS, dtype=np.float32).reshape(100, COLS)  # 10 groups
         assert np.array_equal(pipe.run(data), data * 2 + 1)  # every event made once
         idle = pool.events.stats().idle
-        engine = pipe._engine
-        synchronize, waits = engine.synchronize, []
-
-        def fail_at_the_end(event: Any) -> None:
-            waits.append(event)
-            if len(waits) == 10 - 4 + 1 + failing:  # 6 waits in the loop, then the last 4
-                raise Boom("the device failed")
-            synchronize(event)
-
-        engine.synchronize = fail_at_the_end  # type: ignore[method-assign]
+        # 6 waits in the loop, then the last 4.
+        fail_on_call(monkeypatch, pipe, "synchronize", 10 - 4 + 1 + failing, Boom("failed"))
         with pytest.raises(Boom):
             pipe.run(data)
-        del engine.synchronize
+        monkeypatch.undo()
         check_nothing_held(pool, pipe)
         assert pool.events.stats().idle == idle
         assert np.array_equal(pipe.run(data), data * 2 + 1)

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_pipeline import check_nothing_held, fail_on_call
 
 from cupystreams import CudaStreamPool, PoolError
 from cupystreams.pipeline import Pipeline, PipelineGraph
@@ -14,21 +15,12 @@ ROWS, COLS = 1000, 7
 ROW_BYTES = COLS * 4
 
 
-def fail_on_call(
+def fail_capture_on_call(
     monkeypatch: pytest.MonkeyPatch, pipe: Pipeline, stage: str, n: int, error: Exception
 ) -> None:
-    """Make the ``n``-th call of the engine's ``stage`` raise ``error`` (injected),
-    and ``pipe.capture`` skip its first run (done by the test, outside the failure)."""
-    original = getattr(pipe._engine, stage)
-    calls = [0]
-
-    def failing(*args: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == n:
-            raise error
-        return original(*args)
-
-    monkeypatch.setattr(pipe._engine, stage, failing)
+    """``fail_on_call``, and ``pipe.capture`` skips its first run (done by the test,
+    outside the failure)."""
+    fail_on_call(monkeypatch, pipe, stage, n, error)
     monkeypatch.setattr(pipe, "run", lambda data, out=None: out)
 
 
@@ -59,8 +51,7 @@ def test_a_replay_equals_the_serial_run_and_follows_the_data(
             out[:] = 0
             graph.run(data, out)
             assert np.all(out == value * 2 + 1)
-    stats = big_pool.stats()
-    assert stats.leased == 0 and stats.events.in_use == 0, stats
+    check_nothing_held(big_pool, pipe)
 
 
 def test_a_capture_spreads_a_groups_chunks_over_idle_compute_leases(
@@ -97,13 +88,11 @@ def test_a_capture_whose_buffers_cannot_be_allocated_holds_nothing(
     data, out = host_arrays(pipe, big_pool.backend)
     pipe.run(data, out)
     # The second allocation, before the capture: the first slot's gathered results.
-    fail_on_call(monkeypatch, pipe, "device_empty", 2, MemoryError("out of device memory"))
+    fail_capture_on_call(monkeypatch, pipe, "device_empty", 2, MemoryError("out of device memory"))
     with pytest.raises(ValueError, match="out of device memory"):
         pipe.capture(data, out)
     monkeypatch.undo()
-    stats = big_pool.stats()
-    assert stats.leased == 0 and stats.events.in_use == 0, stats
-    assert pipe.buffers_in_use == 0
+    check_nothing_held(big_pool, pipe)
 
 
 def test_a_replay_refuses_other_arrays(big_pool: CudaStreamPool) -> None:
@@ -159,10 +148,11 @@ def test_a_capture_that_fails_leaves_no_lease_and_no_capture(
     pipe = Pipeline(big_pool, lambda x: x + 1, chunk_bytes=64 * ROW_BYTES, min_copy_bytes=0)
     data, out = host_arrays(pipe, big_pool.backend)
     pipe.run(data, out)  # the first run, outside the failure
-    fail_on_call(monkeypatch, pipe, "copy_in", 3, RuntimeError("a copy that cannot be captured"))
+    fail_capture_on_call(
+        monkeypatch, pipe, "copy_in", 3, RuntimeError("a copy that cannot be captured")
+    )
     with pytest.raises(ValueError, match="cannot be captured as a CUDA graph"):
         pipe.capture(data, out)
     monkeypatch.undo()
-    stats = big_pool.stats()
-    assert stats.leased == 0 and stats.events.in_use == 0, stats
+    check_nothing_held(big_pool, pipe)
     assert np.array_equal(pipe.run(data, out), data + 1)  # nothing left capturing
