@@ -8,12 +8,15 @@ of one size in a single launch. Each block row (``blockIdx.y``) copies one
 source, in the widest word (16, 8, 4, 2 or 1 bytes) that every address and
 the size allow.
 
-The kernels are compiled by CuPy on first use (and cached on disk by
-CuPy); ``load`` does it ahead of a CUDA graph capture, during which no
-module may be loaded.
+The kernels are compiled by CuPy the first time a device needs them (and
+cached on disk by CuPy), and loaded once per device: ``ready`` does both,
+also ahead of a CUDA graph capture, during which no module may be loaded.
+Where CuPy cannot compile them (no NVRTC), ``ready`` says so once and for
+all, and callers copy one result at a time, as before the kernel existed.
 
-Locking: ``_lock`` serializes the one compilation, which sets ``_kernels``
-once; readers take the reference without it.
+Locking: ``_lock`` serializes compiling and loading, and guards the writes
+of ``_kernels``, ``_loaded`` and ``_failed``; each is replaced whole, so the
+fast path of ``ready`` reads them without it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_SOURCES", "gather", "load"]
+__all__ = ["MAX_SOURCES", "batch_length", "gather", "ready"]
 
 #: Sources one launch copies; a longer list takes several launches.
 MAX_SOURCES = 16
@@ -57,40 +60,76 @@ GATHER(cupystreams_gather_1, unsigned char)
 """.replace("SOURCES", _SOURCES).replace("TABLE", _TABLE)
 _WORDS = (16, 8, 4, 2, 1)
 
+_PADDING = [np.uint64(0)] * MAX_SOURCES
+
 _lock = threading.Lock()
-# Word size -> cupy.RawKernel (which loads itself on each device it runs on);
-# None until the first load. Replaced whole, never changed in place.
-_kernels: dict[int, Any] | None = None
+_kernels: dict[int, Any] | None = None  # word size -> cupy.RawKernel, once compiled
+_loaded: frozenset[int] = frozenset()  # devices the module is loaded on
+_failed: str | None = None  # why the kernels cannot be compiled, once that is known
 
 
-def load() -> dict[int, Any]:
-    """Compile the kernels, and load them on the current device, now.
+def ready(device: int) -> bool:
+    """Whether ``gather`` can run on ``device``, the current device.
 
-    A pipeline calls this before a CUDA graph capture, during which no
-    module may be loaded; otherwise the first ``gather`` does it.
+    Compiles the kernels and loads them on the device the first time (in a
+    CUDA graph capture, call it before the capture begins). False, and never
+    tried again, when CuPy cannot compile or load them.
     """
-    global _kernels
-    kernels = _kernels
-    if kernels is None:
-        import cupy
+    global _kernels, _loaded, _failed
+    if device in _loaded:
+        return True
+    if _failed is not None:
+        return False
+    with _lock:  # one thread compiles and loads; CuPy's per-device caches are not locked
+        if device in _loaded or _failed is not None:
+            return _failed is None
+        try:
+            import cupy
 
-        with _lock:
-            if _kernels is None:
-                module = cupy.RawModule(code=_CODE, options=("--std=c++17",))
-                _kernels = {w: module.get_function(f"cupystreams_gather_{w}") for w in _WORDS}
             kernels = _kernels
-    for kernel in kernels.values():
-        kernel.kernel  # noqa: B018 -- loads the module on the current device
-    return kernels
+            if kernels is None:
+                module = cupy.RawModule(code=_CODE, options=("--std=c++17",))
+                kernels = {w: module.get_function(f"cupystreams_gather_{w}") for w in _WORDS}
+            for kernel in kernels.values():
+                kernel.kernel  # noqa: B018 -- loads the module on the current device
+        except Exception as exc:  # no NVRTC, or a driver that refuses the module
+            _failed = f"{type(exc).__name__}: {exc}"
+            return False
+        _kernels = kernels
+        _loaded = _loaded | {device}
+    return True
+
+
+def batch_length(sizes: Sequence[int], starts: Sequence[int], devices: Sequence[int]) -> int:
+    """How many of the leading results one launch can gather.
+
+    Those of the first result's size, at evenly spaced destination
+    ``starts``, on the first result's device; the kernel needs at least two
+    to be worth its launch, so callers copy the rest one at a time.
+    """
+    count = len(sizes)
+    spacing = starts[1] - starts[0] if count > 1 else 0
+    length = 1 if count else 0
+    while (
+        length < count
+        and sizes[length] == sizes[0]
+        and devices[length] == devices[0]
+        and starts[length] - starts[0] == length * spacing
+    ):
+        length += 1
+    return length
 
 
 def gather(dst: int, stride: int, sources: Sequence[int], nbytes: int, stream: Any) -> None:
     """Queue on ``stream``: copy ``nbytes`` from each ``sources[k]`` to ``dst + k * stride``.
 
-    Addresses are device pointers of the current device; the copies must not
-    overlap.
+    Addresses are device pointers of the current device, for which
+    ``ready`` returned True; the copies must not overlap.
     """
-    kernels = _kernels if _kernels is not None else load()
+    kernels = _kernels
+    assert kernels is not None, "gather() before ready()"
+    if nbytes == 0:
+        return  # rows of no bytes: nothing to copy, and no empty grid to launch
     # The widest word that every address, the stride and the size are multiples of.
     alignment = math.gcd(dst, stride, nbytes, *sources)
     word = next(w for w in _WORDS if alignment % w == 0)
@@ -104,6 +143,3 @@ def gather(dst: int, stride: int, sources: Sequence[int], nbytes: int, stream: A
         args += [np.uint64(source) for source in batch]
         args += _PADDING[len(batch) :]
         launch((blocks, len(batch)), (_THREADS,), args, stream=stream)
-
-
-_PADDING = [np.uint64(0)] * MAX_SOURCES

@@ -267,7 +267,7 @@ class CupyEngine:
 
     @contextlib.contextmanager
     def graph_memory(self) -> Iterator[Any]:
-        _gather_kernel.load()  # no module may be loaded during the capture
+        _gather_kernel.ready(self._backend.device)  # no module may be loaded in a capture
         # A graph replays the addresses it captured: nothing it allocated may
         # go back to CuPy's shared pool, where other work would reuse it.
         memory = self._cupy.cuda.MemoryPool()
@@ -348,20 +348,25 @@ class CupyEngine:
         stream = stream_of(lease)
         # Addresses by arithmetic: CuPy slicing is slow.
         base, row_bytes = into.data.ptr, into.strides[0]
-        size = values[0].nbytes
-        # The results of one size at evenly spaced rows (a lease's chunks of a
-        # group) go in one kernel launch; a copy each costs the host as much as
-        # the launch. The run's last chunk may be shorter: it is copied alone.
-        even = [y for y in values if y.nbytes == size]
-        spacing = chunks[1][0] - chunks[0][0] if len(even) > 1 else 0
-        if len(even) > 1 and all(
-            chunks[i][0] - chunks[0][0] == i * spacing for i in range(len(even))
-        ):
-            sources = [y.data.ptr for y in even]
+        # A lease's results of a group, all of one size at evenly spaced rows
+        # (the run's last chunk may be shorter), go in one kernel launch: a
+        # copy each costs the host as much as the launch. The rest, or all
+        # where the kernel cannot be compiled, are copied one at a time.
+        batch = 0
+        if len(values) > 1 and _gather_kernel.ready(self._backend.device):
+            batch = _gather_kernel.batch_length(
+                [y.nbytes for y in values],
+                [first for first, _ in chunks],
+                [y.data.device_id for y in values],  # a result on another device: copied
+            )
+            if values[0].data.device_id != self._backend.device or batch < 2:
+                batch = 0
+        if batch:
             dst = base + (chunks[0][0] - start) * row_bytes
-            _gather_kernel.gather(dst, spacing * row_bytes, sources, size, stream)
-            values, chunks = values[len(even) :], chunks[len(even) :]
-        for y, (first, _) in zip(values, chunks, strict=True):
+            stride = (chunks[1][0] - chunks[0][0]) * row_bytes
+            sources = [y.data.ptr for y in values[:batch]]
+            _gather_kernel.gather(dst, stride, sources, values[0].nbytes, stream)
+        for y, (first, _) in zip(values[batch:], chunks[batch:], strict=True):
             dst = base + (first - start) * row_bytes
             self._memcpy(dst, y.data.ptr, y.nbytes, self._on_device, stream.ptr)
 

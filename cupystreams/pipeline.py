@@ -388,17 +388,17 @@ class _Call:
         self.engine = pipe._engine
         self.data = data
         self.step = step
-        chunks = -(-data.shape[0] // step)
+        chunk_count = -(-data.shape[0] // step)
         # Small chunks are copied in groups: each copy has a fixed cost (a few
         # microseconds of host and copy engine) that would dominate small ones.
         chunk_bytes = step * data.itemsize * math.prod(data.shape[1:])
         wanted = 1 if serial else -(-pipe.min_copy_bytes // max(1, chunk_bytes))
-        self.per_group = max(1, min(wanted, chunks))
+        self.per_group = max(1, min(wanted, chunk_count))
         # Results are gathered into a buffer of the output's dtype, which the
         # first chunk's result decides: without an output yet, that chunk goes alone.
         self.first_alone = self.per_group > 1 and output.array is None
         alone = int(self.first_alone)
-        self.group_count = alone + -(-(chunks - alone) // self.per_group)
+        self.group_count = alone + -(-(chunk_count - alone) // self.per_group)
         self.output = output
         self.serial = serial
         self.count = 1 if serial else min(pipe.max_in_flight, self.group_count)
