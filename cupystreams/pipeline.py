@@ -33,7 +33,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +50,7 @@ from ._pipeline_engines import (
     RunState,
     host_copy,
 )
+from ._pipeline_shelf import InputShape, OutputShape, Shelf, SlotBuffers
 from ._pool import CudaStreamPool
 from ._validate import check_flag, check_int
 
@@ -89,7 +90,9 @@ class _Slot:
         "x",
     )
 
-    def __init__(self, events: EventPool, computes: int) -> None:
+    def __init__(
+        self, events: EventPool, computes: int, shelved: SlotBuffers | None = None
+    ) -> None:
         taken: list[PooledEvent] = []
         try:
             for _ in range(computes + 2):
@@ -102,14 +105,35 @@ class _Slot:
         self.ev_out: PooledEvent = taken[1]
         self.ev_comp: list[PooledEvent] = taken[2:]  # one per compute lease of the run
         self.busy = False
-        self.x: Any = None  # device input buffer, reused group after group
+        self.results: list[Pending] = []  # kept alive until their copy-out is done
+        self.copy_back: tuple[np.ndarray, np.ndarray] | None = None  # (dst, staged)
+        # Buffers, reused group after group; from the pipeline's shelf when
+        # its last run had groups of these shapes.
+        self.x: Any = None  # device input buffer
         self.chunks: list[Any] = []  # views of x that fn gets, made once (CuPy slicing is slow)
         self.gathered: Any = None  # device buffer a group's results are gathered into
         self.stage_in: np.ndarray | None = None
         self.stage_out: np.ndarray | None = None
         self.stage_in_ptr = self.stage_out_ptr = 0  # their addresses, read once
-        self.results: list[Pending] = []  # kept alive until their copy-out is done
-        self.copy_back: tuple[np.ndarray, np.ndarray] | None = None  # (dst, staged)
+        if shelved is not None:
+            self.x, self.chunks = shelved.x, shelved.chunks
+            self.stage_in, self.stage_in_ptr = shelved.stage_in, shelved.stage_in_ptr
+            self.gathered = shelved.gathered
+            self.stage_out, self.stage_out_ptr = shelved.stage_out, shelved.stage_out_ptr
+
+    def shelve(self, input_shape: InputShape, output_shape: OutputShape | None) -> SlotBuffers:
+        """The slot's buffers, for the pipeline's next run (its group is home)."""
+        return SlotBuffers(
+            input_shape,
+            output_shape,
+            self.x,
+            self.chunks,
+            self.stage_in,
+            self.stage_in_ptr,
+            self.gathered,
+            self.stage_out,
+            self.stage_out_ptr,
+        )
 
     def free(self, events: EventPool) -> None:
         for event in (self.ev_in, self.ev_out, *self.ev_comp):
@@ -214,11 +238,21 @@ class Pipeline:
             threads. A locked array is unlocked when it is freed, or when more
             than 16 arrays or 16 GiB are locked (least recently used first).
 
-    Leases: a run holds its leases from start to end, as a loop written by
-    hand holds its streams — a comm lease for copy-in, a second comm lease
-    for copy-out when one is idle (else both directions share the first),
-    and a compute lease; ``run_serial`` holds one compute lease. Per copy
-    group it only records and waits on events; per chunk it calls ``fn``.
+    Leases: a run holds a comm lease for copy-in, a second comm lease for
+    copy-out when one is idle (else both directions share the first), and a
+    compute lease; ``run_serial`` holds one compute lease. It takes the
+    copy-in lease first and the others once its first copy is queued, and
+    gives all back once its last copy-out is queued, so that the device
+    copies while the host takes and returns them. In between, as a loop
+    written by hand, it only records and waits on events per copy group,
+    and calls ``fn`` per chunk.
+
+    Buffers: a run that ends well leaves its copy groups' device and staging
+    buffers with the pipeline (``buffers_kept``, at most ``max_in_flight``),
+    and the next run whose groups have the same shapes starts copying into
+    them at once, as a loop written by hand reuses its own. No lease or event
+    is kept between runs. ``release_buffers()`` gives the buffers back to
+    CuPy's memory pools.
 
     Thread safety: ``run`` and ``run_serial`` may be called from several threads
     at once; each call keeps its own buffers and waits for leases like any
@@ -255,14 +289,25 @@ class Pipeline:
         self._engine: Engine = (
             CupyEngine(backend, page_lock) if backend.name == "cupy" else HostEngine(backend)
         )
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _slots_in_use
         self._slots_in_use = 0
+        self._shelf = Shelf(self.max_in_flight)
 
     @property
     def buffers_in_use(self) -> int:
         """Copy-group slots (device buffers, results, staging) held by running calls;
         0 when idle."""
         return self._slots_in_use
+
+    @property
+    def buffers_kept(self) -> int:
+        """Copy groups whose buffers the pipeline keeps for its next run (idle ones)."""
+        return len(self._shelf)
+
+    def release_buffers(self) -> None:
+        """Give the buffers kept between runs back to CuPy's memory pools (numpy's
+        on the host backend); the next run allocates its own again."""
+        self._shelf.clear()
 
     def empty_host(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         """A host array ``run`` copies from and into directly, without staging.
@@ -318,8 +363,11 @@ class Pipeline:
         with self._lock:
             self._slots_in_use += call.count
         try:
+            call.shelved = self._shelf.take(call.input_shape, call.output_shape(), call.count)
             with self._engine.on_device():
                 call.execute()
+            # Only after a run that ended well: a failed one leaves nothing behind.
+            self._shelf.put(call.shelved + call.finished)
         finally:
             with self._lock:
                 self._slots_in_use -= call.count
@@ -366,15 +414,39 @@ class Pipeline:
         )
 
 
-class _Leases(NamedTuple):
-    """The leases a run holds from start to end (one lease may fill several roles)."""
+class _Leases:
+    """The leases a run holds (one lease may fill several roles).
 
-    copy_in: StreamLease
-    computes: tuple[StreamLease, ...]  # a group's chunks take them in turn
-    copy_out: StreamLease
+    A run's compute and copy-out leases come once its first copy is queued
+    (``computes`` is empty until then), and all go back once its last
+    copy-out is queued (``held`` is False from then on).
+    """
+
+    __slots__ = ("computes", "copy_in", "copy_out", "held")
+
+    def __init__(
+        self,
+        copy_in: StreamLease,
+        computes: tuple[StreamLease, ...] = (),
+        copy_out: StreamLease | None = None,
+    ) -> None:
+        self.copy_in = copy_in
+        self.computes = computes  # a group's chunks take them in turn
+        self.copy_out = copy_out
+        self.held = True
 
     def each(self) -> list[StreamLease]:
-        return list(dict.fromkeys((self.copy_in, *self.computes, self.copy_out)))
+        """Each lease held, once."""
+        if not self.held:
+            return []
+        taken = (self.copy_in, *self.computes, self.copy_out)
+        return [lease for lease in dict.fromkeys(taken) if lease is not None]
+
+    def release(self) -> None:
+        """Give back every lease held (a lease's later holder queues behind its work)."""
+        leases, self.held = self.each(), False
+        for lease in reversed(leases):
+            lease.release()
 
 
 class _Call:
@@ -403,6 +475,10 @@ class _Call:
         self.serial = serial
         self.count = 1 if serial else min(pipe.max_in_flight, self.group_count)
         self.slots: list[_Slot] = []
+        rows_per_group = self.per_group * step
+        self.input_shape = InputShape(rows_per_group, step, data.shape[1:], data.dtype)
+        self.shelved: list[SlotBuffers] = []  # buffers of an earlier run, for new slots
+        self.finished: list[SlotBuffers] = []  # this run's, once their groups are home
         self.state = RunState()
         self.trace = pipe.pool._trace  # a traced pool gets a span per stage of each group
         # While captured as a graph (capture_graph), the run must never wait
@@ -410,21 +486,41 @@ class _Call:
         # every result is kept, since the graph writes it at every replay.
         self.graph_results: list[Any] | None = None
 
+    def output_shape(self) -> OutputShape | None:
+        """The output side of the run's groups, once the output is known."""
+        out = self.output.array
+        if out is None:
+            return None
+        return OutputShape(self.input_shape.rows, out.shape[1:], out.dtype)
+
     def execute(self) -> None:
-        leases = self._acquire_leases()
+        pool = self.pool
+        if self.serial:
+            lease = pool.acquire_compute()
+            leases = _Leases(lease, (lease,), lease)
+        else:
+            leases = _Leases(pool.acquire_comm())  # the rest once the first copy is queued
         try:
             self._loop(leases)
         except BaseException as exc:
             self.state.fail(exc)  # queued host-backend stages skip their work
-            for lease in leases.each():
-                with contextlib.suppress(Exception):
-                    lease.synchronize()  # no buffer is freed under a copy or a kernel
+            self._drain(leases)  # no buffer is freed under a copy or a kernel
             raise
         finally:
             for slot in self.slots:
-                slot.free(self.pool.events)
-            for lease in leases.each():
-                lease.release()
+                slot.free(pool.events)
+            leases.release()
+
+    def _drain(self, leases: _Leases) -> None:
+        """After a failure: wait until no queued copy or kernel uses the run's buffers."""
+        for lease in leases.each():
+            with contextlib.suppress(Exception):
+                lease.synchronize()
+        if not leases.held:  # given back: every stage was queued, each group's copy-out last
+            for slot in self.slots:
+                if slot.busy:
+                    with contextlib.suppress(Exception):
+                        self.engine.synchronize(slot.ev_out)
 
     def capture_graph(self) -> tuple[CapturedGraph, list[Any]]:
         """Capture the run as a graph, without running it: the graph and what it writes.
@@ -483,26 +579,12 @@ class _Call:
         assert graph is not None  # the origin is a lease: the capture began here
         return graph
 
-    def _acquire_leases(self) -> _Leases:
-        """The leases held for the whole run, as a loop by hand holds its streams:
-        per chunk, leasing would cost more than the copies."""
-        pool = self.pool
-        if self.serial:
-            lease = pool.acquire_compute()
-            return _Leases(lease, (lease,), lease)
-        copy_in = pool.acquire_comm()
-        try:
-            copy_out = _copy_out_lease(pool, copy_in)
-            try:
-                compute = pool.acquire_compute()
-            except BaseException:
-                if copy_out is not copy_in:
-                    copy_out.release()
-                raise
-        except BaseException:
-            copy_in.release()
-            raise
-        return _Leases(copy_in, (compute,), copy_out)
+    def _take_rest(self, leases: _Leases) -> None:
+        """Take the compute and copy-out leases, held until the last copy-out is
+        queued (per chunk, leasing would cost more than the copies). Called once
+        the first copy is queued: the device copies while the host takes them."""
+        leases.copy_out = _copy_out_lease(self.pool, leases.copy_in)
+        leases.computes = (self.pool.acquire_compute(),)
 
     def _buffers(self, slot: _Slot) -> None:
         """Give ``slot`` its device buffers: input, and gathered results for groups."""
@@ -545,7 +627,10 @@ class _Call:
                 for slot in self.slots:
                     self._retire(slot)
             if len(self.slots) < self.count:
-                self.slots.append(_Slot(self.pool.events, len(leases.computes)))
+                shelved = self.shelved.pop() if self.shelved else None
+                # An event per compute lease: a run takes one, after its first copy.
+                computes = len(leases.computes) or 1
+                self.slots.append(_Slot(self.pool.events, computes, shelved))
             slot = self.slots[index % self.count]
             self._retire(slot, leases.copy_in)  # bounds the groups in flight
             src = data[start:stop]
@@ -564,13 +649,17 @@ class _Call:
             for slot in self.slots:
                 self._retire(slot)  # the capture keeps the slots' buffers
             return
-        # The last groups, oldest first: each slot goes back as soon as its
-        # group is home, while the device still works on the later ones, so
-        # that after the last copy-out the run has one slot left to give back.
+        # Every stage is queued: the leases go back while the device works on
+        # the last groups (a later holder's work queues behind them), and each
+        # slot as soon as its group is home, oldest first, so that after the
+        # last copy-out the run has one slot left to give back.
+        leases.release()
+        output_shape = self.output_shape()
         last = self.group_count
         for slot in [self.slots[i % self.count] for i in range(last - len(self.slots), last)]:
             self._retire(slot)
             self.slots.remove(slot)
+            self.finished.append(slot.shelve(self.input_shape, output_shape))
             slot.free(self.pool.events)
 
     def _chunk_view(self, slot: _Slot, index: int, first: int, last: int) -> Any:
@@ -631,7 +720,7 @@ class _Call:
         src_ptr: int,
         leases: _Leases,
     ) -> None:
-        copy_in, copy_out = leases.copy_in, leases.copy_out
+        copy_in = leases.copy_in
         engine, state, trace, fn, output = self.engine, self.state, self.trace, self.fn, self.output
         start, stop = group[0][0], group[-1][1]
         x = slot.x if stop - start == slot.x.shape[0] else slot.x[: stop - start]
@@ -641,6 +730,10 @@ class _Call:
             trace._stage_end(span, "copy-in")
         engine.record(slot.ev_in, copy_in)
         slot.busy = True
+        if not leases.computes:
+            self._take_rest(leases)
+        copy_out = leases.copy_out
+        assert copy_out is not None  # taken with the computes
         computes = leases.computes[: len(group)]
         for compute in computes:
             if compute is not copy_in:

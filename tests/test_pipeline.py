@@ -174,6 +174,103 @@ def test_a_failure_while_the_last_groups_come_home_frees_everything_once(
         assert np.array_equal(pipe.run(data), data * 2 + 1)
 
 
+def count_device_buffers(pipe: Pipeline) -> list[int]:
+    """Count the device buffers the pipeline's runs allocate from now on: ``[count]``."""
+    made = [0]
+    device_empty = pipe._engine.device_empty
+
+    def counting(*args: Any) -> Any:
+        made[0] += 1
+        return device_empty(*args)
+
+    pipe._engine.device_empty = counting  # type: ignore[method-assign]
+    return made
+
+
+def test_a_run_reuses_the_buffers_its_last_run_of_the_same_shapes_left(
+    big_pool: CudaStreamPool, min_copy: int
+) -> None:
+    pipe = Pipeline(
+        big_pool,
+        double_plus_one,
+        chunk_bytes=50 * ROW_BYTES,
+        max_in_flight=3,
+        min_copy_bytes=min_copy,
+    )
+    made = count_device_buffers(pipe)
+    data = sample()
+    out = np.empty_like(data)
+    assert np.array_equal(pipe.run(data, out), data * 2 + 1)
+    first = made[0]
+    assert first >= 3 and pipe.buffers_kept == 3
+    check_nothing_held(big_pool, pipe)  # buffers only: no lease or event is kept
+    changed = data[::-1] * 3  # new contents, same shapes
+    assert np.array_equal(pipe.run(changed, out), changed * 2 + 1)
+    assert made[0] == first  # every buffer came back from the shelf
+    # Another row shape allocates its own; the shelf keeps max_in_flight groups.
+    wide = sample(cols=COLS + 1)
+    assert np.array_equal(pipe.run(wide), wide * 2 + 1)
+    assert made[0] > first and pipe.buffers_kept == 3
+    assert np.array_equal(pipe.run_serial(data), data * 2 + 1)
+    assert pipe.buffers_kept == 3
+    pipe.release_buffers()
+    assert pipe.buffers_kept == 0
+    made[0] = 0
+    assert np.array_equal(pipe.run(data, out), data * 2 + 1)
+    assert made[0] == first
+    check_nothing_held(big_pool, pipe)
+
+
+def test_a_failed_run_keeps_no_buffers(big_pool: CudaStreamPool, min_copy: int) -> None:
+    failing = [False]
+
+    def fn(x: Any) -> Any:
+        if failing[0]:
+            raise Boom("fn failed")
+        return x * 2 + 1
+
+    data = sample()
+    pipe = Pipeline(big_pool, fn, chunk_bytes=50 * ROW_BYTES, min_copy_bytes=min_copy)
+    pipe.run(data)
+    assert pipe.buffers_kept > 0
+    failing[0] = True
+    with pytest.raises(Boom):
+        pipe.run(data)
+    assert pipe.buffers_kept == 0
+    check_nothing_held(big_pool, pipe)
+    failing[0] = False
+    assert np.array_equal(pipe.run(data), data * 2 + 1)
+
+
+def test_a_run_takes_its_leases_after_its_first_copy_and_gives_them_back_before_its_last_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """So the device copies while the host takes and returns them."""
+    with CudaStreamPool(backend="host", compute_streams=2, comm_streams=2) as pool:
+        pipe = Pipeline(
+            pool, double_plus_one, chunk_bytes=10 * ROW_BYTES, max_in_flight=4, min_copy_bytes=0
+        )
+        engine = pipe._engine
+        leased_at_copies: list[int] = []
+        leased_at_waits: list[int] = []
+        copy_in, synchronize = engine.copy_in, engine.synchronize
+
+        def counted_copy_in(*args: Any) -> None:
+            leased_at_copies.append(pool.stats().leased)
+            copy_in(*args)
+
+        def counted_synchronize(*args: Any) -> None:
+            leased_at_waits.append(pool.stats().leased)
+            synchronize(*args)
+
+        monkeypatch.setattr(engine, "copy_in", counted_copy_in)
+        monkeypatch.setattr(engine, "synchronize", counted_synchronize)
+        data = np.arange(100 * COLS, dtype=np.float32).reshape(100, COLS)  # 10 groups
+        assert np.array_equal(pipe.run(data), data * 2 + 1)
+        assert leased_at_copies == [1] + [3] * 9  # copy-in alone, then copy-out and compute
+        assert leased_at_waits == [3] * 6 + [0] * 4  # the last four groups: nothing held
+
+
 def test_wrong_number_of_rows_is_a_clear_error(big_pool: CudaStreamPool, min_copy: int) -> None:
     pipe = Pipeline(
         big_pool, lambda x: x[:-1], chunk_bytes=100 * ROW_BYTES, min_copy_bytes=min_copy
@@ -336,6 +433,10 @@ def test_any_chunking_gives_the_serial_result_and_holds_nothing(
         if out is not None:
             assert result is out
         assert np.array_equal(pipe.run_serial(data), expected)
+        # Again with out the other way: a run takes the buffers the last left,
+        # and leaves the output side behind where it does not fit.
+        again = None if give_out else np.full_like(expected, np.nan)
+        assert np.array_equal(pipe.run(data, again), expected)
         check_nothing_held(pool, pipe)
 
 
@@ -474,6 +575,38 @@ def test_gpu_failure_returns_device_memory(gpu_pool: CudaStreamPool, min_copy: i
     with pytest.raises(Boom):
         pipe.run(data)
     gc.collect()  # the traceback's frames held the failing chunk's view
+    assert mempool.used_bytes() == before
+    check_nothing_held(gpu_pool, pipe)
+
+
+@pytest.mark.gpu
+def test_gpu_kept_buffers_are_device_memory_that_release_gives_back(
+    gpu_pool: CudaStreamPool, min_copy: int
+) -> None:
+    import cupy
+
+    data = sample()
+    pipe = Pipeline(
+        gpu_pool,
+        double_plus_one,
+        chunk_bytes=100 * ROW_BYTES,
+        max_in_flight=3,
+        min_copy_bytes=min_copy,
+    )
+    out = pipe.empty_host(data.shape, data.dtype)
+    mempool = cupy.get_default_memory_pool()
+    before = mempool.used_bytes()
+    assert np.array_equal(pipe.run(data, out), data * 2 + 1)
+    gc.collect()
+    group_bytes = 100 * ROW_BYTES * (1 if min_copy == 0 else 2)  # input (and gathered results)
+    assert mempool.used_bytes() - before >= 3 * group_bytes
+    kept = mempool.used_bytes()
+    changed = data * -1
+    assert np.array_equal(pipe.run(changed, out), changed * 2 + 1)
+    gc.collect()
+    assert mempool.used_bytes() == kept  # the second run copied into the same buffers
+    pipe.release_buffers()
+    gc.collect()
     assert mempool.used_bytes() == before
     check_nothing_held(gpu_pool, pipe)
 
