@@ -571,6 +571,7 @@ def test_gpu_failure_returns_device_memory(gpu_pool: CudaStreamPool, min_copy: i
     data = np.arange(ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS)
     pipe = Pipeline(gpu_pool, fn, chunk_bytes=100 * ROW_BYTES, min_copy_bytes=min_copy)
     mempool = cupy.get_default_memory_pool()
+    gc.collect()  # an earlier test's pipeline may still hold the buffers it kept
     before = mempool.used_bytes()
     with pytest.raises(Boom):
         pipe.run(data)
@@ -595,6 +596,7 @@ def test_gpu_kept_buffers_are_device_memory_that_release_gives_back(
     )
     out = pipe.empty_host(data.shape, data.dtype)
     mempool = cupy.get_default_memory_pool()
+    gc.collect()  # an earlier test's pipeline may still hold the buffers it kept
     before = mempool.used_bytes()
     assert np.array_equal(pipe.run(data, out), data * 2 + 1)
     gc.collect()
