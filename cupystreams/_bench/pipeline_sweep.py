@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 from .. import CudaStreamPool
 from .._pipeline_engines import host_copy
 from ..pipeline import Pipeline
-from .common import Result, interleaved_medians
+from .common import Result, interleaved_medians, median_ms
 from .pipeline_bench import _raw_cupy_three_streams, _stage_runs
 
 __all__ = ["CHUNK_SIZES", "measure_sweep"]
@@ -198,9 +197,8 @@ def _pageable(pool: CudaStreamPool, total: int, repeats: int) -> list[Result]:
 
 
 def _ms(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return (time.perf_counter() - start) * 1e3
+    """The wall time of one call of ``run``, in ms, with no warm-up: a first run is the figure."""
+    return median_ms(run, 1, warmup=0)
 
 
 def _batched_pageable_copies_ms(source: np.ndarray, chunk: int, repeats: int) -> float | None:
