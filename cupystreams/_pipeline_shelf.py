@@ -47,7 +47,7 @@ class SlotBuffers(NamedTuple):
     """One copy group's buffers, off a run: see ``_Slot`` in ``pipeline``."""
 
     input_shape: InputShape
-    output_shape: OutputShape | None  # None: no output side kept
+    output_shape: OutputShape | None  # what gathered and stage_out were made for
     x: Any  # device input buffer
     chunks: list[Any]  # views of x, one per chunk
     stage_in: np.ndarray | None
@@ -58,44 +58,45 @@ class SlotBuffers(NamedTuple):
 
 
 class Shelf:
-    """At most ``most`` copy groups' buffers, newest last."""
+    """Idle copy groups' buffers, newest last; a pipeline's runs bound them.
 
-    def __init__(self, most: int) -> None:
-        self.most = most
+    The bound (``most``, the pipeline's ``max_in_flight``) is given at each
+    call, so it follows the pipeline's. Kept and running groups together stay
+    within it: a run that allocates groups of a new shape first lets the
+    oldest kept ones go, and memory never holds two runs' worth.
+    """
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: list[SlotBuffers] = []
 
     def __len__(self) -> int:
         return len(self._kept)
 
-    def take(
-        self, input_shape: InputShape, output_shape: OutputShape | None, count: int
-    ) -> list[SlotBuffers]:
-        """Up to ``count`` groups' buffers for a run of these shapes, newest first.
+    def take(self, input_shape: InputShape, count: int, most: int) -> list[SlotBuffers]:
+        """Up to ``count`` groups' buffers of ``input_shape`` for a run of ``count``
+        groups (their output sides are checked by the run, which knows its output).
 
-        Buffers of other input shapes stay for a run of theirs; an output side
-        of another shape (or any, when the run's output is not known yet) is
-        left behind.
+        Buffers of other input shapes stay for a run of theirs, as far as the
+        ones the run allocates leave room under ``most``; the oldest go first.
         """
         fits: list[SlotBuffers] = []
-        others: list[SlotBuffers] = []
+        others: list[SlotBuffers] = []  # newest first
         with self._lock:
             for kept in reversed(self._kept):
                 taken = len(fits) < count and kept.input_shape == input_shape
                 (fits if taken else others).append(kept)
-            self._kept = others[::-1]
-        return [
-            kept
-            if kept.output_shape == output_shape
-            else kept._replace(output_shape=None, gathered=None, stage_out=None, stage_out_ptr=0)
-            for kept in fits
-        ]
+            room = max(0, most - count)
+            dropped = others[room:]
+            self._kept = others[:room][::-1]
+        del dropped  # freed outside the lock
+        return fits
 
-    def put(self, buffers: list[SlotBuffers]) -> None:
+    def put(self, buffers: list[SlotBuffers], most: int) -> None:
         """Shelve idle buffers; beyond ``most``, the oldest go back to their allocators."""
         with self._lock:
             self._kept += buffers
-            excess = max(0, len(self._kept) - self.most)
+            excess = max(0, len(self._kept) - most)
             dropped, self._kept = self._kept[:excess], self._kept[excess:]
         del dropped  # freed outside the lock
 

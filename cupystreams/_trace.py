@@ -78,8 +78,8 @@ class Span:
         end_ms: When the lease's last work finished.
         thread: Name of the host thread that acquired the lease.
         stage: ``"copy-in"``, ``"compute"`` or ``"copy-out"`` for a stage of
-            a ``Pipeline`` run (which holds its leases for the whole run, so
-            its stages say more than its leases); ``""`` for a lease.
+            a ``Pipeline`` run (whose leases each carry several stages of many
+            chunks, so its stages say more than its leases); ``""`` for a lease.
     """
 
     index: int

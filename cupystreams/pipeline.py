@@ -14,8 +14,9 @@ engines and the SMs are busy at the same time. Chunks smaller than
 sees one chunk at a time). At most ``max_in_flight`` groups are queued at
 once, each with its own device buffers (and page-locked staging buffers
 where the caller's arrays are pageable), so memory stays bounded whatever
-the input size. ``run`` returns exactly what ``run_serial`` (one stream, one
-chunk at a time) returns::
+the input size; between runs the pipeline keeps at most that many groups'
+buffers for its next run of the same shapes. ``run`` returns exactly what
+``run_serial`` (one stream, one chunk at a time) returns::
 
     pool = CudaStreamPool()
     pipe = Pipeline(pool, lambda x: cupy.sqrt(x) * 2, chunk_bytes=64 << 20)
@@ -82,6 +83,7 @@ class _Slot:
         "ev_in",
         "ev_out",
         "gathered",
+        "output_shape",
         "results",
         "stage_in",
         "stage_in_ptr",
@@ -115,24 +117,41 @@ class _Slot:
         self.stage_in: np.ndarray | None = None
         self.stage_out: np.ndarray | None = None
         self.stage_in_ptr = self.stage_out_ptr = 0  # their addresses, read once
+        self.output_shape: OutputShape | None = None  # what gathered and stage_out are made for
         if shelved is not None:
             self.x, self.chunks = shelved.x, shelved.chunks
             self.stage_in, self.stage_in_ptr = shelved.stage_in, shelved.stage_in_ptr
             self.gathered = shelved.gathered
             self.stage_out, self.stage_out_ptr = shelved.stage_out, shelved.stage_out_ptr
+            self.output_shape = shelved.output_shape
 
-    def shelve(self, input_shape: InputShape, output_shape: OutputShape | None) -> SlotBuffers:
-        """The slot's buffers, for the pipeline's next run (its group is home)."""
+    def fit_output(self, shape: OutputShape | None) -> None:
+        """Let the output side go if it was made for another output than ``shape``
+        (None: the run's output is not known yet, so it stays until it is)."""
+        if shape is not None and self.output_shape != shape:
+            self.gathered = self.stage_out = None
+            self.stage_out_ptr = 0
+            self.output_shape = shape
+
+    def shelve(
+        self, input_shape: InputShape, output_shape: OutputShape, staged_in: bool, staged_out: bool
+    ) -> SlotBuffers:
+        """The slot's buffers, for the pipeline's next run (its group is home).
+
+        A staging buffer this run did not use goes (an array page-locked in
+        place since needs none).
+        """
+        self.fit_output(output_shape)
         return SlotBuffers(
             input_shape,
             output_shape,
             self.x,
             self.chunks,
-            self.stage_in,
-            self.stage_in_ptr,
+            self.stage_in if staged_in else None,
+            self.stage_in_ptr if staged_in else 0,
             self.gathered,
-            self.stage_out,
-            self.stage_out_ptr,
+            self.stage_out if staged_out else None,
+            self.stage_out_ptr if staged_out else 0,
         )
 
     def free(self, events: EventPool) -> None:
@@ -224,7 +243,8 @@ class Pipeline:
         chunk_bytes: Bytes of input per chunk (whole rows; at least one row).
         max_in_flight: Copy groups queued at once; each holds a device input
             buffer, its results, and staging buffers for pageable arrays. Four
-            keeps three stages busy with a group of slack.
+            keeps three stages busy with a group of slack. Also the most
+            groups' buffers kept between runs (and, with a run's, in all).
         min_copy_bytes: Chunks smaller than this (8 MiB) are copied to and from the
             device in groups of consecutive chunks moving at least this many
             bytes (fn still sees one chunk at a time; its results are gathered
@@ -238,21 +258,23 @@ class Pipeline:
             threads. A locked array is unlocked when it is freed, or when more
             than 16 arrays or 16 GiB are locked (least recently used first).
 
-    Leases: a run holds a comm lease for copy-in, a second comm lease for
+    Leases: ``run`` holds a comm lease for copy-in, a second comm lease for
     copy-out when one is idle (else both directions share the first), and a
-    compute lease; ``run_serial`` holds one compute lease. It takes the
-    copy-in lease first and the others once its first copy is queued, and
-    gives all back once its last copy-out is queued, so that the device
-    copies while the host takes and returns them. In between, as a loop
-    written by hand, it only records and waits on events per copy group,
-    and calls ``fn`` per chunk.
+    compute lease. It takes the copy-in lease first and the others once its
+    first copy is queued, and gives all back once its last copy-out is
+    queued, so that the device copies while the host takes and returns them.
+    In between, as a loop written by hand, it only records and waits on
+    events per copy group, and calls ``fn`` per chunk. ``run_serial`` holds
+    one compute lease from start to end.
 
     Buffers: a run that ends well leaves its copy groups' device and staging
-    buffers with the pipeline (``buffers_kept``, at most ``max_in_flight``),
-    and the next run whose groups have the same shapes starts copying into
-    them at once, as a loop written by hand reuses its own. No lease or event
-    is kept between runs. ``release_buffers()`` gives the buffers back to
-    CuPy's memory pools.
+    buffers with the pipeline (``buffers_kept``), and the next run whose
+    groups have the same shapes starts copying into them at once, as a loop
+    written by hand reuses its own. Kept and running groups stay within
+    ``max_in_flight`` per run: a run of other shapes lets the oldest kept
+    ones go first. No lease or event is kept between runs; a failed run
+    keeps nothing, and ``capture`` lets them go (the graph has its own).
+    ``release_buffers()`` gives them back to CuPy's memory pools.
 
     Thread safety: ``run`` and ``run_serial`` may be called from several threads
     at once; each call keeps its own buffers and waits for leases like any
@@ -291,7 +313,7 @@ class Pipeline:
         )
         self._lock = threading.Lock()  # guards _slots_in_use
         self._slots_in_use = 0
-        self._shelf = Shelf(self.max_in_flight)
+        self._shelf = Shelf()
 
     @property
     def buffers_in_use(self) -> int:
@@ -363,12 +385,14 @@ class Pipeline:
         with self._lock:
             self._slots_in_use += call.count
         try:
-            call.shelved = self._shelf.take(call.input_shape, call.output_shape(), call.count)
+            call.shelved = self._shelf.take(call.input_shape, call.count, self.max_in_flight)
             with self._engine.on_device():
                 call.execute()
             # Only after a run that ended well: a failed one leaves nothing behind.
-            self._shelf.put(call.shelved + call.finished)
+            self._shelf.put(call.shelved + call.finished, self.max_in_flight)
         finally:
+            # A failed call lives on in its error's traceback: let its buffers go now.
+            call.shelved = call.finished = []
             with self._lock:
                 self._slots_in_use -= call.count
         assert output.array is not None  # every chunk was copied out
@@ -414,6 +438,13 @@ class Pipeline:
         )
 
 
+#: What a failed run's state holds once its queued work is done (see ``execute``).
+_RUN_FAILED = PoolError("this pipeline run failed")
+
+#: Compute leases an eager run takes (a captured one may take more).
+_EAGER_COMPUTE_LEASES = 1
+
+
 class _Leases:
     """The leases a run holds (one lease may fill several roles).
 
@@ -443,10 +474,17 @@ class _Leases:
         return [lease for lease in dict.fromkeys(taken) if lease is not None]
 
     def release(self) -> None:
-        """Give back every lease held (a lease's later holder queues behind its work)."""
+        """Give back every lease held (a lease's later holder queues behind its work);
+        each is given back even if another's release raises (the first error is raised)."""
         leases, self.held = self.each(), False
+        failure: BaseException | None = None
         for lease in reversed(leases):
-            lease.release()
+            try:
+                lease.release()
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
 
 class _Call:
@@ -505,6 +543,9 @@ class _Call:
         except BaseException as exc:
             self.state.fail(exc)  # queued host-backend stages skip their work
             self._drain(leases)  # no buffer is freed under a copy or a kernel
+            # Nothing is queued now. The run stays failed without holding exc,
+            # whose traceback holds this call (and the pipeline, and its shelf).
+            self.state.error = _RUN_FAILED
             raise
         finally:
             for slot in self.slots:
@@ -584,7 +625,7 @@ class _Call:
         queued (per chunk, leasing would cost more than the copies). Called once
         the first copy is queued: the device copies while the host takes them."""
         leases.copy_out = _copy_out_lease(self.pool, leases.copy_in)
-        leases.computes = (self.pool.acquire_compute(),)
+        leases.computes = tuple(self.pool.acquire_compute() for _ in range(_EAGER_COMPUTE_LEASES))
 
     def _buffers(self, slot: _Slot) -> None:
         """Give ``slot`` its device buffers: input, and gathered results for groups."""
@@ -595,6 +636,7 @@ class _Call:
         out = self.output.array
         if slot.gathered is None and self.per_group > 1 and out is not None:
             slot.gathered = self.engine.device_empty((rows, *out.shape[1:]), out.dtype)
+            slot.output_shape = self.output_shape()
 
     def _groups(self) -> Iterator[list[tuple[int, int]]]:
         """Each copy group's chunks, as (start, stop) rows, in order.
@@ -626,11 +668,13 @@ class _Call:
                 # backend, on a worker thread): later groups gather into its dtype.
                 for slot in self.slots:
                     self._retire(slot)
+                    slot.fit_output(self.output_shape())  # known now
             if len(self.slots) < self.count:
                 shelved = self.shelved.pop() if self.shelved else None
-                # An event per compute lease: a run takes one, after its first copy.
-                computes = len(leases.computes) or 1
+                # An event per compute lease: an eager run takes them after its first copy.
+                computes = len(leases.computes) or _EAGER_COMPUTE_LEASES
                 self.slots.append(_Slot(self.pool.events, computes, shelved))
+                self.slots[-1].fit_output(self.output_shape())
             slot = self.slots[index % self.count]
             self._retire(slot, leases.copy_in)  # bounds the groups in flight
             src = data[start:stop]
@@ -651,15 +695,18 @@ class _Call:
             return
         # Every stage is queued: the leases go back while the device works on
         # the last groups (a later holder's work queues behind them), and each
-        # slot as soon as its group is home, oldest first, so that after the
-        # last copy-out the run has one slot left to give back.
+        # slot's buffers go to the shelf as soon as its group is home, oldest
+        # first, so that after the last copy-out little is left to do.
         leases.release()
-        output_shape = self.output_shape()
+        staged_out = not self.output.direct
         last = self.group_count
         for slot in [self.slots[i % self.count] for i in range(last - len(self.slots), last)]:
             self._retire(slot)
             self.slots.remove(slot)
-            self.finished.append(slot.shelve(self.input_shape, output_shape))
+            output_shape = self.output_shape()
+            assert output_shape is not None  # the first group, home first, made the output
+            shelved = slot.shelve(self.input_shape, output_shape, not direct_in, staged_out)
+            self.finished.append(shelved)
             slot.free(self.pool.events)
 
     def _chunk_view(self, slot: _Slot, index: int, first: int, last: int) -> Any:
@@ -685,6 +732,7 @@ class _Call:
                     (self.per_group * self.step, *view.shape[1:]), np.dtype(view.dtype)
                 )
                 slot.stage_out_ptr = slot.stage_out.ctypes.data
+                slot.output_shape = self.output_shape()
             staged = slot.stage_out[: stop - start]
             slot.copy_back = (view, staged)
             return staged, slot.stage_out_ptr
@@ -841,6 +889,9 @@ class PipelineGraph:
         step = max(1, pipe.chunk_bytes // max(1, row_bytes))
         output = _Output(engine, data.shape[0], out)
         call = _Call(pipe, data, step, output, serial=False)
+        # The graph keeps buffers of its own for its life: those the first run
+        # left on the shelf would only double them.
+        pipe.release_buffers()
         try:
             with engine.on_device(), engine.graph_memory() as self._memory:
                 self._graph, self._kept = call.capture_graph()

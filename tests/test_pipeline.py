@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -219,6 +220,88 @@ def test_a_run_reuses_the_buffers_its_last_run_of_the_same_shapes_left(
     assert np.array_equal(pipe.run(data, out), data * 2 + 1)
     assert made[0] == first
     check_nothing_held(big_pool, pipe)
+
+
+def test_kept_and_running_groups_stay_within_max_in_flight_when_shapes_change(
+    big_pool: CudaStreamPool,
+) -> None:
+    pipe = Pipeline(
+        big_pool, double_plus_one, chunk_bytes=50 * ROW_BYTES, max_in_flight=3, min_copy_bytes=0
+    )
+    alive: list[weakref.ref[Any]] = []
+    most = [0]
+    device_empty = pipe._engine.device_empty
+
+    def tracked(*args: Any) -> Any:
+        buffer = device_empty(*args)
+        alive.append(weakref.ref(buffer))
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+        return buffer
+
+    pipe._engine.device_empty = tracked  # type: ignore[method-assign]
+    for cols in (COLS, COLS + 1, COLS, COLS + 2):
+        data = sample(cols=cols)
+        assert np.array_equal(pipe.run(data), data * 2 + 1)
+        gc.collect()
+    assert most[0] == 3  # one input buffer per group in flight, never two runs' worth
+
+
+def test_out_none_runs_reuse_their_gather_buffers(big_pool: CudaStreamPool) -> None:
+    pipe = Pipeline(
+        big_pool,
+        lambda x: (x * 2 + 1).astype(np.float64),  # the output side differs from the input
+        chunk_bytes=50 * ROW_BYTES,
+        max_in_flight=3,
+        min_copy_bytes=150 * ROW_BYTES,
+    )
+    made = count_device_buffers(pipe)
+    data = sample()
+    expected = (data * 2 + 1).astype(np.float64)
+    assert np.array_equal(pipe.run(data), expected)
+    first = made[0]
+    assert np.array_equal(pipe.run(data), expected)
+    assert made[0] == first  # gather buffers too: the output, once known, fits them
+    # A float32 out does not fit them: the gather buffers are made again, results right.
+    narrow = Pipeline(
+        big_pool,
+        double_plus_one,
+        chunk_bytes=50 * ROW_BYTES,
+        max_in_flight=3,
+        min_copy_bytes=150 * ROW_BYTES,
+    )
+    narrow._shelf = pipe._shelf  # the same input buffers, offered to another output
+    assert np.array_equal(narrow.run(data, np.empty_like(data)), data * 2 + 1)
+
+
+def test_a_failed_run_lets_its_pipeline_go_without_the_cycle_collector(
+    big_pool: CudaStreamPool,
+) -> None:
+    failing = [False]
+
+    def fn(x: Any) -> Any:
+        if failing[0]:
+            raise Boom("fn failed")
+        return x * 2 + 1
+
+    pipe = Pipeline(big_pool, fn, chunk_bytes=50 * ROW_BYTES)
+    data = sample()
+    pipe.run(data)
+    gc.collect()
+    gc.disable()
+    try:
+        failing[0] = True
+        try:
+            pipe.run(data)
+        except Boom:
+            pass
+        else:
+            raise AssertionError("the run did not fail")
+        gone = weakref.ref(pipe)
+        del pipe
+        assert gone() is None  # and the buffers it kept with it
+    finally:
+        gc.enable()
+    check_nothing_held(big_pool, Pipeline(big_pool, fn))
 
 
 def test_a_failed_run_keeps_no_buffers(big_pool: CudaStreamPool, min_copy: int) -> None:
@@ -577,6 +660,22 @@ def test_gpu_failure_returns_device_memory(gpu_pool: CudaStreamPool, min_copy: i
         pipe.run(data)
     gc.collect()  # the traceback's frames held the failing chunk's view
     assert mempool.used_bytes() == before
+    check_nothing_held(gpu_pool, pipe)
+
+
+@pytest.mark.gpu
+def test_gpu_staging_buffers_are_not_kept_once_an_array_is_locked_in_place(
+    gpu_pool: CudaStreamPool,
+) -> None:
+    pipe = Pipeline(gpu_pool, double_plus_one, chunk_bytes=100 * ROW_BYTES, max_in_flight=2)
+    data = sample()  # pageable: staged the first time, locked in place the second
+    out = np.empty_like(data)
+    for expect_staged in (True, False, False):
+        assert np.array_equal(pipe.run(data, out), data * 2 + 1)
+        staged = [
+            kept.stage_in is not None and kept.stage_out is not None for kept in pipe._shelf._kept
+        ]
+        assert staged == [expect_staged] * 2
     check_nothing_held(gpu_pool, pipe)
 
 
