@@ -667,7 +667,9 @@ def test_gpu_failure_returns_device_memory(gpu_pool: CudaStreamPool, min_copy: i
 def test_gpu_staging_buffers_are_not_kept_once_an_array_is_locked_in_place(
     gpu_pool: CudaStreamPool,
 ) -> None:
-    pipe = Pipeline(gpu_pool, double_plus_one, chunk_bytes=100 * ROW_BYTES, max_in_flight=2)
+    pipe = Pipeline(
+        gpu_pool, double_plus_one, chunk_bytes=100 * ROW_BYTES, max_in_flight=2, min_copy_bytes=0
+    )
     data = sample()  # pageable: staged the first time, locked in place the second
     out = np.empty_like(data)
     for expect_staged in (True, False, False):
