@@ -133,13 +133,13 @@ class _Slot:
             self.stage_out_ptr = 0
             self.output_shape = shape
 
-    def shelve(
-        self, input_shape: InputShape, output_shape: OutputShape, staged_in: bool, staged_out: bool
-    ) -> SlotBuffers:
+    def shelve(self, input_shape: InputShape, output_shape: OutputShape) -> SlotBuffers:
         """The slot's buffers, for the pipeline's next run (its group is home).
 
-        A staging buffer this run did not use goes (an array page-locked in
-        place since needs none).
+        Staging buffers stay too when this run did not use them (its arrays
+        were page-locked in place): let go, they would only go back to
+        CuPy's pinned-memory pool, which keeps them page-locked all the same,
+        and the next pageable array would take them from there again.
         """
         self.fit_output(output_shape)
         return SlotBuffers(
@@ -147,11 +147,11 @@ class _Slot:
             output_shape,
             self.x,
             self.chunks,
-            self.stage_in if staged_in else None,
-            self.stage_in_ptr if staged_in else 0,
+            self.stage_in,
+            self.stage_in_ptr,
             self.gathered,
-            self.stage_out if staged_out else None,
-            self.stage_out_ptr if staged_out else 0,
+            self.stage_out,
+            self.stage_out_ptr,
         )
 
     def free(self, events: EventPool) -> None:
@@ -698,15 +698,13 @@ class _Call:
         # slot's buffers go to the shelf as soon as its group is home, oldest
         # first, so that after the last copy-out little is left to do.
         leases.release()
-        staged_out = not self.output.direct
         last = self.group_count
         for slot in [self.slots[i % self.count] for i in range(last - len(self.slots), last)]:
             self._retire(slot)
             self.slots.remove(slot)
             output_shape = self.output_shape()
             assert output_shape is not None  # the first group, home first, made the output
-            shelved = slot.shelve(self.input_shape, output_shape, not direct_in, staged_out)
-            self.finished.append(shelved)
+            self.finished.append(slot.shelve(self.input_shape, output_shape))
             slot.free(self.pool.events)
 
     def _chunk_view(self, slot: _Slot, index: int, first: int, last: int) -> Any:

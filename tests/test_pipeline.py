@@ -664,24 +664,6 @@ def test_gpu_failure_returns_device_memory(gpu_pool: CudaStreamPool, min_copy: i
 
 
 @pytest.mark.gpu
-def test_gpu_staging_buffers_are_not_kept_once_an_array_is_locked_in_place(
-    gpu_pool: CudaStreamPool,
-) -> None:
-    pipe = Pipeline(
-        gpu_pool, double_plus_one, chunk_bytes=100 * ROW_BYTES, max_in_flight=2, min_copy_bytes=0
-    )
-    data = sample()  # pageable: staged the first time, locked in place the second
-    out = np.empty_like(data)
-    for expect_staged in (True, False, False):
-        assert np.array_equal(pipe.run(data, out), data * 2 + 1)
-        staged = [
-            kept.stage_in is not None and kept.stage_out is not None for kept in pipe._shelf._kept
-        ]
-        assert staged == [expect_staged] * 2
-    check_nothing_held(gpu_pool, pipe)
-
-
-@pytest.mark.gpu
 def test_gpu_kept_buffers_are_device_memory_that_release_gives_back(
     gpu_pool: CudaStreamPool, min_copy: int
 ) -> None:
