@@ -251,29 +251,41 @@ def test_interrupts_at_random_moments_lose_nothing(backend: str) -> None:
 # -- failures inside the pool's own device calls ------------------------------------
 
 
+def fail_to_move_a_key(
+    pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch, first_work: Callable[[], object]
+) -> tuple[StreamLease, object]:
+    """Lease key "k" (``first_work`` queued on it), let another holder take its stream
+    (the key's end is recorded, and the key must move), then acquire "k" with
+    cudaStreamWaitEvent failing (injected): the acquire raises.
+
+    Returns the holder of the key's first stream, and that stream. The pool has
+    two compute streams.
+    """
+    with pool.acquire_compute(affinity_key="k") as first:
+        first.launch_host_func(first_work)
+        first_stream = first.stream
+    blocker, other = pool.acquire_compute(), pool.acquire_compute()
+    if blocker.stream is not first_stream:
+        blocker, other = other, blocker
+    other.release()
+
+    def failing_wait(stream: object, event: object) -> None:
+        raise RuntimeError("injected: cudaStreamWaitEvent failed")
+
+    monkeypatch.setattr(pool._backend, "wait_event", failing_wait)
+    with pytest.raises(RuntimeError, match="injected"):
+        pool.acquire_compute(affinity_key="k")
+    monkeypatch.undo()
+    return blocker, first_stream
+
+
 def test_failed_device_wait_in_a_keyed_acquire_loses_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """cudaStreamWaitEvent failing while a key moves streams: the acquire raises, and
     the stream and the key are free again."""
     with CudaStreamPool(2, 0, 0, backend="host") as pool:
-        with pool.acquire_compute(affinity_key="k") as first:
-            first_stream = first.stream
-        # Hold the key's stream so that the key must move (and make the new stream wait).
-        blocker = pool.acquire_compute()
-        if blocker.stream is not first_stream:
-            other = pool.acquire_compute()
-            blocker.release()
-            blocker = other
-        assert blocker.stream is first_stream
-
-        def failing_wait(stream: object, event: object) -> None:
-            raise RuntimeError("injected: cudaStreamWaitEvent failed")
-
-        monkeypatch.setattr(pool._backend, "wait_event", failing_wait)
-        with pytest.raises(RuntimeError, match="injected"):
-            pool.acquire_compute(affinity_key="k")
-        monkeypatch.undo()
+        blocker, _ = fail_to_move_a_key(pool, monkeypatch, lambda: None)
         blocker.release()
         assert pool.stats().leased == 0, "the stream taken for the failed acquire was lost"
         with pool.acquire_compute(affinity_key="k", blocking=False):
@@ -290,22 +302,7 @@ def test_failed_device_wait_in_a_keyed_acquire_keeps_the_keys_order(
     gate = threading.Event()  # holds the key's earlier work back
     with CudaStreamPool(2, 0, 0, backend="host") as pool:
         try:
-            with pool.acquire_compute(affinity_key="k") as first:
-                first.launch_host_func(gate.wait)
-                first_stream = first.stream
-            # Another holder takes the key's stream (its end is recorded): the key must move.
-            blocker, other = pool.acquire_compute(), pool.acquire_compute()
-            if blocker.stream is not first_stream:
-                blocker, other = other, blocker
-            other.release()
-
-            def failing_wait(stream: object, event: object) -> None:
-                raise RuntimeError("injected: cudaStreamWaitEvent failed")
-
-            monkeypatch.setattr(pool._backend, "wait_event", failing_wait)
-            with pytest.raises(RuntimeError, match="injected"):
-                pool.acquire_compute(affinity_key="k")
-            monkeypatch.undo()
+            blocker, first_stream = fail_to_move_a_key(pool, monkeypatch, gate.wait)
             with pool.acquire_compute(affinity_key="k") as second:
                 assert second.stream is not first_stream
                 assert not second.query(), "the key's new stream does not wait for its earlier work"
