@@ -61,9 +61,10 @@ class Shelf:
     """Idle copy groups' buffers, newest last; a pipeline's runs bound them.
 
     The bound (``most``, the pipeline's ``max_in_flight``) is given at each
-    call, so it follows the pipeline's. Kept and running groups together stay
-    within it: a run that allocates groups of a new shape first lets the
-    oldest kept ones go, and memory never holds two runs' worth.
+    call, so it follows the pipeline's. Kept groups and one run's groups
+    together stay within it: a run that allocates groups of a new shape
+    first lets the oldest kept ones go, so a run never adds a second run's
+    worth to what is kept (runs on several threads each hold their own).
     """
 
     def __init__(self) -> None:

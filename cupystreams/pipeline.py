@@ -318,7 +318,7 @@ class Pipeline:
     @property
     def buffers_in_use(self) -> int:
         """Copy-group slots (device buffers, results, staging) held by running calls;
-        0 when idle."""
+        0 when idle (idle buffers kept for the next run: ``buffers_kept``)."""
         return self._slots_in_use
 
     @property
@@ -448,9 +448,11 @@ _EAGER_COMPUTE_LEASES = 1
 class _Leases:
     """The leases a run holds (one lease may fill several roles).
 
-    A run's compute and copy-out leases come once its first copy is queued
-    (``computes`` is empty until then), and all go back once its last
-    copy-out is queued (``held`` is False from then on).
+    An eager ``run``'s compute and copy-out leases come once its first copy
+    is queued (``computes`` is empty until then), and all go back once its
+    last copy-out is queued (``held`` is False from then on). ``run_serial``
+    and a capture pass all their leases at once; a capture gives its own
+    back when the capture ends.
     """
 
     __slots__ = ("computes", "copy_in", "copy_out", "held")
