@@ -125,13 +125,13 @@ class _Slot:
             self.stage_out, self.stage_out_ptr = shelved.stage_out, shelved.stage_out_ptr
             self.output_shape = shelved.output_shape
 
-    def fit_output(self, shape: OutputShape | None) -> None:
-        """Let the output side go if it was made for another output than ``shape``
-        (None: the run's output is not known yet, so it stays until it is)."""
-        if shape is not None and self.output_shape != shape:
+    def fit_output(self, shape: OutputShape) -> None:
+        """Let the output side go if it was made for another output than ``shape``;
+        from now on it is ``shape``'s (the slot's group is home)."""
+        if self.output_shape != shape:
             self.gathered = self.stage_out = None
             self.stage_out_ptr = 0
-            self.output_shape = shape
+        self.output_shape = shape
 
     def shelve(self, input_shape: InputShape, output_shape: OutputShape) -> SlotBuffers:
         """The slot's buffers, for the pipeline's next run (its group is home).
@@ -519,6 +519,7 @@ class _Call:
         self.input_shape = InputShape(rows_per_group, step, data.shape[1:], data.dtype)
         self.shelved: list[SlotBuffers] = []  # buffers of an earlier run, for new slots
         self.finished: list[SlotBuffers] = []  # this run's, once their groups are home
+        self._output_shape: OutputShape | None = None  # see output_shape()
         self.state = RunState()
         self.trace = pipe.pool._trace  # a traced pool gets a span per stage of each group
         # While captured as a graph (capture_graph), the run must never wait
@@ -527,11 +528,10 @@ class _Call:
         self.graph_results: list[Any] | None = None
 
     def output_shape(self) -> OutputShape | None:
-        """The output side of the run's groups, once the output is known."""
-        out = self.output.array
-        if out is None:
-            return None
-        return OutputShape(self.input_shape.rows, out.shape[1:], out.dtype)
+        """The output side of the run's groups, once the output is known (made once)."""
+        if self._output_shape is None and (out := self.output.array) is not None:
+            self._output_shape = OutputShape(self.input_shape.rows, out.shape[1:], out.dtype)
+        return self._output_shape
 
     def execute(self) -> None:
         pool = self.pool
@@ -636,9 +636,12 @@ class _Call:
         if slot.x is None:
             slot.x = self.engine.device_empty((rows, *data.shape[1:]), data.dtype)
         out = self.output.array
+        shape = self.output_shape()
+        if shape is not None and slot.output_shape is not shape:
+            # Made for another output (an earlier run's), or before this one was known.
+            slot.fit_output(shape)
         if slot.gathered is None and self.per_group > 1 and out is not None:
             slot.gathered = self.engine.device_empty((rows, *out.shape[1:]), out.dtype)
-            slot.output_shape = self.output_shape()
 
     def _groups(self) -> Iterator[list[tuple[int, int]]]:
         """Each copy group's chunks, as (start, stop) rows, in order.
@@ -670,13 +673,11 @@ class _Call:
                 # backend, on a worker thread): later groups gather into its dtype.
                 for slot in self.slots:
                     self._retire(slot)
-                    slot.fit_output(self.output_shape())  # known now
             if len(self.slots) < self.count:
                 shelved = self.shelved.pop() if self.shelved else None
                 # An event per compute lease: an eager run takes them after its first copy.
                 computes = len(leases.computes) or _EAGER_COMPUTE_LEASES
                 self.slots.append(_Slot(self.pool.events, computes, shelved))
-                self.slots[-1].fit_output(self.output_shape())
             slot = self.slots[index % self.count]
             self._retire(slot, leases.copy_in)  # bounds the groups in flight
             src = data[start:stop]
@@ -732,7 +733,6 @@ class _Call:
                     (self.per_group * self.step, *view.shape[1:]), np.dtype(view.dtype)
                 )
                 slot.stage_out_ptr = slot.stage_out.ctypes.data
-                slot.output_shape = self.output_shape()
             staged = slot.stage_out[: stop - start]
             slot.copy_back = (view, staged)
             return staged, slot.stage_out_ptr

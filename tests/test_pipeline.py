@@ -273,6 +273,33 @@ def test_out_none_runs_reuse_their_gather_buffers(big_pool: CudaStreamPool) -> N
     assert np.array_equal(narrow.run(data, np.empty_like(data)), data * 2 + 1)
 
 
+def test_a_run_whose_output_comes_with_its_first_chunk_fits_the_buffers_it_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With out=None the output is known once the first chunk is copied out; buffers
+    an earlier run made for another output are not gathered into after that."""
+    with CudaStreamPool(backend="host") as pool:
+        pipe = Pipeline(
+            pool,
+            lambda x: (x * 2 + 1).astype(np.float64),
+            chunk_bytes=50 * ROW_BYTES,
+            max_in_flight=1,  # one slot: its buffers come from the shelf before the output
+            min_copy_bytes=150 * ROW_BYTES,
+        )
+        data = sample()
+        pipe.run(data)  # leaves float64 gather buffers
+        pipe.fn = double_plus_one  # float32 results from now on
+        copy_out = pipe._engine.copy_out
+
+        def copy_out_and_wait(lease: Any, *args: Any) -> None:
+            copy_out(lease, *args)
+            lease.synchronize()  # the output is known before the next group, as on a GPU
+
+        monkeypatch.setattr(pipe._engine, "copy_out", copy_out_and_wait)
+        assert np.array_equal(pipe.run(data), data * 2 + 1)
+        check_nothing_held(pool, pipe)
+
+
 def test_a_failed_run_lets_its_pipeline_go_without_the_cycle_collector(
     big_pool: CudaStreamPool,
 ) -> None:
