@@ -515,8 +515,8 @@ class _Call:
         self.serial = serial
         self.count = 1 if serial else min(pipe.max_in_flight, self.group_count)
         self.slots: list[_Slot] = []
-        rows_per_group = self.per_group * step
-        self.input_shape = InputShape(rows_per_group, step, data.shape[1:], data.dtype)
+        # What a group's buffers are made for (its rows: of input, and of output).
+        self.input_shape = InputShape(self.per_group * step, step, data.shape[1:], data.dtype)
         self.shelved: list[SlotBuffers] = []  # buffers of an earlier run, for new slots
         self.finished: list[SlotBuffers] = []  # this run's, once their groups are home
         self._output_shape: OutputShape | None = None  # see output_shape()
@@ -632,7 +632,7 @@ class _Call:
     def _buffers(self, slot: _Slot) -> None:
         """Give ``slot`` its device buffers: input, and gathered results for groups."""
         data = self.data
-        rows = self.per_group * self.step
+        rows = self.input_shape.rows
         if slot.x is None:
             slot.x = self.engine.device_empty((rows, *data.shape[1:]), data.dtype)
         out = self.output.array
@@ -662,7 +662,7 @@ class _Call:
 
     def _loop(self, leases: _Leases) -> None:
         engine, data = self.engine, self.data
-        rows_per_group = self.per_group * self.step
+        rows_per_group = self.input_shape.rows
         direct_in = engine.make_direct(data)
         # Addresses by arithmetic: direct arrays are C-contiguous.
         base, row_bytes = (data.ctypes.data, data.strides[0]) if direct_in else (0, 0)
@@ -730,7 +730,7 @@ class _Call:
                 return view, output.ptr + start * output.array.strides[0]
             if slot.stage_out is None:
                 slot.stage_out = self.engine.host_empty(
-                    (self.per_group * self.step, *view.shape[1:]), np.dtype(view.dtype)
+                    (self.input_shape.rows, *view.shape[1:]), np.dtype(view.dtype)
                 )
                 slot.stage_out_ptr = slot.stage_out.ctypes.data
             staged = slot.stage_out[: stop - start]
