@@ -28,10 +28,12 @@ The rules (``CudaStreamPool.capture`` and the README say the same to users):
    parked streams go back once it has (a short-lived thread of the library,
    ``cupystreams-capture-end``, watches them).
 4. **Nothing that breaks a capture.** From the start of the block until the
-   capture has ended, the device's event pools create no event and pools are
-   neither created nor closed there (``_capturing``), and the pool's
+   capture has ended, the device's event pools create and destroy no event
+   and pools are neither created nor closed there, and the pool's
    ``sync_all()`` is refused; a capture fills its pool's idle events up to
-   ``event_pool_size`` before it begins. Joined
+   ``event_pool_size`` before it begins, and begins only once no other
+   thread creates or destroys streams or events of the device
+   (``_capturing``). Joined
    leases refuse ``synchronize()`` and ``query()`` and a ``wait()`` on work
    outside the capture, each of which CUDA would answer by invalidating it.
 5. **One capture per pool and thread**: blocks do not nest. A pool is

@@ -102,49 +102,54 @@ class CudaStreamPool:
         check_flag("enable_affinity", enable_affinity)
         check_flag("non_blocking", non_blocking)
 
-        # Checked before the backend is made: making one calls the driver.
-        _capturing.refuse(
+        # From before the backend is made (making one calls the driver) until
+        # the streams exist: refused during a capture, and none begins meanwhile.
+        with _capturing.outside(
             resolve_backend_name(backend),
             device if isinstance(device, int) and not isinstance(device, bool) else None,
             "creating a CudaStreamPool (its streams and events)",
             "create the pool before the capture begins",
-        )
-        self._backend: Backend = make_backend(backend, device)
-        least, greatest = self._backend.priority_range()
-        high = _resolve_priority(high_priority, least, greatest)
-        _warn_if_over_hardware_queues(self._backend, sum(sizes.values()))
+        ):
+            self._backend: Backend = make_backend(backend, device)
+            least, greatest = self._backend.priority_range()
+            high = _resolve_priority(high_priority, least, greatest)
+            _warn_if_over_hardware_queues(self._backend, sum(sizes.values()))
 
-        self.events = EventPool(
-            initial_size=min(8, event_pool_size), max_size=event_pool_size, backend=self._backend
-        )
-        self._core = core = PoolCore(self._backend, self.events, max_affinity_keys, enable_affinity)
-        self._streams: list[PooledStream] = []
-        self._trace: Trace | None = None  # set by trace() for its with block
-        self._captures = PoolCaptures()
-        handles: list[Any] = []
-        # Nothing here refers back to the pool, so a pool dropped without
-        # close() is closed where its last reference goes. The core is held
-        # weakly: its key table holds users' keys, which may lead back to the
-        # pool, and a strong hold would keep such a pool for ever.
-        self._finalizer = weakref.finalize(
-            self, _close_dropped, weakref.ref(core), handles, self._backend, self.events
-        )
-        self._finalizer.atexit = False  # no CUDA calls while the interpreter shuts down
-        try:
-            for kind, count in sizes.items():
-                lane = core.lanes[kind]
-                priority = high if kind is StreamKind.HIGH_PRIORITY else least
-                for _ in range(count):
-                    stream = PooledStream._create(
-                        core, lane, len(self._streams), priority, non_blocking
-                    )
-                    self._streams.append(stream)
-                    handles.append(stream._handle)
-                    with core:
-                        lane.add_locked(stream)
-        except BaseException:
-            self._finalizer()  # a half-built pool leaves no stream behind
-            raise
+            self.events = EventPool(
+                initial_size=min(8, event_pool_size),
+                max_size=event_pool_size,
+                backend=self._backend,
+            )
+            self._core = core = PoolCore(
+                self._backend, self.events, max_affinity_keys, enable_affinity
+            )
+            self._streams: list[PooledStream] = []
+            self._trace: Trace | None = None  # set by trace() for its with block
+            self._captures = PoolCaptures()
+            handles: list[Any] = []
+            # Nothing here refers back to the pool, so a pool dropped without
+            # close() is closed where its last reference goes. The core is held
+            # weakly: its key table holds users' keys, which may lead back to the
+            # pool, and a strong hold would keep such a pool for ever.
+            self._finalizer = weakref.finalize(
+                self, _close_dropped, weakref.ref(core), handles, self._backend, self.events
+            )
+            self._finalizer.atexit = False  # no CUDA calls while the interpreter shuts down
+            try:
+                for kind, count in sizes.items():
+                    lane = core.lanes[kind]
+                    priority = high if kind is StreamKind.HIGH_PRIORITY else least
+                    for _ in range(count):
+                        stream = PooledStream._create(
+                            core, lane, len(self._streams), priority, non_blocking
+                        )
+                        self._streams.append(stream)
+                        handles.append(stream._handle)
+                        with core:
+                            lane.add_locked(stream)
+            except BaseException:
+                self._finalizer()  # a half-built pool leaves no stream behind
+                raise
         self._compute = core.lanes[StreamKind.COMPUTE]
         self._comm = core.lanes[StreamKind.COMM]
         self._high = core.lanes[StreamKind.HIGH_PRIORITY]
@@ -344,15 +349,18 @@ class CudaStreamPool:
             PoolError: A CUDA graph capture of the pool's device is in progress:
                 destroying streams may synchronize the device, which breaks it.
         """
+        section: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if self._core.closed_reason is None:
             self._captures.settle()  # a capture that has just ended is over
-            _capturing.refuse(
+            # No capture of the device begins while the streams are destroyed.
+            section = _capturing.outside(
                 self._backend.name,
                 self._backend.device,
                 "closing a pool (destroying its streams)",
                 "close it after the capture has ended",
             )
-        _close_core(self._core, self.events, _CLOSED)
+        with section:
+            _close_core(self._core, self.events, _CLOSED)
         self._finalizer.detach()
 
     def __enter__(self) -> CudaStreamPool:

@@ -247,7 +247,9 @@ class Trace:
             ]
         self._events.release(origin)
         self._events._close("the trace ended")
-        backend.destroy_stream(self._origin_stream)
+        with _capturing.unless_capturing(backend.name, backend.device) as clear:
+            if clear:  # else the stream goes with the trace: destroying it could break a capture
+                backend.destroy_stream(self._origin_stream)
         self._spans = spans
 
     # -- export ------------------------------------------------------------
@@ -358,13 +360,13 @@ def trace_pool(pool: CudaStreamPool) -> Iterator[Trace]:
         )
     if any(name in vars(pool) for name in _SHADOWED):
         raise RuntimeError("this pool is already being traced; one trace at a time per pool")
-    _capturing.refuse(
+    with _capturing.outside(
         pool.backend,
         pool.device,
         "starting a trace (it creates a stream and events)",
         "trace after it",
-    )
-    trace = Trace(pool)
+    ):
+        trace = Trace(pool)
     leases = _traced_lease_class(trace)
     for name in _SHADOWED:
         setattr(pool, name, _traced_acquire(getattr(pool, name), trace, leases))

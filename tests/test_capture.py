@@ -13,6 +13,7 @@ import gc
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,6 +29,7 @@ from cupystreams import (
     PoolError,
     PoolExhaustedError,
     StreamLease,
+    _capturing,
 )
 from cupystreams._backends import _host
 from cupystreams._backends._host import HostBackend, HostEvent
@@ -292,6 +294,72 @@ def test_pools_and_events_are_neither_created_nor_closed_during_a_capture(
             EventPool(initial_size=0, backend="host")  # creates nothing: allowed
         host_pool.sync_all()
     other.close()
+
+
+def test_a_capture_does_not_begin_while_another_pool_of_the_device_is_closing(
+    host_pool: CudaStreamPool,
+) -> None:
+    """Closing checks that no capture runs, then destroys its streams (waiting for
+    their work): a capture that began in between would see them destroyed. It
+    waits for the close instead."""
+    closing = CudaStreamPool(1, 0, 0, backend="host")
+    with closing.acquire_compute() as lease:
+        lease.launch_host_func(lambda: time.sleep(10 * SLOW_S))  # close waits for it
+    times: dict[str, float] = {}
+
+    def close() -> None:
+        closing.close()
+        times["closed"] = time.perf_counter()
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    wait_until(lambda: closing.closed, timeout=5, what="the close began")
+    with host_pool.acquire_comm() as origin:
+        with host_pool.capture(origin) as graph:
+            times["captured"] = time.perf_counter()
+        assert graph is not None
+        graph.close()
+    closer.join()
+    assert times["closed"] <= times["captured"], "a capture began while streams were destroyed"
+
+
+def test_a_capture_waits_for_sections_of_its_device_only() -> None:
+    """A section for device None (a pool for the current device, before its backend
+    is made) holds off captures of every device; one for another device, none."""
+    device0 = types.SimpleNamespace(name="host", device=0)
+    for section_device, waits in ((None, True), (0, True), (1, False)):
+        began = threading.Event()
+        with _capturing.unless_capturing("host", section_device) as clear:
+            assert clear
+            beginner = threading.Thread(
+                target=lambda began=began: (_capturing.begin(device0), began.set())
+            )
+            beginner.start()
+            assert began.wait(10 * SLOW_S) is not waits
+        beginner.join(5)
+        assert began.is_set()
+        with _capturing.unless_capturing("host", section_device) as clear:
+            assert clear is not waits, "a section began during a capture of its device"
+        _capturing.end(device0)
+
+
+def test_an_event_pool_cleared_during_a_capture_frees_nothing_until_it_ends(
+    host_pool: CudaStreamPool,
+) -> None:
+    """Destroying an event could break the capture: ``clear`` keeps them idle, and an
+    event released beyond ``max_size`` is kept too, until the capture has ended."""
+    events = EventPool(initial_size=2, max_size=2, backend="host")
+    held = [events.acquire() for _ in range(3)]  # the third is beyond max_size
+    with host_pool.acquire_comm() as origin, host_pool.capture(origin) as graph:
+        for event in held:
+            events.release(event)
+        events.clear()
+        assert events.stats().idle == 3, "an event was destroyed during the capture"
+    assert graph is not None
+    graph.close()
+    events.clear()
+    stats = events.stats()
+    assert (stats.idle, stats.in_use, stats.created) == (0, 0, 3)
 
 
 def test_capture_blocks_do_not_nest_and_a_traced_pool_does_not_capture(

@@ -173,13 +173,15 @@ class CupyBackend:
                 "a host function cannot be captured into a CUDA graph by this pool; "
                 "launch it after the capture ends"
             )
-        _capturing.refuse(
-            self.name,
-            self.device,
-            "launching a host function (it needs a new CUDA event)",
-            "launch it after",
-        )
-        with self._device:
+        with (
+            _capturing.outside(
+                self.name,
+                self.device,
+                "launching a host function (it needs a new CUDA event)",
+                "launch it after",
+            ),
+            self._device,
+        ):
             # A blocking-sync event lets the waiting thread sleep instead of spin.
             event = cupy.cuda.Event(block=True, disable_timing=True)
         event.record(stream)
