@@ -16,10 +16,10 @@ from ._callbacks import CallbackThread, HostCall
 __all__ = [
     "CUPY_STREAMS",
     "CupyBackend",
+    "enter_stream",
+    "exit_stream",
     "foreign_stream",
     "hardware_queues_from_env",
-    "make_current",
-    "restore_current",
 ]
 
 _MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
@@ -29,42 +29,47 @@ _get_current_stream = cupy.cuda.get_current_stream
 _is_capturing = cupy.cuda.runtime.streamIsCapturing
 
 
-def make_current(device: int, stream: Any) -> tuple[int, Any]:
-    """Make ``device`` and its CuPy ``stream`` current on this thread.
+def enter_stream(device: int, stream: Any) -> Any:
+    """Make ``stream`` (a CuPy stream of ``device``) current on this thread, and
+    ``device`` with it; return the token that ``exit_stream`` takes.
 
-    Returns what ``restore_current`` needs: the device current before, and
-    the stream that was current on ``device``. A failed step undoes the
-    device switch.
+    CuPy's own ``with stream:``, the cheapest switch there is; it refuses a
+    stream of another device than the current one, which is switched first.
     """
-    previous = _get_device()
-    if previous != device:
-        _set_device(device)  # CuPy makes a stream current only on its own device
     try:
-        saved = (previous, _get_current_stream(device))
-        stream.use()
+        stream.__enter__()
+        return stream
+    except RuntimeError:
+        previous = _get_device()
+        if previous == device:
+            raise
+    _set_device(device)
+    try:
+        stream.__enter__()
     except BaseException:
-        if previous != device:
-            _set_device(previous)
+        _set_device(previous)
         raise
-    return saved
+    return (stream, previous)
 
 
-def restore_current(device: int, saved: tuple[int, Any]) -> None:
-    """Undo ``make_current(device, ...)``, which returned ``saved``.
+def exit_stream(device: int, token: Any) -> None:
+    """Undo ``enter_stream(device, ...)``, which returned ``token``.
 
     The block may have left another device current: the stream is restored
     on ``device`` all the same, and the device current before
-    ``make_current`` comes back even if restoring the stream fails.
+    ``enter_stream`` comes back even if restoring the stream fails.
     """
-    previous, stream = saved
-    now = _get_device()
-    if now != device:
+    stream, previous = token if type(token) is tuple else (token, device)
+    # CuPy pops the stream for the device that is current when the stream
+    # has none of its own (the legacy stream), so the block's device, if it
+    # switched, must not be current while it does.
+    if _get_device() != device:
         _set_device(device)
     try:
-        stream.use()
+        stream.__exit__(None, None, None)
     finally:
         if previous != device:
-            _set_device(previous)
+            _set_device(previous)  # the device current before the stream was entered
 
 
 def hardware_queues_from_env() -> int:
@@ -212,35 +217,10 @@ class CupyBackend:
         return _get_current_stream(self.device)
 
     def enter(self, stream: Any) -> Any:
-        # CuPy's own `with stream:`, the cheapest switch there is; it refuses a
-        # stream of another device than the current one, which is switched first.
-        try:
-            stream.__enter__()
-            return stream
-        except RuntimeError:
-            previous = _get_device()
-            if previous == self.device:
-                raise
-        _set_device(self.device)
-        try:
-            stream.__enter__()
-        except BaseException:
-            _set_device(previous)
-            raise
-        return (stream, previous)
+        return enter_stream(self.device, stream)
 
     def exit(self, token: Any) -> None:
-        stream, previous = token if type(token) is tuple else (token, self.device)
-        # CuPy pops the stream for the device that is current when the stream
-        # has none of its own (the legacy stream), so the block's device, if it
-        # switched, must not be current while it does.
-        if _get_device() != self.device:
-            _set_device(self.device)
-        try:
-            stream.__exit__(None, None, None)
-        finally:
-            if previous != self.device:
-                _set_device(previous)  # the device current before the lease was entered
+        exit_stream(self.device, token)
 
     def as_stream(self, obj: object) -> Any:
         with self._device:  # a foreign pointer is taken to be on this device
