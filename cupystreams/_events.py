@@ -10,9 +10,9 @@ record a key's end), never the other way round.
 
 While a CUDA graph capture of its device is in progress (``_capturing``) the
 pool creates and destroys no event: ``acquire`` hands out idle events only,
-and ``release`` and ``clear`` keep every event, beyond ``max_size`` if need
-be. Events are created and destroyed in a ``_capturing`` section, so that no
-capture begins in between.
+and the events that ``release`` and ``clear`` free are destroyed once the
+capture has ended. Creating and destroying run in a ``_capturing`` section,
+so that no capture begins in between.
 """
 
 from __future__ import annotations
@@ -248,12 +248,14 @@ class EventPool:
             kept = self._closed_reason is None and len(self._idle) < self.max_size
             if kept:
                 self._idle.append((event._handle, event.event_id))
+            else:
+                self._destroyed += 1
         finally:
             lock.release()
         if kept:
             event._handle = None
         else:
-            doomed = [(event._handle, event.event_id)]
+            doomed = [event._handle]
             event._handle = None
             self._free(doomed)
 
@@ -272,24 +274,16 @@ class EventPool:
                 if self._closed_reason is None:
                     self._idle.extend(made)
                     made = []
-            self._free(made)  # closed meanwhile
-
-    def _free(self, events: list[tuple[Any, int]]) -> None:
-        """Destroy ``events``, which nobody holds (the list's are their last references).
-
-        During a capture of the device, where destroying one could break it,
-        they are kept idle instead, beyond ``max_size`` if need be.
-        """
-        if not events:
-            return
-        backend = self._backend
-        with _capturing.unless_capturing(backend.name, backend.device) as clear:
-            with self._lock:
-                if clear:
-                    self._destroyed += len(events)
                 else:
-                    self._idle.extend(events)
-            events.clear()  # destroyed here when clear: outside the lock, before any capture
+                    self._destroyed += len(made)  # closed meanwhile
+            self._free(made)
+
+    def _free(self, doomed: list[Any]) -> None:
+        """Destroy the events in ``doomed``, counted as destroyed already, whose
+        last references the list holds: now, outside the pool's lock, or once
+        the device's captures in progress have ended (``_capturing.dispose``)."""
+        if doomed:
+            _capturing.dispose(self._backend.name, self._backend.device, doomed.clear)
 
     @contextlib.contextmanager
     def event_context(self) -> Iterator[PooledEvent]:
@@ -303,11 +297,12 @@ class EventPool:
     def clear(self) -> None:
         """Free the idle events; events still held are freed on release.
 
-        During a CUDA graph capture of the device none is freed (it could
-        break the capture): they stay idle.
+        During a CUDA graph capture of the device they are destroyed once it
+        has ended (destroying one could break it).
         """
         with self._lock:
             freed, self._idle = self._idle, []
+            self._destroyed += len(freed)
         self._free(freed)
 
     def _close(self, reason: str, lock_wait: float = -1) -> None:

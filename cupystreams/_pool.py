@@ -343,24 +343,23 @@ class CudaStreamPool:
 
         Idempotent. Threads blocked in acquire get ``PoolClosedError``; leases
         still out become invalid (their methods raise ``PoolClosedError``, and
-        their release is a no-op).
+        their release is a no-op). If a CUDA graph capture of the device
+        begins on another thread while this waits for the work, the streams
+        are destroyed once that capture has ended.
 
         Raises:
             PoolError: A CUDA graph capture of the pool's device is in progress:
                 destroying streams may synchronize the device, which breaks it.
         """
-        section: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if self._core.closed_reason is None:
             self._captures.settle()  # a capture that has just ended is over
-            # No capture of the device begins while the streams are destroyed.
-            section = _capturing.outside(
+            _capturing.refuse(
                 self._backend.name,
                 self._backend.device,
                 "closing a pool (destroying its streams)",
                 "close it after the capture has ended",
             )
-        with section:
-            _close_core(self._core, self.events, _CLOSED)
+        _close_core(self._core, self.events, _CLOSED)
         self._finalizer.detach()
 
     def __enter__(self) -> CudaStreamPool:
@@ -480,20 +479,41 @@ def _close_dropped(
 def _destroy(
     handles: list[Any], backend: Backend, events: EventPool, lock_wait: float = -1
 ) -> None:
-    """Destroy every stream in ``handles``, then the backend's threads and the events.
+    """Destroy every stream in ``handles`` (emptying it), then the backend's threads
+    and the events.
 
     ``lock_wait`` bounds the waits for the backend's and the event pool's
     locks, as for the core's (a finalizer's call).
 
-    Every stream is destroyed even if one fails (after a faulting kernel
-    every CUDA call reports the error); the first failure is raised last.
+    The streams' work is waited for first, outside any section of
+    ``_capturing`` (on the host backend that work is users' code); then the
+    streams are destroyed at once, or, if a capture of the device began on
+    another thread meanwhile, once it has ended. Every stream is destroyed
+    even if one fails (after a faulting kernel every CUDA call reports the
+    error); the first failure is raised last.
     """
+    doomed, handles[:] = handles[:], []
     first_error: BaseException | None = None
-    while handles:
+    for handle in doomed:
         try:
-            backend.destroy_stream(handles.pop())
+            backend.drain_stream(handle)
         except Exception as exc:
             first_error = first_error or exc
+
+    def destroy_streams() -> None:
+        error: BaseException | None = None
+        while doomed:
+            try:
+                backend.destroy_stream(doomed.pop())
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    try:
+        _capturing.dispose(backend.name, backend.device, destroy_streams)
+    except Exception as exc:
+        first_error = first_error or exc
     try:
         backend.close(lock_wait)
     finally:

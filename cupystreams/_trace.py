@@ -247,9 +247,11 @@ class Trace:
             ]
         self._events.release(origin)
         self._events._close("the trace ended")
-        with _capturing.unless_capturing(backend.name, backend.device) as clear:
-            if clear:  # else the stream goes with the trace: destroying it could break a capture
-                backend.destroy_stream(self._origin_stream)
+        _capturing.dispose(
+            backend.name,
+            backend.device,
+            functools.partial(backend.destroy_stream, self._origin_stream),
+        )
         self._spans = spans
 
     # -- export ------------------------------------------------------------

@@ -296,31 +296,62 @@ def test_pools_and_events_are_neither_created_nor_closed_during_a_capture(
     other.close()
 
 
-def test_a_capture_does_not_begin_while_another_pool_of_the_device_is_closing(
+def test_a_pool_closed_while_a_capture_begins_destroys_its_streams_after_the_capture(
     host_pool: CudaStreamPool,
 ) -> None:
-    """Closing checks that no capture runs, then destroys its streams (waiting for
-    their work): a capture that began in between would see them destroyed. It
-    waits for the close instead."""
+    """Closing checks that no capture runs, then waits for its streams' work, then
+    destroys them: a capture that begins during the wait (it may not wait for
+    users' work itself) sees nothing destroyed; the streams go once it has ended."""
     closing = CudaStreamPool(1, 0, 0, backend="host")
+    stream = closing._streams[0]._handle
     with closing.acquire_compute() as lease:
         lease.launch_host_func(lambda: time.sleep(10 * SLOW_S))  # close waits for it
-    times: dict[str, float] = {}
-
-    def close() -> None:
-        closing.close()
-        times["closed"] = time.perf_counter()
-
-    closer = threading.Thread(target=close)
+    closer = threading.Thread(target=closing.close)
     closer.start()
     wait_until(lambda: closing.closed, timeout=5, what="the close began")
     with host_pool.acquire_comm() as origin:
         with host_pool.capture(origin) as graph:
-            times["captured"] = time.perf_counter()
+            closer.join(5)
+            assert not closer.is_alive(), "close() waited for a capture"
+            assert not stream._stopped, "a stream was destroyed during a capture"
+        assert stream._stopped, "the closed pool's stream outlived the capture"
         assert graph is not None
         graph.close()
-    closer.join()
-    assert times["closed"] <= times["captured"], "a capture began while streams were destroyed"
+
+
+def test_a_capture_never_waits_for_work_that_a_closing_pool_waits_for(
+    host_pool: CudaStreamPool,
+) -> None:
+    """A capture that begins while another pool closes must not wait for that
+    pool's queued work: the work may wait for the capturing thread (here, for
+    a lock it holds while it captures), and neither would ever finish."""
+    closing = CudaStreamPool(1, 0, 0, backend="host")
+    held_while_capturing = threading.Lock()
+
+    def needs_the_lock() -> None:
+        time.sleep(4 * SLOW_S)  # the capture has begun by now
+        with held_while_capturing:
+            pass
+
+    with closing.acquire_compute() as lease:
+        lease.launch_host_func(needs_the_lock)
+    graphs: list[CapturedGraph | None] = []
+
+    def capture() -> None:
+        with held_while_capturing:
+            wait_until(lambda: closing.closed, timeout=5, what="the close began")
+            with host_pool.acquire_comm() as origin, host_pool.capture(origin) as graph:
+                graphs.append(graph)
+
+    capturer = threading.Thread(target=capture, daemon=True)
+    closer = threading.Thread(target=closing.close, daemon=True)
+    capturer.start()
+    closer.start()
+    capturer.join(5)
+    closer.join(5)
+    assert not capturer.is_alive() and not closer.is_alive(), "the capture and the close hang"
+    assert len(graphs) == 1 and graphs[0] is not None
+    graphs[0].close()
 
 
 def test_a_capture_waits_for_sections_of_its_device_only() -> None:
@@ -338,28 +369,40 @@ def test_a_capture_waits_for_sections_of_its_device_only() -> None:
             assert began.wait(10 * SLOW_S) is not waits
         beginner.join(5)
         assert began.is_set()
-        with _capturing.unless_capturing("host", section_device) as clear:
-            assert clear is not waits, "a section began during a capture of its device"
-        _capturing.end(device0)
+        try:
+            with _capturing.unless_capturing("host", section_device) as clear:
+                assert clear is not waits, "a section began during a capture of its device"
+        finally:
+            _capturing.end(device0)
 
 
-def test_an_event_pool_cleared_during_a_capture_frees_nothing_until_it_ends(
+def test_events_freed_during_a_capture_are_destroyed_once_it_has_ended(
     host_pool: CudaStreamPool,
 ) -> None:
-    """Destroying an event could break the capture: ``clear`` keeps them idle, and an
-    event released beyond ``max_size`` is kept too, until the capture has ended."""
-    events = EventPool(initial_size=2, max_size=2, backend="host")
+    """Destroying an event could break the capture: the events that ``clear`` and a
+    release beyond ``max_size`` free go once the capture has ended, not before."""
+    destroyed: list[bool] = []  # for each event destroyed: whether a capture ran
+
+    class WatchedEvent(HostEvent):
+        __slots__ = ()
+
+        def __del__(self) -> None:
+            destroyed.append(bool(_capturing._captures))
+
+    backend = HostBackend()
+    backend.create_event = lambda timing: WatchedEvent(timing)  # type: ignore[method-assign]
+    events = EventPool(initial_size=2, max_size=2, backend=backend)
     held = [events.acquire() for _ in range(3)]  # the third is beyond max_size
     with host_pool.acquire_comm() as origin, host_pool.capture(origin) as graph:
         for event in held:
             events.release(event)
         events.clear()
-        assert events.stats().idle == 3, "an event was destroyed during the capture"
+        gc.collect()
+        assert destroyed == [], "an event was destroyed during the capture"
+        assert (events.stats().idle, events.stats().in_use) == (0, 0)
     assert graph is not None
     graph.close()
-    events.clear()
-    stats = events.stats()
-    assert (stats.idle, stats.in_use, stats.created) == (0, 0, 3)
+    assert destroyed == [False] * 3
 
 
 def test_capture_blocks_do_not_nest_and_a_traced_pool_does_not_capture(

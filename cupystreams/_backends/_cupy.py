@@ -119,7 +119,11 @@ class CupyBackend:
         with self._device:
             cupy.cuda.runtime.free(0)  # make the primary context current
             self._priority_range = _driver_priority_range()
-        self._callbacks = CallbackThread(_wait_for_event, f"cupystreams-host-functions-{device}")
+        self._callbacks = CallbackThread(
+            _wait_for_event,
+            functools.partial(_capturing.dispose, self.name, device),
+            f"cupystreams-host-functions-{device}",
+        )
 
     def priority_range(self) -> tuple[int, int]:
         return self._priority_range
@@ -130,6 +134,9 @@ class CupyBackend:
     def create_stream(self, priority: int, non_blocking: bool) -> Any:
         with self._device:
             return cupy.cuda.Stream(non_blocking=non_blocking, priority=priority)
+
+    def drain_stream(self, stream: Any) -> None:
+        stream.synchronize()
 
     def destroy_stream(self, stream: Any) -> None:
         with self._device:
