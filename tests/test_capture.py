@@ -360,20 +360,23 @@ def test_a_capture_waits_for_sections_of_its_device_only() -> None:
     device0 = types.SimpleNamespace(name="host", device=0)
     for section_device, waits in ((None, True), (0, True), (1, False)):
         began = threading.Event()
-        with _capturing.unless_capturing("host", section_device) as clear:
-            assert clear
-            beginner = threading.Thread(
-                target=lambda began=began: (_capturing.begin(device0), began.set())
-            )
-            beginner.start()
-            assert began.wait(10 * SLOW_S) is not waits
-        beginner.join(5)
-        assert began.is_set()
+        beginner = threading.Thread(
+            target=lambda began=began: (_capturing.begin(device0), began.set())
+        )
         try:
             with _capturing.unless_capturing("host", section_device) as clear:
+                assert clear
+                beginner.start()
+                assert began.wait(10 * SLOW_S) is not waits, "waited for the wrong section"
+            beginner.join(5)
+            assert began.is_set()
+            with _capturing.unless_capturing("host", section_device) as clear:
                 assert clear is not waits, "a section began during a capture of its device"
-        finally:
-            _capturing.end(device0)
+        finally:  # a failure must not leave a capture counted for later tests
+            if beginner.ident is not None:
+                beginner.join(5)
+            if began.is_set():
+                _capturing.end(device0)
 
 
 def test_events_freed_during_a_capture_are_destroyed_once_it_has_ended(
