@@ -28,13 +28,10 @@ The rules (``CudaStreamPool.capture`` and the README say the same to users):
    parked streams go back once it has (a short-lived thread of the library,
    ``cupystreams-capture-end``, watches them).
 4. **Nothing that breaks a capture.** From the start of the block until the
-   capture has ended, no stream or event of the device is created or
-   destroyed: creating or closing a pool and the pool's ``sync_all()`` are
-   refused, event pools hand out idle events only, and what must be
-   destroyed meanwhile is destroyed once the capture has ended
-   (``_capturing``, whose sections a capture's begin waits for). A capture
-   fills its pool's idle events up to ``event_pool_size`` before it begins.
-   Joined
+   capture has ended, the device's event pools create no event and pools are
+   neither created nor closed there (``_capturing``), and the pool's
+   ``sync_all()`` is refused; a capture fills its pool's idle events up to
+   ``event_pool_size`` before it begins. Joined
    leases refuse ``synchronize()`` and ``query()`` and a ``wait()`` on work
    outside the capture, each of which CUDA would answer by invalidating it.
 5. **One capture per pool and thread**: blocks do not nest. A pool is
@@ -181,17 +178,14 @@ class Capture:
         if not external:
             self._events._fill_idle()  # the last moment at which creating events is safe
         _shadow_acquires(pool)
-        counted = False
+        _capturing.begin(backend)
         try:
-            _capturing.begin(backend)  # may wait (briefly) for another thread's section
-            counted = True
             if not external:
                 self._graph = CapturedGraph._create(backend)
                 backend.begin_capture(self._origin)
                 self._begun = True
-        except BaseException:  # an interrupt in the wait, too
-            if counted:
-                _capturing.end(backend)
+        except BaseException:
+            _capturing.end(backend)
             _unshadow_acquires(pool)
             raise
         captures.local.capture = self

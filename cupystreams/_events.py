@@ -4,15 +4,14 @@ Locking: ``EventPool._lock`` (a plain ``threading.Lock``) guards the pool's
 ``_idle`` list, its ``_created`` / ``_destroyed`` counters, ``_closed_reason``
 and every event's ``_held`` flag (one exception: a dropped stream pool's
 finalizer that cannot take the lock in time stores ``_closed_reason`` alone).
-While it is held, no other lock of the library is taken and no Python code
-of a user's runs. A stream pool may take it while it holds its own lock (to
-record a key's end), never the other way round.
+While it is held, the only other lock of the library taken is the capture
+registry's leaf lock (``_capturing``), and no Python code of a user's runs
+under it. A stream pool may take it while it holds its own lock (to record
+a key's end), never the other way round.
 
 While a CUDA graph capture of its device is in progress (``_capturing``) the
 pool creates and destroys no event: ``acquire`` hands out idle events only,
-and the events that ``release`` and ``clear`` free are destroyed once the
-capture has ended. Creating and destroying run in a ``_capturing`` section,
-so that no capture begins in between.
+and ``release`` keeps every event, beyond ``max_size`` if need be.
 """
 
 from __future__ import annotations
@@ -160,43 +159,37 @@ class EventPool:
                 f"pass max_size >= {initial_size} or a smaller initial_size"
             )
         check_flag("timing", timing)
-        section: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-        if initial_size:  # refused before a backend is made: making one calls the driver
+        if initial_size:  # checked before a backend is made: making one calls the driver
             if isinstance(backend, str):
                 where = (resolve_backend_name(backend), device if isinstance(device, int) else None)
             else:
                 where = (backend.name, backend.device)
-            section = _capturing.outside(
-                *where, "creating events", "create the EventPool before the capture"
-            )
-        with section:  # no capture of the device begins until the events exist
-            self._backend: Backend = (
-                make_backend(backend, device) if isinstance(backend, str) else backend
-            )
-            self.timing = timing
-            self.max_size = max_size
-            self._lock = threading.Lock()
-            # Idle events are kept as (backend handle, event_id); every acquire
-            # wraps one in a fresh PooledEvent, so a released PooledEvent stays
-            # dead even after its CUDA event is handed to someone else.
-            self._idle: list[tuple[Any, int]] = []
-            self._created = 0
-            self._destroyed = 0
-            self._closed_reason: str | None = None  # why the pool stopped serving, once it has
-            self._idle.extend(self._create() for _ in range(initial_size))
+            _capturing.refuse(*where, "creating events", "create the EventPool before the capture")
+        self._backend: Backend = (
+            make_backend(backend, device) if isinstance(backend, str) else backend
+        )
+        self.timing = timing
+        self.max_size = max_size
+        self._lock = threading.Lock()
+        # Idle events are kept as (backend handle, event_id); every acquire
+        # wraps one in a fresh PooledEvent, so a released PooledEvent stays
+        # dead even after its CUDA event is handed to someone else.
+        self._idle: list[tuple[Any, int]] = []
+        self._created = 0
+        self._destroyed = 0
+        self._closed_reason: str | None = None  # why the pool stopped serving, once it has
+        self._idle.extend(self._create() for _ in range(initial_size))
 
     def _create(self) -> tuple[Any, int]:
-        backend = self._backend
-        with _capturing.unless_capturing(backend.name, backend.device) as clear:
-            if not clear:
-                raise PoolExhaustedError(
-                    f"no idle event in the pool's EventPool, and none is created while a CUDA "
-                    f"graph capture of device {backend.device} is in progress (it could "
-                    f"break the capture); create the pool with a larger event_pool_size (an "
-                    f"EventPool with a larger max_size; now {self.max_size}): a capture that "
-                    "the pool begins fills the idle events up to it first"
-                )
-            handle = backend.create_event(self.timing)  # outside the lock: a CUDA call
+        if _capturing.in_progress(self._backend):
+            raise PoolExhaustedError(
+                f"no idle event in the pool's EventPool, and none is created while a CUDA "
+                f"graph capture of device {self._backend.device} is in progress (it could "
+                f"break the capture); create the pool with a larger event_pool_size (an "
+                f"EventPool with a larger max_size; now {self.max_size}): a capture that "
+                "the pool begins fills the idle events up to it first"
+            )
+        handle = self._backend.create_event(self.timing)  # outside the lock: a CUDA call
         with self._lock:
             event_id = self._created
             self._created += 1
@@ -245,45 +238,29 @@ class EventPool:
             if not event._held:
                 raise LeaseError(f"event {event.event_id} was already released")
             event._held = False
-            kept = self._closed_reason is None and len(self._idle) < self.max_size
-            if kept:
+            if self._closed_reason is None and (
+                len(self._idle) < self.max_size or _capturing.in_progress(self._backend)
+            ):  # an event destroyed during a capture could break it: kept, over the bound
                 self._idle.append((event._handle, event.event_id))
             else:
-                self._destroyed += 1
+                self._destroyed += 1  # freed with its last reference, below
         finally:
             lock.release()
-        if kept:
-            event._handle = None
-        else:
-            doomed = [event._handle]
-            event._handle = None
-            self._free(doomed)
+        event._handle = None
 
     def _fill_idle(self) -> None:
         """Create idle events up to ``max_size``: a capture calls this before it begins,
         when creating events is still safe, since it may create none afterwards."""
-        backend = self._backend
-        with _capturing.unless_capturing(backend.name, backend.device) as clear:
-            if not clear:
-                return  # another capture of the device runs: nothing may be created now
-            with self._lock:
-                closed = self._closed_reason is not None
-                missing = 0 if closed else self.max_size - len(self._idle)
-            made = [self._create() for _ in range(missing)]
-            with self._lock:
-                if self._closed_reason is None:
-                    self._idle.extend(made)
-                    made = []
-                else:
-                    self._destroyed += len(made)  # closed meanwhile
-            self._free(made)
-
-    def _free(self, doomed: list[Any]) -> None:
-        """Destroy the events in ``doomed``, counted as destroyed already, whose
-        last references the list holds: now, outside the pool's lock, or once
-        the device's captures in progress have ended (``_capturing.dispose``)."""
-        if doomed:
-            _capturing.dispose(self._backend.name, self._backend.device, doomed.clear)
+        if _capturing.in_progress(self._backend):
+            return  # another capture of the device runs: nothing may be created now
+        with self._lock:
+            missing = 0 if self._closed_reason is not None else self.max_size - len(self._idle)
+        made = [self._create() for _ in range(missing)]
+        with self._lock:
+            if self._closed_reason is None:
+                self._idle.extend(made)
+            else:
+                self._destroyed += len(made)
 
     @contextlib.contextmanager
     def event_context(self) -> Iterator[PooledEvent]:
@@ -295,15 +272,11 @@ class EventPool:
             self.release(event)
 
     def clear(self) -> None:
-        """Free the idle events; events still held are freed on release.
-
-        During a CUDA graph capture of the device they are destroyed once it
-        has ended (destroying one could break it).
-        """
+        """Free the idle events; events still held are freed on release."""
         with self._lock:
             freed, self._idle = self._idle, []
             self._destroyed += len(freed)
-        self._free(freed)
+        del freed  # CUDA events go with their last reference, outside the lock
 
     def _close(self, reason: str, lock_wait: float = -1) -> None:
         """Refuse further acquires and free the idle events.

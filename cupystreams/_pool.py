@@ -102,54 +102,49 @@ class CudaStreamPool:
         check_flag("enable_affinity", enable_affinity)
         check_flag("non_blocking", non_blocking)
 
-        # From before the backend is made (making one calls the driver) until
-        # the streams exist: refused during a capture, and none begins meanwhile.
-        with _capturing.outside(
+        # Checked before the backend is made: making one calls the driver.
+        _capturing.refuse(
             resolve_backend_name(backend),
             device if isinstance(device, int) and not isinstance(device, bool) else None,
             "creating a CudaStreamPool (its streams and events)",
             "create the pool before the capture begins",
-        ):
-            self._backend: Backend = make_backend(backend, device)
-            least, greatest = self._backend.priority_range()
-            high = _resolve_priority(high_priority, least, greatest)
-            _warn_if_over_hardware_queues(self._backend, sum(sizes.values()))
+        )
+        self._backend: Backend = make_backend(backend, device)
+        least, greatest = self._backend.priority_range()
+        high = _resolve_priority(high_priority, least, greatest)
+        _warn_if_over_hardware_queues(self._backend, sum(sizes.values()))
 
-            self.events = EventPool(
-                initial_size=min(8, event_pool_size),
-                max_size=event_pool_size,
-                backend=self._backend,
-            )
-            self._core = core = PoolCore(
-                self._backend, self.events, max_affinity_keys, enable_affinity
-            )
-            self._streams: list[PooledStream] = []
-            self._trace: Trace | None = None  # set by trace() for its with block
-            self._captures = PoolCaptures()
-            handles: list[Any] = []
-            # Nothing here refers back to the pool, so a pool dropped without
-            # close() is closed where its last reference goes. The core is held
-            # weakly: its key table holds users' keys, which may lead back to the
-            # pool, and a strong hold would keep such a pool for ever.
-            self._finalizer = weakref.finalize(
-                self, _close_dropped, weakref.ref(core), handles, self._backend, self.events
-            )
-            self._finalizer.atexit = False  # no CUDA calls while the interpreter shuts down
-            try:
-                for kind, count in sizes.items():
-                    lane = core.lanes[kind]
-                    priority = high if kind is StreamKind.HIGH_PRIORITY else least
-                    for _ in range(count):
-                        stream = PooledStream._create(
-                            core, lane, len(self._streams), priority, non_blocking
-                        )
-                        self._streams.append(stream)
-                        handles.append(stream._handle)
-                        with core:
-                            lane.add_locked(stream)
-            except BaseException:
-                self._finalizer()  # a half-built pool leaves no stream behind
-                raise
+        self.events = EventPool(
+            initial_size=min(8, event_pool_size), max_size=event_pool_size, backend=self._backend
+        )
+        self._core = core = PoolCore(self._backend, self.events, max_affinity_keys, enable_affinity)
+        self._streams: list[PooledStream] = []
+        self._trace: Trace | None = None  # set by trace() for its with block
+        self._captures = PoolCaptures()
+        handles: list[Any] = []
+        # Nothing here refers back to the pool, so a pool dropped without
+        # close() is closed where its last reference goes. The core is held
+        # weakly: its key table holds users' keys, which may lead back to the
+        # pool, and a strong hold would keep such a pool for ever.
+        self._finalizer = weakref.finalize(
+            self, _close_dropped, weakref.ref(core), handles, self._backend, self.events
+        )
+        self._finalizer.atexit = False  # no CUDA calls while the interpreter shuts down
+        try:
+            for kind, count in sizes.items():
+                lane = core.lanes[kind]
+                priority = high if kind is StreamKind.HIGH_PRIORITY else least
+                for _ in range(count):
+                    stream = PooledStream._create(
+                        core, lane, len(self._streams), priority, non_blocking
+                    )
+                    self._streams.append(stream)
+                    handles.append(stream._handle)
+                    with core:
+                        lane.add_locked(stream)
+        except BaseException:
+            self._finalizer()  # a half-built pool leaves no stream behind
+            raise
         self._compute = core.lanes[StreamKind.COMPUTE]
         self._comm = core.lanes[StreamKind.COMM]
         self._high = core.lanes[StreamKind.HIGH_PRIORITY]
@@ -343,9 +338,7 @@ class CudaStreamPool:
 
         Idempotent. Threads blocked in acquire get ``PoolClosedError``; leases
         still out become invalid (their methods raise ``PoolClosedError``, and
-        their release is a no-op). If a CUDA graph capture of the device
-        begins on another thread while this waits for the work, the streams
-        are destroyed once that capture has ended.
+        their release is a no-op).
 
         Raises:
             PoolError: A CUDA graph capture of the pool's device is in progress:
@@ -479,41 +472,20 @@ def _close_dropped(
 def _destroy(
     handles: list[Any], backend: Backend, events: EventPool, lock_wait: float = -1
 ) -> None:
-    """Destroy every stream in ``handles`` (emptying it), then the backend's threads
-    and the events.
+    """Destroy every stream in ``handles``, then the backend's threads and the events.
 
     ``lock_wait`` bounds the waits for the backend's and the event pool's
     locks, as for the core's (a finalizer's call).
 
-    The streams' work is waited for first, outside any section of
-    ``_capturing`` (on the host backend that work is users' code); then the
-    streams are destroyed at once, or, if a capture of the device began on
-    another thread meanwhile, once it has ended. Every stream is destroyed
-    even if one fails (after a faulting kernel every CUDA call reports the
-    error); the first failure is raised last.
+    Every stream is destroyed even if one fails (after a faulting kernel
+    every CUDA call reports the error); the first failure is raised last.
     """
-    doomed, handles[:] = handles[:], []
     first_error: BaseException | None = None
-    for handle in doomed:
+    while handles:
         try:
-            backend.drain_stream(handle)
+            backend.destroy_stream(handles.pop())
         except Exception as exc:
             first_error = first_error or exc
-
-    def destroy_streams() -> None:
-        error: BaseException | None = None
-        while doomed:
-            try:
-                backend.destroy_stream(doomed.pop())
-            except Exception as exc:
-                error = error or exc
-        if error is not None:
-            raise error
-
-    try:
-        _capturing.dispose(backend.name, backend.device, destroy_streams)
-    except Exception as exc:
-        first_error = first_error or exc
     try:
         backend.close(lock_wait)
     finally:

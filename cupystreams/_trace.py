@@ -247,11 +247,7 @@ class Trace:
             ]
         self._events.release(origin)
         self._events._close("the trace ended")
-        _capturing.dispose(
-            backend.name,
-            backend.device,
-            functools.partial(backend.destroy_stream, self._origin_stream),
-        )
+        backend.destroy_stream(self._origin_stream)
         self._spans = spans
 
     # -- export ------------------------------------------------------------
@@ -362,13 +358,13 @@ def trace_pool(pool: CudaStreamPool) -> Iterator[Trace]:
         )
     if any(name in vars(pool) for name in _SHADOWED):
         raise RuntimeError("this pool is already being traced; one trace at a time per pool")
-    with _capturing.outside(
+    _capturing.refuse(
         pool.backend,
         pool.device,
         "starting a trace (it creates a stream and events)",
         "trace after it",
-    ):
-        trace = Trace(pool)
+    )
+    trace = Trace(pool)
     leases = _traced_lease_class(trace)
     for name in _SHADOWED:
         setattr(pool, name, _traced_acquire(getattr(pool, name), trace, leases))

@@ -4,9 +4,7 @@ For each mutation below, a scratch copy of the tree gets one synchronization
 taken out (the line becomes ``pass``, a key's end is forgotten instead of
 recorded, a host function stops waiting for its event, the capture check
 before a release is dropped, a lease no longer joins a graph capture or is no
-longer joined back, a capture no longer waits for the creating and destroying
-on other threads, or those no longer look for a capture, a pipeline stage no
-longer waits for the one before),
+longer joined back, a pipeline stage no longer waits for the one before),
 and the tests that guard it must then FAIL.
 Before any mutation, all the tests involved must PASS on the untouched tree,
 and none may skip: a test that fails or skips anyway proves nothing when it
@@ -38,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 T = "tests/test_adapters_torch.py::"
 J = "tests/test_adapters_jax.py::"
 N = "tests/test_adapters_numba.py::"
-C = "tests/test_capture.py::"
 
 
 @dataclass(frozen=True)
@@ -77,8 +74,6 @@ CAPTURE_REPLAYS = (
     "tests/test_capture_gpu.py::"
     "test_a_torch_capture_with_side_work_on_leases_replays_the_eager_result",
 )
-CAPTURE_BEGIN_WAIT = "if not (_sections.get(key, 0) or _sections.get(every, 0)):"
-SECTION_CHECK = "busy = _capturing_of.get(name, 0) if device is None else _captures.get(key, 0)"
 PIPELINE_COMPUTE_WAIT = " " * 16 + "engine.wait(compute, slot.ev_in)"
 PIPELINE_COPY_OUT_WAIT = " " * 16 + "engine.wait(copy_out, event)"
 TORCHRUN_WAIT = (
@@ -123,18 +118,6 @@ MUTATIONS = [
     Mutation(
         "capture-join-back", "cupystreams/_capture.py", CAPTURE_JOIN_BACK,
         _pass(CAPTURE_JOIN_BACK), CAPTURE_REPLAYS,
-    ),
-    Mutation(
-        "capture-begin-waits", "cupystreams/_capturing.py", CAPTURE_BEGIN_WAIT, "if True:",
-        (C + "test_a_capture_waits_for_sections_of_its_device_only",),
-    ),
-    Mutation(
-        "capture-sections-check", "cupystreams/_capturing.py", SECTION_CHECK, "busy = 0",
-        (
-            C + "test_a_pool_closed_while_a_capture_begins_destroys_its_streams_after_the_capture",
-            C + "test_events_freed_during_a_capture_are_destroyed_once_it_has_ended",
-            C + "test_pools_and_events_are_neither_created_nor_closed_during_a_capture",
-        ),
     ),
     Mutation(
         "pipeline-compute-waits", "cupystreams/pipeline.py",

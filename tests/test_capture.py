@@ -13,7 +13,6 @@ import gc
 import sys
 import threading
 import time
-import types
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,7 +28,6 @@ from cupystreams import (
     PoolError,
     PoolExhaustedError,
     StreamLease,
-    _capturing,
 )
 from cupystreams._backends import _host
 from cupystreams._backends._host import HostBackend, HostEvent
@@ -294,118 +292,6 @@ def test_pools_and_events_are_neither_created_nor_closed_during_a_capture(
             EventPool(initial_size=0, backend="host")  # creates nothing: allowed
         host_pool.sync_all()
     other.close()
-
-
-def test_a_pool_closed_while_a_capture_begins_destroys_its_streams_after_the_capture(
-    host_pool: CudaStreamPool,
-) -> None:
-    """Closing checks that no capture runs, then waits for its streams' work, then
-    destroys them: a capture that begins during the wait (it may not wait for
-    users' work itself) sees nothing destroyed; the streams go once it has ended."""
-    closing = CudaStreamPool(1, 0, 0, backend="host")
-    stream = closing._streams[0]._handle
-    with closing.acquire_compute() as lease:
-        lease.launch_host_func(lambda: time.sleep(10 * SLOW_S))  # close waits for it
-    closer = threading.Thread(target=closing.close)
-    closer.start()
-    wait_until(lambda: closing.closed, timeout=5, what="the close began")
-    with host_pool.acquire_comm() as origin:
-        with host_pool.capture(origin) as graph:
-            closer.join(5)
-            assert not closer.is_alive(), "close() waited for a capture"
-            assert not stream._stopped, "a stream was destroyed during a capture"
-        assert stream._stopped, "the closed pool's stream outlived the capture"
-        assert graph is not None
-        graph.close()
-
-
-def test_a_capture_never_waits_for_work_that_a_closing_pool_waits_for(
-    host_pool: CudaStreamPool,
-) -> None:
-    """A capture that begins while another pool closes must not wait for that
-    pool's queued work: the work may wait for the capturing thread (here, for
-    a lock it holds while it captures), and neither would ever finish."""
-    closing = CudaStreamPool(1, 0, 0, backend="host")
-    held_while_capturing = threading.Lock()
-
-    def needs_the_lock() -> None:
-        time.sleep(4 * SLOW_S)  # the capture has begun by now
-        with held_while_capturing:
-            pass
-
-    with closing.acquire_compute() as lease:
-        lease.launch_host_func(needs_the_lock)
-    graphs: list[CapturedGraph | None] = []
-
-    def capture() -> None:
-        with held_while_capturing:
-            wait_until(lambda: closing.closed, timeout=5, what="the close began")
-            with host_pool.acquire_comm() as origin, host_pool.capture(origin) as graph:
-                graphs.append(graph)
-
-    capturer = threading.Thread(target=capture, daemon=True)
-    closer = threading.Thread(target=closing.close, daemon=True)
-    capturer.start()
-    closer.start()
-    capturer.join(5)
-    closer.join(5)
-    assert not capturer.is_alive() and not closer.is_alive(), "the capture and the close hang"
-    assert len(graphs) == 1 and graphs[0] is not None
-    graphs[0].close()
-
-
-def test_a_capture_waits_for_sections_of_its_device_only() -> None:
-    """A section for device None (a pool for the current device, before its backend
-    is made) holds off captures of every device; one for another device, none."""
-    device0 = types.SimpleNamespace(name="host", device=0)
-    for section_device, waits in ((None, True), (0, True), (1, False)):
-        began = threading.Event()
-        beginner = threading.Thread(
-            target=lambda began=began: (_capturing.begin(device0), began.set())
-        )
-        try:
-            with _capturing.unless_capturing("host", section_device) as clear:
-                assert clear
-                beginner.start()
-                assert began.wait(10 * SLOW_S) is not waits, "waited for the wrong section"
-            beginner.join(5)
-            assert began.is_set()
-            with _capturing.unless_capturing("host", section_device) as clear:
-                assert clear is not waits, "a section began during a capture of its device"
-        finally:  # a failure must not leave a capture counted for later tests
-            if beginner.ident is not None:
-                beginner.join(5)
-            if began.is_set():
-                _capturing.end(device0)
-
-
-def test_events_freed_during_a_capture_are_destroyed_once_it_has_ended(
-    host_pool: CudaStreamPool,
-) -> None:
-    """Destroying an event could break the capture: the events that ``clear`` and a
-    release beyond ``max_size`` free go once the capture has ended, not before."""
-    destroyed: list[bool] = []  # for each event destroyed: whether a capture ran
-
-    class WatchedEvent(HostEvent):
-        __slots__ = ()
-
-        def __del__(self) -> None:
-            destroyed.append(bool(_capturing._captures))
-
-    backend = HostBackend()
-    backend.create_event = lambda timing: WatchedEvent(timing)  # type: ignore[method-assign]
-    events = EventPool(initial_size=2, max_size=2, backend=backend)
-    held = [events.acquire() for _ in range(3)]  # the third is beyond max_size
-    with host_pool.acquire_comm() as origin, host_pool.capture(origin) as graph:
-        for event in held:
-            events.release(event)
-        events.clear()
-        gc.collect()
-        assert destroyed == [], "an event was destroyed during the capture"
-        assert (events.stats().idle, events.stats().in_use) == (0, 0)
-    assert graph is not None
-    graph.close()
-    assert destroyed == [False] * 3
 
 
 def test_capture_blocks_do_not_nest_and_a_traced_pool_does_not_capture(

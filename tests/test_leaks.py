@@ -568,7 +568,7 @@ def test_a_host_function_thread_closed_by_a_finalizer_waits_a_bounded_time() -> 
     from cupystreams._backends._callbacks import CallbackThread
 
     ran = threading.Event()
-    callbacks = CallbackThread(lambda event: None, lambda release: release(), name="test-callbacks")
+    callbacks = CallbackThread(lambda event: None, name="test-callbacks")
     callbacks.launch(0, None, lambda error: ran.set())
     assert ran.wait(5)
     callbacks._changed.acquire()  # as a collection inside a critical section would find it

@@ -32,11 +32,6 @@ class Backend(Protocol):
 
     def create_stream(self, priority: int, non_blocking: bool) -> Any: ...
 
-    def drain_stream(self, stream: Any) -> None:
-        """Wait for the stream's queued work (not for host functions run after it,
-        which ``close`` runs), taking no lock of the backend: finalizers call it."""
-        ...
-
     def destroy_stream(self, stream: Any) -> None:
         """Wait for the stream's work, free memory cached for it, drop it."""
         ...

@@ -42,20 +42,11 @@ class CallbackThread:
 
     Args:
         wait: Blocks until an event completes (``cupy.cuda.Event.synchronize``).
-        dispose: Called, once an event is done with, with a function that drops
-            the last reference to it (destroying it may have to wait: see
-            ``_capturing.dispose``).
         name: The thread's name.
     """
 
-    def __init__(
-        self,
-        wait: Callable[[Any], None],
-        dispose: Callable[[Callable[[], object]], None],
-        name: str,
-    ) -> None:
+    def __init__(self, wait: Callable[[Any], None], name: str) -> None:
         self._wait = wait
-        self._dispose = dispose
         self._name = name
         self._changed = threading.Condition(threading.Lock())
         self._pending: deque[tuple[int, Any, HostCall]] = deque()
@@ -118,14 +109,10 @@ class CallbackThread:
                 self._wait(event)
             except BaseException as exc:  # handed to fn, which reports it
                 error = exc
-            doomed = [event]
-            del event
             # fn is the pool's wrapper, which keeps users' errors; the thread
             # must survive anything, or every later synchronize would hang.
             with contextlib.suppress(BaseException):
                 fn(error)
-            with contextlib.suppress(BaseException):
-                self._dispose(doomed.clear)
             with self._changed:
                 self._finished[stream_key] = self._finished.get(stream_key, 0) + 1
                 self._changed.notify_all()

@@ -119,11 +119,7 @@ class CupyBackend:
         with self._device:
             cupy.cuda.runtime.free(0)  # make the primary context current
             self._priority_range = _driver_priority_range()
-        self._callbacks = CallbackThread(
-            _wait_for_event,
-            functools.partial(_capturing.dispose, self.name, device),
-            f"cupystreams-host-functions-{device}",
-        )
+        self._callbacks = CallbackThread(_wait_for_event, f"cupystreams-host-functions-{device}")
 
     def priority_range(self) -> tuple[int, int]:
         return self._priority_range
@@ -134,9 +130,6 @@ class CupyBackend:
     def create_stream(self, priority: int, non_blocking: bool) -> Any:
         with self._device:
             return cupy.cuda.Stream(non_blocking=non_blocking, priority=priority)
-
-    def drain_stream(self, stream: Any) -> None:
-        stream.synchronize()
 
     def destroy_stream(self, stream: Any) -> None:
         with self._device:
@@ -185,15 +178,13 @@ class CupyBackend:
                 "a host function cannot be captured into a CUDA graph by this pool; "
                 "launch it after the capture ends"
             )
-        with (
-            _capturing.outside(
-                self.name,
-                self.device,
-                "launching a host function (it needs a new CUDA event)",
-                "launch it after",
-            ),
-            self._device,
-        ):
+        _capturing.refuse(
+            self.name,
+            self.device,
+            "launching a host function (it needs a new CUDA event)",
+            "launch it after",
+        )
+        with self._device:
             # A blocking-sync event lets the waiting thread sleep instead of spin.
             event = cupy.cuda.Event(block=True, disable_timing=True)
         event.record(stream)

@@ -261,9 +261,6 @@ class HostBackend:
         self._serial += 1
         return HostStream(priority, name=f"cupystreams-host-{self._serial}")
 
-    def drain_stream(self, stream: HostStream) -> None:
-        stream.synchronize()  # a host stream's work is its host functions
-
     def destroy_stream(self, stream: HostStream) -> None:
         stream.synchronize()
         stream.stop()
