@@ -388,10 +388,12 @@ class Capture:
         source = pooled_source(other)
         backend = self._backend if source is None else source._backend
         handle = resolve_stream(backend, other, "other") if source is None else source._handle
-        if not backend.is_capturing(handle):
+        theirs = backend.capture_id(handle)
+        if theirs is None or theirs != self._backend.capture_id(self._origin):
+            where = "any capture" if theirs is None else "this capture (it is in another)"
             raise LeaseError(
-                f"other={other!r} is not part of this capture: CUDA forbids a captured "
-                "stream to wait for work outside its capture (the capture would be "
+                f"other={other!r} is not part of {where}: CUDA forbids a captured stream "
+                "to wait for work outside its capture (the capture would be "
                 "invalidated); make the origin wait for it before the capture begins, or "
                 "acquire the producer inside the capture"
             )

@@ -418,12 +418,46 @@ def test_a_joined_lease_refuses_what_would_break_the_capture(pool: CudaStreamPoo
             for call, what in ((lease.synchronize, "synchronized"), (lease.query, "queried")):
                 with pytest.raises(LeaseError, match=what):
                     call()
-            with pytest.raises(LeaseError, match="not part of this capture"):
+            with pytest.raises(LeaseError, match="not part of any capture"):
                 lease.wait(outside)
             lease.wait(origin)  # inside the capture: fine
         with pytest.raises(LeaseError, match="capturing"):
             origin.release()  # the origin itself is capturing
     outside.release()
+
+
+def test_a_joined_lease_refuses_to_wait_on_another_threads_capture(pool: CudaStreamPool) -> None:
+    """Work in another capture is outside this one too: CUDA would invalidate the
+    capture on such a wait, so it is refused first, and the capture goes on."""
+    elsewhere = CudaStreamPool(1, 1, 0, backend=pool.backend, device=pool.device)
+    inside, done = threading.Event(), threading.Event()
+    their_origin: list[StreamLease] = []
+
+    def capture_elsewhere() -> None:
+        with elsewhere.acquire_comm() as origin, elsewhere.capture(origin) as graph:
+            their_origin.append(origin)
+            inside.set()
+            done.wait(5)
+        if graph is not None:
+            graph.close()
+
+    thread = threading.Thread(target=capture_elsewhere)
+    thread.start()
+    try:
+        assert inside.wait(5), "the other capture did not begin"
+        with pool.acquire_comm() as origin:
+            with pool.capture(origin) as graph, pool.acquire_compute() as lease:
+                with pytest.raises(LeaseError, match="another"):
+                    lease.wait(their_origin[0])
+                lease.wait(origin)  # inside this capture: fine
+            assert graph is not None, "the refused wait broke the capture"
+            graph.launch(origin)
+            origin.synchronize()
+            graph.close()
+    finally:
+        done.set()
+        thread.join(5)
+        elsewhere.close()
 
 
 def test_bad_origins_get_errors_that_name_origin(host_pool: CudaStreamPool) -> None:

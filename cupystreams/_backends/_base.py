@@ -68,6 +68,11 @@ class Backend(Protocol):
         """True while ``stream`` is capturing a CUDA graph (never on backends without graphs)."""
         ...
 
+    def capture_id(self, stream: Any) -> int | None:
+        """The id of the capture ``stream`` takes part in (the same for every stream
+        of one capture, on any backend object), or None while it captures nothing."""
+        ...
+
     def capture_probe(self, stream: Any) -> Callable[[], int] | None:
         """A callable answering ``is_capturing(stream)`` in one cheap call (non-zero:
         capturing), or None on backends without graphs."""

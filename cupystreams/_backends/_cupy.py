@@ -90,7 +90,8 @@ def hardware_queues_from_env() -> int:
 @functools.cache
 def _libcuda() -> ctypes.CDLL:
     # The driver library is always there where CuPy runs and needs no extra
-    # package; it answers the priority range, which CuPy does not expose.
+    # package; it answers what CuPy does not expose (the priority range, a
+    # stream's capture id).
     return ctypes.CDLL("libcuda.so.1")
 
 
@@ -102,6 +103,19 @@ def _driver_priority_range() -> tuple[int, int]:
     if status != 0:
         raise RuntimeError(f"cuCtxGetStreamPriorityRange failed with CUresult {status}")
     return least.value, greatest.value
+
+
+def _capture_id(stream_ptr: int) -> int | None:
+    """The id of the capture the stream takes part in, or None (CuPy does not
+    expose ``cudaStreamGetCaptureInfo``). The versioned driver entry point
+    keeps its signature across CUDA releases; its optional outputs are NULL."""
+    status, ident = ctypes.c_int(), ctypes.c_uint64()
+    result = _libcuda().cuStreamGetCaptureInfo_v2(
+        ctypes.c_void_p(stream_ptr), ctypes.byref(status), ctypes.byref(ident), None, None, None
+    )
+    if result != 0:
+        raise RuntimeError(f"cuStreamGetCaptureInfo_v2 failed with CUresult {result}")
+    return None if status.value == 0 else ident.value  # 0: CU_STREAM_CAPTURE_STATUS_NONE
 
 
 def _wait_for_event(event: Any) -> None:
@@ -192,6 +206,9 @@ class CupyBackend:
 
     def is_capturing(self, stream: Any) -> bool:
         return bool(_is_capturing(stream.ptr))
+
+    def capture_id(self, stream: Any) -> int | None:
+        return _capture_id(stream.ptr)
 
     def capture_probe(self, stream: Any) -> Callable[[], int]:
         # Bound once per stream: a release pays one call (cudaStreamIsCapturing).

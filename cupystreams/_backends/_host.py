@@ -86,6 +86,10 @@ class HostStream:
         with self._lock:
             return self.capture is not None
 
+    def current_capture(self) -> HostCapture | None:
+        with self._lock:
+            return self.capture
+
     def begin_capture(self) -> None:
         with self._lock:
             if self.capture is not None:
@@ -320,6 +324,10 @@ class HostBackend:
 
     def is_capturing(self, stream: HostStream) -> bool:
         return stream.is_capturing()
+
+    def capture_id(self, stream: HostStream) -> int | None:
+        capture = stream.current_capture()
+        return None if capture is None else id(capture)
 
     def capture_probe(self, stream: HostStream) -> Callable[[], int]:
         return stream.is_capturing
