@@ -25,9 +25,9 @@ except ImportError as exc:
 from cupystreams import StreamLease
 from cupystreams._backends._cupy import (
     CUPY_STREAMS,
-    enter_stream,
-    exit_stream,
     foreign_stream,
+    make_current,
+    restore_current,
 )
 from cupystreams._stream_args import foreign_handle, pooled_source
 
@@ -77,20 +77,20 @@ class CupyCurrent:
     manager: the hand-offs are hot paths, and this costs a third of one.
     """
 
-    __slots__ = ("_device", "_handle", "_token")
+    __slots__ = ("_device", "_handle", "_saved")
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
         self._device = device_of(handle)
-        self._token: Any = None
+        self._saved: tuple[int, Any] | None = None
 
     def __enter__(self) -> None:
-        self._token = enter_stream(self._device, self._handle)
+        self._saved = make_current(self._device, self._handle)
 
     def __exit__(self, *exc_info: object) -> None:
-        token, self._token = self._token, None
-        if token is not None:
-            exit_stream(self._device, token)
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            restore_current(self._device, saved)
 
 
 def _dropper(entries: dict[int, tuple[Any, Any]], ident: int) -> Callable[[Any], None]:

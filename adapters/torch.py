@@ -46,7 +46,7 @@ except ImportError as exc:
 
 
 from cupystreams import StreamLease
-from cupystreams._backends._cupy import enter_stream, exit_stream
+from cupystreams._backends._cupy import make_current, restore_current
 
 from ._streams import StreamCache, device_of, order, stream_handle
 
@@ -130,13 +130,13 @@ class _Use:
     def __init__(self, cupy_stream: Any, view: _TorchStream) -> None:
         self._cupy_stream = cupy_stream
         self._view = view
-        self._saved: tuple[Any, tuple[int, int, int]] | None = None  # CuPy's token, torch's
+        self._saved: tuple[tuple[int, Any], tuple[int, int, int]] | None = None
 
     def __enter__(self) -> Any:
         if self._saved is not None:
             raise RuntimeError("this use() block is already entered; call use() again to nest")
         view = self._view
-        cupy_saved = enter_stream(view.device, self._cupy_stream)
+        cupy_saved = make_current(view.device, self._cupy_stream)
         self._saved = (cupy_saved, _get_torch_stream(view.device))
         _set_torch_stream(*view.ids)
         return view.stream
@@ -152,7 +152,7 @@ class _Use:
             return
         cupy_saved, torch_saved = saved
         _set_torch_stream(*torch_saved)
-        exit_stream(self._view.device, cupy_saved)
+        restore_current(self._view.device, cupy_saved)
 
 
 def use(stream: object) -> _Use:

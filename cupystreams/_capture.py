@@ -388,15 +388,20 @@ class Capture:
         source = pooled_source(other)
         backend = self._backend if source is None else source._backend
         handle = resolve_stream(backend, other, "other") if source is None else source._handle
-        theirs = backend.capture_id(handle)
-        if theirs is None or theirs != self._backend.capture_id(self._origin):
-            where = "any capture" if theirs is None else "this capture (it is in another)"
-            raise LeaseError(
-                f"other={other!r} is not part of {where}: CUDA forbids a captured stream "
-                "to wait for work outside its capture (the capture would be "
-                "invalidated); make the origin wait for it before the capture begins, or "
-                "acquire the producer inside the capture"
-            )
+        # The runtime's check first: it also answers for the legacy stream, on
+        # a thread with no current context, where the driver's id call fails.
+        if not backend.is_capturing(handle):
+            where = "any capture"
+        elif backend.capture_id(handle) != self._backend.capture_id(self._origin):
+            where = "this capture (it is in another)"
+        else:
+            return
+        raise LeaseError(
+            f"other={other!r} is not part of {where}: CUDA forbids a captured stream "
+            "to wait for work outside its capture (the capture would be "
+            "invalidated); make the origin wait for it before the capture begins, or "
+            "acquire the producer inside the capture"
+        )
 
     # -- the end ---------------------------------------------------------------
 

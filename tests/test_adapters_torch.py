@@ -117,6 +117,27 @@ def test_use_makes_the_lease_current_for_torch_and_cupy_and_restores_both(
 
 
 @gpu_torch
+def test_use_restores_a_cupy_stream_made_current_with_use(
+    gpu_pool: CudaStreamPool, adapter: Any
+) -> None:
+    """``stream.use()`` sets CuPy's current stream without its ``with`` stack: the
+    block must put back the stream that was current, not the stack's top."""
+    import cupy
+
+    mine = cupy.cuda.Stream(non_blocking=True)
+    before = cupy.cuda.get_current_stream()
+    lease = gpu_pool.acquire_compute()
+    try:
+        mine.use()
+        with adapter.use(lease):
+            assert cupy.cuda.get_current_stream().ptr == lease.ptr
+        assert cupy.cuda.get_current_stream().ptr == mine.ptr, "the user's stream was lost"
+    finally:
+        before.use()
+        lease.release()
+
+
+@gpu_torch
 def test_cupy_torch_cupy_pipeline_runs_in_order_on_one_lease(
     gpu_pool: CudaStreamPool, adapter: Any
 ) -> None:

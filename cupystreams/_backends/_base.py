@@ -70,7 +70,8 @@ class Backend(Protocol):
 
     def capture_id(self, stream: Any) -> int | None:
         """The id of the capture ``stream`` takes part in (the same for every stream
-        of one capture, on any backend object), or None while it captures nothing."""
+        of one capture, on any backend object), or None unless it is capturing
+        (an invalidated capture has no id)."""
         ...
 
     def capture_probe(self, stream: Any) -> Callable[[], int] | None:

@@ -16,10 +16,10 @@ from ._callbacks import CallbackThread, HostCall
 __all__ = [
     "CUPY_STREAMS",
     "CupyBackend",
-    "enter_stream",
-    "exit_stream",
     "foreign_stream",
     "hardware_queues_from_env",
+    "make_current",
+    "restore_current",
 ]
 
 _MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
@@ -29,47 +29,42 @@ _get_current_stream = cupy.cuda.get_current_stream
 _is_capturing = cupy.cuda.runtime.streamIsCapturing
 
 
-def enter_stream(device: int, stream: Any) -> Any:
-    """Make ``stream`` (a CuPy stream of ``device``) current on this thread, and
-    ``device`` with it; return the token that ``exit_stream`` takes.
+def make_current(device: int, stream: Any) -> tuple[int, Any]:
+    """Make ``device`` and its CuPy ``stream`` current on this thread.
 
-    CuPy's own ``with stream:``, the cheapest switch there is; it refuses a
-    stream of another device than the current one, which is switched first.
+    Returns what ``restore_current`` needs: the device current before, and
+    the stream that was current on ``device``. A failed step undoes the
+    device switch.
     """
+    previous = _get_device()
+    if previous != device:
+        _set_device(device)  # CuPy makes a stream current only on its own device
     try:
-        stream.__enter__()
-        return stream
-    except RuntimeError:
-        previous = _get_device()
-        if previous == device:
-            raise
-    _set_device(device)
-    try:
-        stream.__enter__()
+        saved = (previous, _get_current_stream(device))
+        stream.use()
     except BaseException:
-        _set_device(previous)
+        if previous != device:
+            _set_device(previous)
         raise
-    return (stream, previous)
+    return saved
 
 
-def exit_stream(device: int, token: Any) -> None:
-    """Undo ``enter_stream(device, ...)``, which returned ``token``.
+def restore_current(device: int, saved: tuple[int, Any]) -> None:
+    """Undo ``make_current(device, ...)``, which returned ``saved``.
 
     The block may have left another device current: the stream is restored
     on ``device`` all the same, and the device current before
-    ``enter_stream`` comes back even if restoring the stream fails.
+    ``make_current`` comes back even if restoring the stream fails.
     """
-    stream, previous = token if type(token) is tuple else (token, device)
-    # CuPy pops the stream for the device that is current when the stream
-    # has none of its own (the legacy stream), so the block's device, if it
-    # switched, must not be current while it does.
-    if _get_device() != device:
+    previous, stream = saved
+    now = _get_device()
+    if now != device:
         _set_device(device)
     try:
-        stream.__exit__(None, None, None)
+        stream.use()
     finally:
         if previous != device:
-            _set_device(previous)  # the device current before the stream was entered
+            _set_device(previous)
 
 
 def hardware_queues_from_env() -> int:
@@ -115,7 +110,8 @@ def _capture_id(stream_ptr: int) -> int | None:
     )
     if result != 0:
         raise RuntimeError(f"cuStreamGetCaptureInfo_v2 failed with CUresult {result}")
-    return None if status.value == 0 else ident.value  # 0: CU_STREAM_CAPTURE_STATUS_NONE
+    # 1: CU_STREAM_CAPTURE_STATUS_ACTIVE (an invalidated capture leaves the id unwritten)
+    return ident.value if status.value == 1 else None
 
 
 def _wait_for_event(event: Any) -> None:
@@ -232,10 +228,35 @@ class CupyBackend:
         return _get_current_stream(self.device)
 
     def enter(self, stream: Any) -> Any:
-        return enter_stream(self.device, stream)
+        # CuPy's own `with stream:`, the cheapest switch there is; it refuses a
+        # stream of another device than the current one, which is switched first.
+        try:
+            stream.__enter__()
+            return stream
+        except RuntimeError:
+            previous = _get_device()
+            if previous == self.device:
+                raise
+        _set_device(self.device)
+        try:
+            stream.__enter__()
+        except BaseException:
+            _set_device(previous)
+            raise
+        return (stream, previous)
 
     def exit(self, token: Any) -> None:
-        exit_stream(self.device, token)
+        stream, previous = token if type(token) is tuple else (token, self.device)
+        # CuPy pops the stream for the device that is current when the stream
+        # has none of its own (the legacy stream), so the block's device, if it
+        # switched, must not be current while it does.
+        if _get_device() != self.device:
+            _set_device(self.device)
+        try:
+            stream.__exit__(None, None, None)
+        finally:
+            if previous != self.device:
+                _set_device(previous)  # the device current before the lease was entered
 
     def as_stream(self, obj: object) -> Any:
         with self._device:  # a foreign pointer is taken to be on this device
