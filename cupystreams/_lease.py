@@ -23,7 +23,9 @@ class StreamLease:
     """Exclusive use of one pooled stream until ``release()``.
 
     Entering the lease (``with``) makes its device and stream current on the
-    calling thread, for CuPy and for the pool; leaving restores both and
+    calling thread, for CuPy and for the pool; leaving restores the device,
+    and the stream as CuPy's own ``with stream:`` does (that of the enclosing
+    ``with`` block: a stream made current by ``stream.use()`` is not), and
     releases the lease. After release every method raises ``LeaseError``.
     A lease is meant for one thread at a time; the pool itself is
     thread-safe. A lease dropped without release goes back to the pool when it
