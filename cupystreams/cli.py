@@ -95,9 +95,9 @@ def _check_extra(command: str) -> None:
 
 def _check_writable(flag: str, path: str, what: str, suffix: str) -> None:
     """Fail now, not after minutes of work, if ``path`` cannot take the file."""
-    if Path(path).suffix.lower() != suffix:
-        raise UsageError(f"{flag} {path}: {what}; name a file ending in {suffix}")
     target = Path(path)
+    if target.suffix.lower() != suffix:
+        raise UsageError(f"{flag} {path}: {what}; name a file ending in {suffix}")
     if target.is_symlink():
         target = target.resolve()  # checked where it leads
     if target.exists() and not (target.is_file() or target.is_dir()):

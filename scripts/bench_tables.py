@@ -350,13 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     # Everything is read, checked and rendered before anything is printed or
     # written: a bad run or document leaves the documents as they were.
     blocks: list[tuple[str, str]] = []
+    originals: dict[Path, str] = {}
     rendered: dict[Path, str] = {}
     try:
         figures = load_run(args.run)
         if not (args.write or args.check):
             blocks = [(name, render_block(name, figures)) for name in RENDERERS]
         for path in DOCUMENTS if args.write or args.check else ():
-            text = path.read_text(encoding="utf-8")
+            originals[path] = text = path.read_text(encoding="utf-8")
             if unknown := sorted(set(blocks_in(text)) - set(RENDERERS)):
                 print(f"bench_tables: {path.name} has bench blocks {unknown} that name no "
                       f"table; known: {sorted(RENDERERS)}", file=sys.stderr)  # fmt: skip
@@ -377,8 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name, block in blocks:
         print(f"<!-- bench:{name} -->\n{block}<!-- /bench:{name} -->\n")
-    changed = {path: text for path, text in rendered.items()
-               if text != path.read_text(encoding="utf-8")}  # fmt: skip
+    changed = {path: text for path, text in rendered.items() if text != originals[path]}
     if args.check:
         if changed:
             names = ", ".join(path.name for path in changed)
@@ -391,9 +391,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     for path, text in changed.items():
-        blocks_before = ", ".join(blocks_in(path.read_text(encoding="utf-8")))
         path.write_text(text, encoding="utf-8")
-        print(f"updated {path.name}: {blocks_before}")
+        print(f"updated {path.name}: {', '.join(blocks_in(originals[path]))}")
     return 0
 
 

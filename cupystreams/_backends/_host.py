@@ -83,8 +83,7 @@ class HostStream:
             self._tasks.put(task)
 
     def is_capturing(self) -> bool:
-        with self._lock:
-            return self.capture is not None
+        return self.current_capture() is not None
 
     def current_capture(self) -> HostCapture | None:
         with self._lock:
