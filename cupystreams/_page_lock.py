@@ -12,11 +12,12 @@ The lock is undone (``cudaHostUnregister``) by a finalizer on the array that
 owns the memory, which runs before numpy frees it, or when the bound pushes
 the least recently used array out.
 
-Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked`` and ``_bytes``; it
-is never held during a CUDA call. ``_Locked.guard`` (re-entrant) guards one
-array's ``registered`` flag, which is cleared before the unlock call, so the
-finalizer and an eviction that meet (even on one thread, the finalizer
-running inside the eviction) unlock the memory once.
+Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked``, ``_bytes`` and
+``generation`` (read without it as a hint); it is never held during a CUDA
+call. ``_Locked.guard`` (re-entrant) guards one array's ``registered`` flag,
+which is cleared before the unlock call, so the finalizer and an eviction
+that meet (even on one thread, the finalizer running inside the eviction)
+unlock the memory once.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class PageLocks:
             OrderedDict()
         )
         self._bytes = 0
+        # Counts the unlocks of arrays still alive (evictions, clear()): whoever
+        # remembers that an array is locked asks again once it has changed.
+        # (A dead array's unlock needs no count: nobody can pass it again.)
+        self.generation = 0
 
     def locked(self) -> list[tuple[int, int]]:
         """(pointer, bytes) of every range locked now."""
@@ -121,6 +126,7 @@ class PageLocks:
                     self._seen.popitem(last=False)
                 return False
             evicted = self._make_room_locked(key[1])
+            self.generation += bool(evicted)
         for entry in evicted:
             _unlock(entry, self._unregister)
         return self._lock_owner(owner, key)
@@ -161,6 +167,7 @@ class PageLocks:
             self._locked.clear()
             self._seen.clear()
             self._bytes = 0
+            self.generation += 1
         for entry in entries:
             _unlock(entry, self._unregister)
 

@@ -16,6 +16,7 @@ import itertools
 import math
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
@@ -155,6 +156,10 @@ class Engine(Protocol):
         """``is_direct``, after page-locking ``array`` in place where the engine would."""
         ...
 
+    def direct_address(self, array: np.ndarray) -> int | None:
+        """``array``'s address when ``make_direct(array)``, else None (it is staged)."""
+        ...
+
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any: ...
 
     def graph_memory(self) -> contextlib.AbstractContextManager[Any]:
@@ -219,6 +224,50 @@ class Engine(Protocol):
         ...
 
 
+class _KnownDirect:
+    """The last few host arrays found direct (page-locked), with their addresses.
+
+    Asking the driver whether an array is page-locked and reading its address
+    (``ndarray.ctypes``) cost the host microseconds each, before a run's first
+    copy, while the device waits; and a pipeline mostly runs the same arrays
+    again. An array found direct stays so while it lives (its pages are CuPy's
+    pinned memory, or locked by the page locks until it dies), unless the page
+    locks unlock it to make room: their ``generation`` changes then, and every
+    array is asked about again. (Memory a caller unlocks behind our back is
+    still copied right, by the driver's own staging, only slower.)
+
+    Locking: ``_lock`` guards ``_known``; a leaf lock, no CUDA call under it.
+    """
+
+    _MOST = 8  # arrays remembered; the oldest is forgotten first
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # id(array) -> (a weak reference to it, its shape and strides, generation, address)
+        self._known: dict[
+            int, tuple[weakref.ref[np.ndarray], tuple[int, ...], tuple[int, ...], int, int]
+        ] = {}
+
+    def get(self, array: np.ndarray, generation: int) -> int | None:
+        """``array``'s address if it was found direct in this generation, else None."""
+        known = self._known.get(id(array))
+        if known is None:
+            return None
+        ref, shape, strides, seen_in, address = known
+        # The same object (not a new one under a reused id), not reshaped or
+        # resized in place since (resize() may move its memory).
+        same = ref() is array and seen_in == generation
+        return address if same and array.shape == shape and array.strides == strides else None
+
+    def put(self, array: np.ndarray, address: int, generation: int) -> None:
+        entry = (weakref.ref(array), array.shape, array.strides, generation, address)
+        with self._lock:
+            self._known.pop(id(array), None)
+            self._known[id(array)] = entry  # newest last
+            while len(self._known) > self._MOST:
+                del self._known[next(iter(self._known))]
+
+
 class CupyEngine:
     """Page-locked host buffers, CuPy device buffers, ``cudaMemcpyAsync`` copies."""
 
@@ -230,6 +279,7 @@ class CupyEngine:
         self._cupy = cupy
         self._backend = backend
         self._page_locks = cupy_page_locks(backend.device) if page_lock else None
+        self._known_direct = _KnownDirect()
         runtime = cupy.cuda.runtime
         self._memcpy = runtime.memcpyAsync
         self._event_record = runtime.eventRecord
@@ -263,6 +313,15 @@ class CupyEngine:
         if self._page_locks is None or not array.flags.c_contiguous:
             return False
         return self._page_locks.make_direct(array)
+
+    def direct_address(self, array: np.ndarray) -> int | None:
+        locks = self._page_locks
+        generation = 0 if locks is None else locks.generation  # read before any locking
+        address = self._known_direct.get(array, generation)
+        if address is None and self.make_direct(array):
+            address = array.ctypes.data
+            self._known_direct.put(array, address, generation)
+        return address
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._cupy.empty(shape, dtype)  # within on_device()
@@ -398,6 +457,9 @@ class HostEngine:
 
     def make_direct(self, array: np.ndarray) -> bool:
         return True
+
+    def direct_address(self, array: np.ndarray) -> int | None:
+        return int(array.ctypes.data)
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return np.empty(shape, dtype)

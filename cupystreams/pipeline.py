@@ -82,6 +82,7 @@ class _Slot:
         "ev_comp",
         "ev_in",
         "ev_out",
+        "events",
         "gathered",
         "output_shape",
         "results",
@@ -91,21 +92,14 @@ class _Slot:
         "stage_out_ptr",
         "x",
     )
+    ev_in: PooledEvent
+    ev_out: PooledEvent
+    ev_comp: list[PooledEvent]  # one per compute lease of the run
 
-    def __init__(
-        self, events: EventPool, computes: int, shelved: SlotBuffers | None = None
-    ) -> None:
-        taken: list[PooledEvent] = []
-        try:
-            for _ in range(computes + 2):
-                taken.append(events.acquire())
-        except BaseException:
-            for event in taken:
-                events.release(event)
-            raise
-        self.ev_in: PooledEvent = taken[0]
-        self.ev_out: PooledEvent = taken[1]
-        self.ev_comp: list[PooledEvent] = taken[2:]  # one per compute lease of the run
+    def __init__(self, shelved: SlotBuffers | None = None) -> None:
+        # The events come with the slot's first copy (take_events): the first
+        # group's copy-in is queued before them, while the device waits.
+        self.events: list[PooledEvent] = []
         self.busy = False
         self.results: list[Pending] = []  # kept alive until their copy-out is done
         self.copy_back: tuple[np.ndarray, np.ndarray] | None = None  # (dst, staged)
@@ -124,6 +118,20 @@ class _Slot:
             self.gathered = shelved.gathered
             self.stage_out, self.stage_out_ptr = shelved.stage_out, shelved.stage_out_ptr
             self.output_shape = shelved.output_shape
+
+    def take_events(self, events: EventPool, computes: int) -> None:
+        """Take the events between the group's stages: one for its copy-in, one
+        for its copy-out, one per compute lease (all or none)."""
+        taken: list[PooledEvent] = []
+        try:
+            for _ in range(computes + 2):
+                taken.append(events.acquire())
+        except BaseException:
+            for event in taken:
+                events.release(event)
+            raise
+        self.events = taken
+        self.ev_in, self.ev_out, *self.ev_comp = taken
 
     def fit_output(self, shape: OutputShape) -> None:
         """Let the output side go if it was made for another output than ``shape``;
@@ -155,7 +163,8 @@ class _Slot:
         )
 
     def free(self, events: EventPool) -> None:
-        for event in (self.ev_in, self.ev_out, *self.ev_comp):
+        taken, self.events = self.events, []
+        for event in taken:
             events.release(event)
         self.x = self.gathered = self.stage_in = self.stage_out = self.copy_back = None
         self.results = []
@@ -180,10 +189,11 @@ class _Output:
         self._rows = rows
         self._lock = threading.Lock()  # the host backend's workers call view() too
         self.array = out
-        # Copy straight into out when the copy engines can; else stage it.
-        self.direct = out is None or engine.make_direct(out)
-        # Where a direct out's rows start: its address, read once.
-        self.ptr = out.ctypes.data if out is not None and self.direct else 0
+        # Copy straight into out when the copy engines can (at its address,
+        # where its rows start); else stage it.
+        address = None if out is None else engine.direct_address(out)
+        self.direct = out is None or address is not None
+        self.ptr = address or 0
 
     def view(self, y: Any, start: int, stop: int) -> np.ndarray:
         """Where fn's result ``y`` for rows ``start:stop`` goes; checks it first.
@@ -492,6 +502,28 @@ class _Leases:
 class _Call:
     """One ``run``/``run_serial`` call: its copy groups, slots, output and failure state."""
 
+    __slots__ = (
+        "_output_shape",
+        "count",
+        "data",
+        "engine",
+        "finished",
+        "first_alone",
+        "fn",
+        "graph_results",
+        "group_count",
+        "input_shape",
+        "output",
+        "per_group",
+        "pool",
+        "serial",
+        "shelved",
+        "slots",
+        "state",
+        "step",
+        "trace",
+    )
+
     def __init__(
         self, pipe: Pipeline, data: np.ndarray, step: int, output: _Output, serial: bool
     ) -> None:
@@ -582,7 +614,8 @@ class _Call:
         most = min(GRAPH_COMPUTE_LEASES, self.pool._compute.capacity, self.per_group)
         try:
             for _ in range(self.count):
-                self.slots.append(_Slot(events, most))
+                self.slots.append(_Slot())
+                self.slots[-1].take_events(events, most)
                 self._buffers(self.slots[-1])
             graph = self._capture_loop(most)
             kept = [buffer for slot in self.slots for buffer in (slot.x, slot.gathered)]
@@ -663,9 +696,10 @@ class _Call:
     def _loop(self, leases: _Leases) -> None:
         engine, data = self.engine, self.data
         rows_per_group = self.input_shape.rows
-        direct_in = engine.make_direct(data)
+        address = engine.direct_address(data)
+        direct_in = address is not None
         # Addresses by arithmetic: direct arrays are C-contiguous.
-        base, row_bytes = (data.ctypes.data, data.strides[0]) if direct_in else (0, 0)
+        base, row_bytes = (address, data.strides[0]) if address is not None else (0, 0)
         for index, group in enumerate(self._groups()):
             start, stop = group[0][0], group[-1][1]
             if self.per_group > 1 and self.output.array is None and index:
@@ -674,10 +708,7 @@ class _Call:
                 for slot in self.slots:
                     self._retire(slot)
             if len(self.slots) < self.count:
-                shelved = self.shelved.pop() if self.shelved else None
-                # An event per compute lease: an eager run takes them after its first copy.
-                computes = len(leases.computes) or _EAGER_COMPUTE_LEASES
-                self.slots.append(_Slot(self.pool.events, computes, shelved))
+                self.slots.append(_Slot(self.shelved.pop() if self.shelved else None))
             slot = self.slots[index % self.count]
             self._retire(slot, leases.copy_in)  # bounds the groups in flight
             src = data[start:stop]
@@ -776,6 +807,9 @@ class _Call:
         engine.copy_in(copy_in, x, src, src_ptr, state)
         if span is not None and trace is not None:
             trace._stage_end(span, "copy-in")
+        if not slot.events:
+            # An event per compute lease: an eager run takes them after its first copy.
+            slot.take_events(self.pool.events, len(leases.computes) or _EAGER_COMPUTE_LEASES)
         engine.record(slot.ev_in, copy_in)
         slot.busy = True
         if not leases.computes:

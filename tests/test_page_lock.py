@@ -13,6 +13,7 @@ import pytest
 
 from cupystreams import CudaStreamPool
 from cupystreams._page_lock import PageLocks, memory_owner
+from cupystreams._pipeline_engines import _KnownDirect
 from cupystreams.pipeline import Pipeline
 
 
@@ -88,13 +89,46 @@ def test_eviction_and_the_finalizer_unlock_once() -> None:
     locks.make_direct(first)
     second = np.ones(1024, np.float32)
     locks.make_direct(second)
+    assert locks.generation == 0  # nothing alive was unlocked yet
     locks.make_direct(second)  # evicts first: unlocked now
     assert driver.unlocks == 1
+    assert locks.generation == 1  # whoever remembers first as locked must ask again
     del first
     gc.collect()
     assert driver.unlocks == 1  # its finalizer found it unlocked already
     locks.clear()
     assert driver.locked == {}
+    assert locks.generation == 2
+
+
+def test_a_dead_arrays_unlock_leaves_the_generation() -> None:
+    locks = make(FakeDriver())
+    data = np.ones(1024, np.float32)
+    locks.make_direct(data)
+    locks.make_direct(data)
+    del data
+    gc.collect()
+    assert locks.locked() == [] and locks.generation == 0  # nobody can pass it again
+
+
+def test_an_array_known_direct_is_asked_about_again_when_it_may_have_changed() -> None:
+    known = _KnownDirect()
+    data = np.ones(64, np.float32)
+    known.put(data, 1234, generation=0)
+    assert known.get(data, 0) == 1234
+    assert known.get(data, 1) is None  # the page locks unlocked an array since
+    assert known.get(data.copy(), 0) is None  # another array
+    assert known.get(data[:32], 0) is None  # a view is another array too
+    data.shape = (8, 8)  # reshaped in place
+    assert known.get(data, 0) is None
+    known.put(data, 1234, generation=0)
+    assert known.get(data, 0) == 1234
+    many = [np.ones(4, np.float32) for _ in range(3 * _KnownDirect._MOST)]
+    for address, array in enumerate(many):
+        known.put(array, address, 0)
+    assert known.get(data, 0) is None  # the oldest are forgotten
+    assert known.get(many[-1], 0) == len(many) - 1
+    assert len(known._known) == _KnownDirect._MOST
 
 
 def test_memory_numpy_does_not_own_is_never_locked() -> None:
@@ -132,6 +166,16 @@ def test_pageable_runs_lock_on_the_second_run_and_unlock_when_freed() -> None:
         data[:] = 3.0  # changed in place between runs: the copies read it afresh
         pipe.run(data, out)
         assert np.all(out == 7.0)
+        # Unlocked while alive (as the bounds evict the least recently used):
+        # the pipeline asks again instead of trusting what it knew, stages the
+        # arrays the next run, and locks them again the run after.
+        locks.clear()
+        data[:] = 4.0
+        pipe.run(data, out)
+        assert locks.locked() == [] and np.all(out == 9.0)
+        pipe.run(data, out)
+        assert sorted(n for _, n in locks.locked()) == [data.nbytes, out.nbytes]
+        assert np.all(out == 9.0)
         del data, out
         gc.collect()
         assert locks.locked() == [], "an array freed while locked"

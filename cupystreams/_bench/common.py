@@ -88,13 +88,19 @@ def interleaved_us_per_op(
     every batch runs first as a warm-up; then ``repeats`` rounds run each batch
     once. Taking them in turn puts every figure under the same machine state
     (a host's clock that speeds up under load, a neighbour's burst), so the
-    ratios between figures hold even when the figures themselves drift.
+    ratios between figures hold even when the figures themselves drift. Each
+    round starts one batch further on (round ``r`` with batch ``r mod n``), so
+    that no batch always follows the same one: what a batch leaves behind
+    (cold caches, a busy allocator, a device still settling) falls on each
+    of the others in turn.
     """
     for batch, number in batches.values():
         batch(number)
     samples: dict[str, list[float]] = {name: [] for name in batches}
-    for _ in range(repeats):
-        for name, (batch, number) in batches.items():
+    order = list(batches.items())
+    for round_ in range(repeats):
+        shift = round_ % len(order)
+        for name, (batch, number) in order[shift:] + order[:shift]:
             start = time.perf_counter_ns()
             batch(number)
             samples[name].append((time.perf_counter_ns() - start) / number / 1e3)
