@@ -616,7 +616,8 @@ class _Call:
             for _ in range(self.count):
                 self.slots.append(_Slot())
                 self.slots[-1].take_events(events, most)
-                self._buffers(self.slots[-1])
+                self._input_buffer(self.slots[-1])
+                self._output_buffers(self.slots[-1])
             graph = self._capture_loop(most)
             kept = [buffer for slot in self.slots for buffer in (slot.x, slot.gathered)]
         finally:
@@ -662,19 +663,24 @@ class _Call:
         leases.copy_out = _copy_out_lease(self.pool, leases.copy_in)
         leases.computes = tuple(self.pool.acquire_compute() for _ in range(_EAGER_COMPUTE_LEASES))
 
-    def _buffers(self, slot: _Slot) -> None:
-        """Give ``slot`` its device buffers: input, and gathered results for groups."""
-        data = self.data
-        rows = self.input_shape.rows
+    def _input_buffer(self, slot: _Slot) -> None:
+        """Give ``slot`` its device input buffer (the one its copy-in needs)."""
         if slot.x is None:
-            slot.x = self.engine.device_empty((rows, *data.shape[1:]), data.dtype)
+            data = self.data
+            slot.x = self.engine.device_empty((self.input_shape.rows, *data.shape[1:]), data.dtype)
+
+    def _output_buffers(self, slot: _Slot) -> None:
+        """Give ``slot`` the buffer a group's results are gathered into, once the
+        output is known (an eager run: after the group's copy-in is queued)."""
         out = self.output.array
         shape = self.output_shape()
         if shape is not None and slot.output_shape is not shape:
             # Made for another output (an earlier run's), or before this one was known.
             slot.fit_output(shape)
         if slot.gathered is None and self.per_group > 1 and out is not None:
-            slot.gathered = self.engine.device_empty((rows, *out.shape[1:]), out.dtype)
+            slot.gathered = self.engine.device_empty(
+                (self.input_shape.rows, *out.shape[1:]), out.dtype
+            )
 
     def _groups(self) -> Iterator[list[tuple[int, int]]]:
         """Each copy group's chunks, as (start, stop) rows, in order.
@@ -719,7 +725,7 @@ class _Call:
                     slot.stage_in_ptr = slot.stage_in.ctypes.data
                 src, src_ptr = slot.stage_in[: stop - start], slot.stage_in_ptr
                 host_copy(src, data[start:stop])
-            self._buffers(slot)
+            self._input_buffer(slot)
             self._stages(slot, group, src, src_ptr, leases)
             if self.serial:
                 self._retire(slot)  # as a blocking .get() would
@@ -811,6 +817,7 @@ class _Call:
             # An event per compute lease: an eager run takes them after its first copy.
             slot.take_events(self.pool.events, len(leases.computes) or _EAGER_COMPUTE_LEASES)
         engine.record(slot.ev_in, copy_in)
+        self._output_buffers(slot)
         slot.busy = True
         if not leases.computes:
             self._take_rest(leases)
