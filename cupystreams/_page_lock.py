@@ -10,14 +10,16 @@ stays locked while it lives, up to a bound.
 
 The lock is undone (``cudaHostUnregister``) by a finalizer on the array that
 owns the memory, which runs before numpy frees it, or when the bound pushes
-the least recently used array out.
+the least recently used array out. (A pipeline asks only about arrays it
+does not know to be page-locked, so of its arrays that is the one locked
+earliest.)
 
-Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked``, ``_bytes`` and
-``generation`` (read without it as a hint); it is never held during a CUDA
-call. ``_Locked.guard`` (re-entrant) guards one array's ``registered`` flag,
-which is cleared before the unlock call, so the finalizer and an eviction
-that meet (even on one thread, the finalizer running inside the eviction)
-unlock the memory once.
+Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked`` and ``_bytes``; it
+is never held during a CUDA call. ``_live_unlocks_lock`` guards the count of
+``live_unlocks()`` (read without it). ``_Locked.guard`` (re-entrant) guards
+one array's ``registered`` flag, which is cleared before the unlock call, so
+the finalizer and an eviction that meet (even on one thread, the finalizer
+running inside the eviction) unlock the memory once.
 """
 
 from __future__ import annotations
@@ -29,11 +31,33 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["PageLocks", "cupy_page_locks", "memory_owner"]
+__all__ = ["PageLocks", "cupy_page_locks", "live_unlocks", "memory_owner"]
 
 # cudaHostRegisterPortable: locked for every CUDA context, as CuPy's pinned
 # memory is, so a pool of any device can copy from it.
 _REGISTER_PORTABLE = 1
+
+
+_live_unlocks = 0
+_live_unlocks_lock = threading.Lock()
+
+
+def live_unlocks() -> int:
+    """How many times the page locks of this process, of any device, unlocked
+    an array that was still alive (to make room, or in ``clear()``).
+
+    Whoever remembers an array as page-locked asks again once this changes.
+    (Locks are portable, seen by every device, so one device's unlock counts
+    for all. A dead array's unlock is not counted: nobody can pass it again.)
+    """
+    return _live_unlocks
+
+
+def _count_live_unlocks(count: int) -> None:
+    global _live_unlocks
+    if count:
+        with _live_unlocks_lock:
+            _live_unlocks += count
 
 
 def memory_owner(array: np.ndarray) -> np.ndarray | None:
@@ -91,10 +115,6 @@ class PageLocks:
             OrderedDict()
         )
         self._bytes = 0
-        # Counts the unlocks of arrays still alive (evictions, clear()): whoever
-        # remembers that an array is locked asks again once it has changed.
-        # (A dead array's unlock needs no count: nobody can pass it again.)
-        self.generation = 0
 
     def locked(self) -> list[tuple[int, int]]:
         """(pointer, bytes) of every range locked now."""
@@ -126,7 +146,7 @@ class PageLocks:
                     self._seen.popitem(last=False)
                 return False
             evicted = self._make_room_locked(key[1])
-            self.generation += bool(evicted)
+        _count_live_unlocks(len(evicted))  # counted before any is unlocked
         for entry in evicted:
             _unlock(entry, self._unregister)
         return self._lock_owner(owner, key)
@@ -167,7 +187,7 @@ class PageLocks:
             self._locked.clear()
             self._seen.clear()
             self._bytes = 0
-            self.generation += 1
+        _count_live_unlocks(len(entries))
         for entry in entries:
             _unlock(entry, self._unregister)
 

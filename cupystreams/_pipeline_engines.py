@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from . import _gather_kernel
+from ._page_lock import live_unlocks
 
 if TYPE_CHECKING:
     from ._backends import Backend
@@ -231,36 +232,41 @@ class _KnownDirect:
     (``ndarray.ctypes``) cost the host microseconds each, before a run's first
     copy, while the device waits; and a pipeline mostly runs the same arrays
     again. An array found direct stays so while it lives (its pages are CuPy's
-    pinned memory, or locked by the page locks until it dies), unless the page
-    locks unlock it to make room: their ``generation`` changes then, and every
-    array is asked about again. (Memory a caller unlocks behind our back is
-    still copied right, by the driver's own staging, only slower.)
+    pinned memory, or locked in place until it dies), unless page locks of
+    this process unlock it to make room: ``live_unlocks()`` changes then, and
+    every array is asked about again. (Memory a caller unlocks behind our back
+    is still copied right, by the driver's own staging, only slower.)
 
-    Locking: ``_lock`` guards ``_known``; a leaf lock, no CUDA call under it.
+    An array is known by its id and a weak reference to it (so that a new
+    array under a dead one's id is not taken for it), with its shape and
+    strides (not reshaped in place since). The weak reference also makes
+    numpy refuse ``resize()`` on it, as it does for any array locked in place.
+
+    Locking: ``_lock`` guards changes to ``_known`` (a leaf lock, no CUDA call
+    under it); ``get`` reads it without the lock, one dict lookup.
     """
 
     _MOST = 8  # arrays remembered; the oldest is forgotten first
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # id(array) -> (a weak reference to it, its shape and strides, generation, address)
+        # id(array) -> (a weak reference to it, its shape and strides, live_unlocks(), address)
         self._known: dict[
             int, tuple[weakref.ref[np.ndarray], tuple[int, ...], tuple[int, ...], int, int]
         ] = {}
 
-    def get(self, array: np.ndarray, generation: int) -> int | None:
-        """``array``'s address if it was found direct in this generation, else None."""
+    def get(self, array: np.ndarray, unlocks: int) -> int | None:
+        """``array``'s address if it was found direct when ``live_unlocks()`` was
+        ``unlocks``, else None."""
         known = self._known.get(id(array))
         if known is None:
             return None
-        ref, shape, strides, seen_in, address = known
-        # The same object (not a new one under a reused id), not reshaped or
-        # resized in place since (resize() may move its memory).
-        same = ref() is array and seen_in == generation
+        ref, shape, strides, seen_at, address = known
+        same = ref() is array and seen_at == unlocks
         return address if same and array.shape == shape and array.strides == strides else None
 
-    def put(self, array: np.ndarray, address: int, generation: int) -> None:
-        entry = (weakref.ref(array), array.shape, array.strides, generation, address)
+    def put(self, array: np.ndarray, address: int, unlocks: int) -> None:
+        entry = (weakref.ref(array), array.shape, array.strides, unlocks, address)
         with self._lock:
             self._known.pop(id(array), None)
             self._known[id(array)] = entry  # newest last
@@ -315,12 +321,11 @@ class CupyEngine:
         return self._page_locks.make_direct(array)
 
     def direct_address(self, array: np.ndarray) -> int | None:
-        locks = self._page_locks
-        generation = 0 if locks is None else locks.generation  # read before any locking
-        address = self._known_direct.get(array, generation)
+        unlocks = live_unlocks()  # read before this call locks anything
+        address = self._known_direct.get(array, unlocks)
         if address is None and self.make_direct(array):
             address = array.ctypes.data
-            self._known_direct.put(array, address, generation)
+            self._known_direct.put(array, address, unlocks)
         return address
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:

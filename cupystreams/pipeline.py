@@ -266,7 +266,7 @@ class Pipeline:
             straight from and into it from then on; the first time, and with
             False always, it is staged through page-locked buffers by host
             threads. A locked array is unlocked when it is freed, or when more
-            than 16 arrays or 16 GiB are locked (least recently used first).
+            than 16 arrays or 16 GiB are locked (the one locked earliest first).
 
     Leases: ``run`` holds a comm lease for copy-in, a second comm lease for
     copy-out when one is idle (else both directions share the first), and a

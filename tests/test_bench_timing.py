@@ -1,5 +1,5 @@
-"""The benchmarks' timing helper: rows timed in turn (each round starting one row
-further on), per-operation medians."""
+"""The benchmarks' timing helper: rows timed in turn (each round in a new order),
+per-operation medians."""
 
 from __future__ import annotations
 
@@ -34,10 +34,23 @@ def test_rows_are_timed_in_turn_and_divided_per_operation(
 
     us = common.interleaved_us_per_op({"fast": (batch("fast", 250), 100), "slow": (slow, 10)}, 3)
 
-    # A warm-up round, then three, each starting one row further on.
-    fast, slow_call = ("fast", 100), ("slow", 10)
-    assert calls == [fast, slow_call, fast, slow_call, slow_call, fast, fast, slow_call]
+    assert calls[:2] == [("fast", 100), ("slow", 10)]  # the warm-up round, in order
+    for round_ in range(1, 4):  # then three rounds, each row once, in some order
+        assert sorted(calls[2 * round_ : 2 * round_ + 2]) == [("fast", 100), ("slow", 10)]
     assert us == {"fast": 0.25, "slow": 4.0}
+
+
+def test_no_row_always_follows_the_same_one() -> None:
+    """What a row leaves behind (cold caches, a busy allocator) must not always
+    fall on the same row: each round takes the rows in a new order."""
+    calls: list[str] = []
+    rows = {name: (lambda _n, name=name: calls.append(name), 1) for name in "abcde"}
+    common.interleaved_us_per_op(rows, 40)
+    rounds = [calls[i : i + 5] for i in range(5, len(calls), 5)]  # after the warm-up
+    assert all(sorted(r) == list("abcde") for r in rounds)
+    for name in "abcde":
+        before = {r[r.index(name) - 1] for r in rounds if r.index(name) > 0}
+        assert len(before) == 4, f"{name} followed only {sorted(before)}"
 
 
 def test_adapter_rows_keep_their_own_ids(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import statistics
 import time
@@ -89,18 +90,19 @@ def interleaved_us_per_op(
     once. Taking them in turn puts every figure under the same machine state
     (a host's clock that speeds up under load, a neighbour's burst), so the
     ratios between figures hold even when the figures themselves drift. Each
-    round starts one batch further on (round ``r`` with batch ``r mod n``), so
-    that no batch always follows the same one: what a batch leaves behind
-    (cold caches, a busy allocator, a device still settling) falls on each
-    of the others in turn.
+    round takes the batches in a new order (shuffled with a fixed seed: the
+    same orders at every run of the benchmark), so that no batch always
+    follows the same one: what a batch leaves behind (cold caches, a busy
+    allocator, a device still settling) falls on the others alike.
     """
     for batch, number in batches.values():
         batch(number)
     samples: dict[str, list[float]] = {name: [] for name in batches}
     order = list(batches.items())
-    for round_ in range(repeats):
-        shift = round_ % len(order)
-        for name, (batch, number) in order[shift:] + order[:shift]:
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for name, (batch, number) in order:
             start = time.perf_counter_ns()
             batch(number)
             samples[name].append((time.perf_counter_ns() - start) / number / 1e3)
