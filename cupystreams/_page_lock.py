@@ -14,12 +14,13 @@ the least recently used array out. (A pipeline asks only about arrays it
 does not know to be page-locked, so of its arrays that is the one locked
 earliest.)
 
-Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked`` and ``_bytes``; it
-is never held during a CUDA call. ``_live_unlocks_lock`` guards the count of
-``live_unlocks()`` (read without it). ``_Locked.guard`` (re-entrant) guards
-one array's ``registered`` flag, which is cleared before the unlock call, so
-the finalizer and an eviction that meet (even on one thread, the finalizer
-running inside the eviction) unlock the memory once.
+Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked``, ``_bytes`` and
+each entry's ``holds``; it is never held during a CUDA call.
+``_live_unlocks_lock`` guards the count of ``live_unlocks()`` (read without
+it). ``_Locked.guard`` (re-entrant) guards one array's ``registered`` flag,
+which is cleared before the unlock call, so the finalizer and an eviction
+that meet (even on one thread, the finalizer running inside the eviction)
+unlock the memory once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["PageLocks", "cupy_page_locks", "live_unlocks", "memory_owner"]
+__all__ = ["PageLocks", "cupy_page_locks", "hold", "live_unlocks", "memory_owner"]
 
 # cudaHostRegisterPortable: locked for every CUDA context, as CuPy's pinned
 # memory is, so a pool of any device can copy from it.
@@ -68,15 +69,32 @@ def memory_owner(array: np.ndarray) -> np.ndarray | None:
 
 
 class _Locked:
-    """One page-locked range, and whether it still is."""
+    """One page-locked range, whether it still is, and who uses it now."""
 
-    __slots__ = ("__weakref__", "guard", "nbytes", "ptr", "registered")
+    __slots__ = ("__weakref__", "guard", "holds", "locks", "nbytes", "ptr", "registered")
 
-    def __init__(self, ptr: int, nbytes: int) -> None:
+    def __init__(self, ptr: int, nbytes: int, locks: PageLocks) -> None:
         self.ptr = ptr
         self.nbytes = nbytes
         self.registered = True
         self.guard = threading.RLock()
+        # Runs and graphs copying from or into it now (guarded by locks._lock):
+        # the bounds never unlock it under them.
+        self.holds = 0
+        self.locks = locks
+
+    def hold(self) -> bool:
+        """One more user, if it is still locked (False: it was unlocked meanwhile)."""
+        with self.locks._lock:
+            if not self.registered:
+                return False
+            self.holds += 1
+            return True
+
+    def release(self) -> None:
+        """Undo one ``hold``."""
+        with self.locks._lock:
+            self.holds -= 1
 
 
 def _unlock(entry: _Locked, unregister: Callable[[int], None]) -> None:
@@ -89,6 +107,10 @@ def _unlock(entry: _Locked, unregister: Callable[[int], None]) -> None:
 
 class PageLocks:
     """The arrays one device's pipelines copy from and into directly.
+
+    A run or a graph that copies straight from or into an array locked here
+    holds it (``hold``) meanwhile: the bounds unlock only arrays nobody holds,
+    and an array that finds no room otherwise is staged instead.
 
     Args:
         register: ``cudaHostRegister(ptr, nbytes)``; raises when it cannot.
@@ -146,22 +168,50 @@ class PageLocks:
                     self._seen.popitem(last=False)
                 return False
             evicted = self._make_room_locked(key[1])
+            if evicted is None:
+                # The arrays in the way are in use: stage this one, and try
+                # again at its next sighting.
+                self._seen[key] = seen
+                return False
         _count_live_unlocks(len(evicted))  # counted before any is unlocked
         for entry in evicted:
             _unlock(entry, self._unregister)
         return self._lock_owner(owner, key)
 
-    def _make_room_locked(self, nbytes: int) -> list[_Locked]:
-        """Forget dead and least recently used arrays until ``nbytes`` more fit."""
-        evicted = []
+    def hold(self, array: np.ndarray) -> _Locked | None:
+        """Keep ``array``'s pages locked until the returned entry's ``release()``;
+        None when this object did not lock them (nothing to hold here)."""
+        owner = memory_owner(array)
+        if owner is None:
+            return None
+        with self._lock:
+            known = self._locked.get((owner.ctypes.data, owner.nbytes))
+            if known is None or known[0]() is not owner or not known[1].registered:
+                return None
+            known[1].holds += 1
+            return known[1]
+
+    def _make_room_locked(self, nbytes: int) -> list[_Locked] | None:
+        """Forget dead arrays, then take the least recently used ones that nobody
+        holds off the table until ``nbytes`` more fit: those to unlock. None (and
+        nothing taken) when they cannot be made to fit."""
         for key, (owner_ref, entry) in list(self._locked.items()):
             if owner_ref() is None or not entry.registered:
                 del self._locked[key]
                 self._bytes -= entry.nbytes
-        while self._locked and (
-            len(self._locked) >= self.max_arrays or self._bytes + nbytes > self.max_bytes
-        ):
-            _, (_, entry) = self._locked.popitem(last=False)
+        arrays, used = len(self._locked), self._bytes
+        chosen = []
+        for key, (_, entry) in self._locked.items():  # least recently used first
+            if arrays < self.max_arrays and used + nbytes <= self.max_bytes:
+                break
+            if not entry.holds:
+                chosen.append(key)
+                arrays, used = arrays - 1, used - entry.nbytes
+        if arrays >= self.max_arrays or used + nbytes > self.max_bytes:
+            return None
+        evicted = []
+        for key in chosen:
+            _, entry = self._locked.pop(key)
             self._bytes -= entry.nbytes
             evicted.append(entry)
         return evicted
@@ -171,7 +221,7 @@ class PageLocks:
             self._register(*key)
         except Exception:
             return False  # already locked by someone else, or the driver says no: stage
-        entry = _Locked(*key)
+        entry = _Locked(*key, self)
         # Runs before numpy frees the memory: the owner's weak references are
         # cleared first thing in its deallocation.
         weakref.finalize(owner, _unlock, entry, self._unregister)
@@ -181,12 +231,14 @@ class PageLocks:
         return True
 
     def clear(self) -> None:
-        """Unlock every array (tests; and a device being given up)."""
+        """Unlock every array that nobody holds (tests; and a device being given up)."""
         with self._lock:
-            entries = [entry for _, entry in self._locked.values()]
-            self._locked.clear()
+            entries = [entry for _, entry in self._locked.values() if not entry.holds]
+            self._locked = OrderedDict(
+                (key, known) for key, known in self._locked.items() if known[1].holds
+            )
             self._seen.clear()
-            self._bytes = 0
+            self._bytes = sum(entry.nbytes for _, entry in self._locked.values())
         _count_live_unlocks(len(entries))
         for entry in entries:
             _unlock(entry, self._unregister)
@@ -207,6 +259,18 @@ def cupy_page_locks(device: int) -> PageLocks:
 
             locks = _registries[device] = PageLocks(register, runtime.hostUnregister)
         return locks
+
+
+def hold(array: np.ndarray) -> _Locked | None:
+    """Keep ``array``'s pages locked until the returned entry's ``release()``, if
+    the page locks of any device locked them (a lock is every device's)."""
+    with _registry_lock:
+        registries = list(_registries.values())
+    for locks in registries:
+        held = locks.hold(array)
+        if held is not None:
+            return held
+    return None
 
 
 _registry_lock = threading.Lock()  # guards _registries

@@ -11,6 +11,7 @@ the same ordering rules (events between stages) are exercised without a GPU.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import math
@@ -18,12 +19,11 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from . import _gather_kernel
+from . import _gather_kernel, _page_lock
 from ._page_lock import live_unlocks
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ Check = Callable[[Any, int, int], None]
 # while it copies, so plain threads do.
 _COPY_THREADS = min(16, os.cpu_count() or 1)
 _COPY_PIECE_BYTES = 1 << 20
-_copier: ThreadPoolExecutor | None = None
+_copier: concurrent.futures.ThreadPoolExecutor | None = None
 _copier_lock = threading.Lock()
 
 
@@ -71,15 +71,25 @@ def host_copy(dst: np.ndarray, src: np.ndarray) -> None:
     global _copier
     with _copier_lock:
         if _copier is None:
-            _copier = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="cupystreams-copy")
+            _copier = concurrent.futures.ThreadPoolExecutor(
+                _COPY_THREADS, thread_name_prefix="cupystreams-copy"
+            )
         copier = _copier
     bounds = [dst.shape[0] * i // pieces for i in range(pieces + 1)]
-    futures = [
-        copier.submit(np.copyto, dst[start:stop], src[start:stop])
-        for start, stop in itertools.pairwise(bounds)
-    ]
-    for future in futures:
-        future.result()
+    futures = []
+    try:
+        for start, stop in itertools.pairwise(bounds):
+            futures.append(copier.submit(np.copyto, dst[start:stop], src[start:stop]))
+        for future in futures:
+            future.result()
+    except BaseException:
+        # Interrupted, or a piece failed: no piece may still write into dst
+        # (a staging buffer the run frees, or the caller's out) once this
+        # raises. Pieces not started are dropped; running ones are waited for.
+        for future in futures:
+            future.cancel()
+        concurrent.futures.wait(futures)
+        raise
 
 
 def _forget_copier_after_fork() -> None:
@@ -157,8 +167,16 @@ class Engine(Protocol):
         """``is_direct``, after page-locking ``array`` in place where the engine would."""
         ...
 
-    def direct_address(self, array: np.ndarray) -> int | None:
-        """``array``'s address when ``make_direct(array)``, else None (it is staged)."""
+    def direct_address(self, array: np.ndarray, holds: list[Any]) -> int | None:
+        """``array``'s address when ``make_direct(array)``, else None (it is staged).
+
+        Where ``array`` is page-locked in place, it stays so until
+        ``release(holds)``: a hold on it is added to ``holds``.
+        """
+        ...
+
+    def release(self, holds: list[Any]) -> None:
+        """Let go of the holds ``direct_address`` added to ``holds`` (and empty it)."""
         ...
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any: ...
@@ -225,6 +243,11 @@ class Engine(Protocol):
         ...
 
 
+#: What ``_KnownDirect`` knows of an array: its address, and the page locks'
+#: entry of its pages where they locked it in place (None: CuPy's pinned memory).
+_Known = tuple[int, "_page_lock._Locked | None"]
+
+
 class _KnownDirect:
     """The last few host arrays found direct (page-locked), with their addresses.
 
@@ -250,23 +273,25 @@ class _KnownDirect:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # id(array) -> (a weak reference to it, its shape and strides, live_unlocks(), address)
+        # id(array) -> (a weak reference to it, its shape and strides, live_unlocks(),
+        # what get() returns)
         self._known: dict[
-            int, tuple[weakref.ref[np.ndarray], tuple[int, ...], tuple[int, ...], int, int]
+            int,
+            tuple[weakref.ref[np.ndarray], tuple[int, ...], tuple[int, ...], int, _Known],
         ] = {}
 
-    def get(self, array: np.ndarray, unlocks: int) -> int | None:
-        """``array``'s address if it was found direct when ``live_unlocks()`` was
-        ``unlocks``, else None."""
+    def get(self, array: np.ndarray, unlocks: int) -> _Known | None:
+        """``array``'s address, and its page locks' entry where they locked it in
+        place, if it was found direct when ``live_unlocks()`` was ``unlocks``."""
         known = self._known.get(id(array))
         if known is None:
             return None
-        ref, shape, strides, seen_at, address = known
+        ref, shape, strides, seen_at, found = known
         same = ref() is array and seen_at == unlocks
-        return address if same and array.shape == shape and array.strides == strides else None
+        return found if same and array.shape == shape and array.strides == strides else None
 
-    def put(self, array: np.ndarray, address: int, unlocks: int) -> None:
-        entry = (weakref.ref(array), array.shape, array.strides, unlocks, address)
+    def put(self, array: np.ndarray, found: _Known, unlocks: int) -> None:
+        entry = (weakref.ref(array), array.shape, array.strides, unlocks, found)
         with self._lock:
             self._known.pop(id(array), None)
             self._known[id(array)] = entry  # newest last
@@ -320,13 +345,33 @@ class CupyEngine:
             return False
         return self._page_locks.make_direct(array)
 
-    def direct_address(self, array: np.ndarray) -> int | None:
+    def direct_address(self, array: np.ndarray, holds: list[Any]) -> int | None:
         unlocks = live_unlocks()  # read before this call locks anything
-        address = self._known_direct.get(array, unlocks)
-        if address is None and self.make_direct(array):
-            address = array.ctypes.data
-            self._known_direct.put(array, address, unlocks)
+        known = self._known_direct.get(array, unlocks)
+        if known is not None:
+            address, locked = known
+            if locked is None:
+                return address  # CuPy's pinned memory (or a caller's lock): nothing to hold
+            if locked.hold():
+                holds.append(locked)
+                return address
+            # Unlocked since: asked again below.
+        if not self.make_direct(array):
+            return None
+        # Locked in place by this process's page locks: held while in use, so
+        # that their bounds unlock no array under a copy.
+        locked = _page_lock.hold(array)
+        if locked is not None:
+            holds.append(locked)
+        address = array.ctypes.data
+        self._known_direct.put(array, (address, locked), unlocks)
         return address
+
+    def release(self, holds: list[Any]) -> None:
+        taken = holds[:]
+        holds.clear()
+        for locked in taken:
+            locked.release()
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._cupy.empty(shape, dtype)  # within on_device()
@@ -463,8 +508,11 @@ class HostEngine:
     def make_direct(self, array: np.ndarray) -> bool:
         return True
 
-    def direct_address(self, array: np.ndarray) -> int | None:
+    def direct_address(self, array: np.ndarray, holds: list[Any]) -> int | None:
         return int(array.ctypes.data)
+
+    def release(self, holds: list[Any]) -> None:
+        holds.clear()  # numpy memory: nothing is ever held
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return np.empty(shape, dtype)

@@ -174,7 +174,7 @@ class _Slot:
 class _Output:
     """The result array: the caller's ``out``, or allocated from fn's first result."""
 
-    def __init__(self, engine: Engine, rows: int, out: np.ndarray | None) -> None:
+    def __init__(self, engine: Engine, rows: int, out: np.ndarray | None, holds: list[Any]) -> None:
         if out is not None:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out={type(out).__name__} must be a numpy.ndarray or None")
@@ -191,7 +191,7 @@ class _Output:
         self.array = out
         # Copy straight into out when the copy engines can (at its address,
         # where its rows start); else stage it.
-        address = None if out is None else engine.direct_address(out)
+        address = None if out is None else engine.direct_address(out, holds)
         self.direct = out is None or address is not None
         self.ptr = address or 0
 
@@ -265,8 +265,11 @@ class Pipeline:
             (``cudaHostRegister``) the second time a run sees it, and copy
             straight from and into it from then on; the first time, and with
             False always, it is staged through page-locked buffers by host
-            threads. A locked array is unlocked when it is freed, or when more
-            than 16 arrays or 16 GiB are locked (the one locked earliest first).
+            threads (an array already page-locked, by anyone, is copied
+            directly). A locked array is unlocked when it is freed, or when
+            more than 16 arrays or 16 GiB are locked: the one locked earliest
+            that no run or graph is using goes first (with none, the new array
+            is staged instead).
 
     Leases: ``run`` holds a comm lease for copy-in, a second comm lease for
     copy-out when one is idle (else both directions share the first), and a
@@ -313,17 +316,51 @@ class Pipeline:
             )
         self.pool = pool
         self.fn = fn
-        self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, least=1)
-        self.max_in_flight = check_int("max_in_flight", max_in_flight, least=1)
-        self.min_copy_bytes = check_int("min_copy_bytes", min_copy_bytes, least=0)
-        self.page_lock = check_flag("page_lock", page_lock)
+        self.chunk_bytes = chunk_bytes  # checked by the properties' setters below
+        self.max_in_flight = max_in_flight
+        self.min_copy_bytes = min_copy_bytes
+        self._page_lock = check_flag("page_lock", page_lock)
         backend = pool._backend
         self._engine: Engine = (
-            CupyEngine(backend, page_lock) if backend.name == "cupy" else HostEngine(backend)
+            CupyEngine(backend, self._page_lock) if backend.name == "cupy" else HostEngine(backend)
         )
         self._lock = threading.Lock()  # guards _slots_in_use
         self._slots_in_use = 0
         self._shelf = Shelf()
+
+    # The sizes may change between runs (a run reads them once, at its start);
+    # each is checked as it is set, so a bad one fails there, naming itself.
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of input per chunk (whole rows; at least one row)."""
+        return self._chunk_bytes
+
+    @chunk_bytes.setter
+    def chunk_bytes(self, value: int) -> None:
+        self._chunk_bytes = check_int("chunk_bytes", value, least=1)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Copy groups queued at once, and the most groups' buffers kept between runs."""
+        return self._max_in_flight
+
+    @max_in_flight.setter
+    def max_in_flight(self, value: int) -> None:
+        self._max_in_flight = check_int("max_in_flight", value, least=1)
+
+    @property
+    def min_copy_bytes(self) -> int:
+        """Chunks smaller than this are copied in groups moving at least this much."""
+        return self._min_copy_bytes
+
+    @min_copy_bytes.setter
+    def min_copy_bytes(self, value: int) -> None:
+        self._min_copy_bytes = check_int("min_copy_bytes", value, least=0)
+
+    @property
+    def page_lock(self) -> bool:
+        """Whether pageable arrays are page-locked in place (fixed at construction)."""
+        return self._page_lock
 
     @property
     def buffers_in_use(self) -> int:
@@ -388,23 +425,27 @@ class Pipeline:
             raise TypeError(f"data={type(data).__name__} must be a numpy.ndarray{hint}")
         if data.ndim == 0 or data.shape[0] == 0:
             raise ValueError(f"data has shape {data.shape}; it needs at least one row")
-        row_bytes = data.itemsize * math.prod(data.shape[1:])
-        rows_per_chunk = max(1, self.chunk_bytes // max(1, row_bytes))
-        output = _Output(self._engine, data.shape[0], out)
-        call = _Call(self, data, rows_per_chunk, output, serial)
-        with self._lock:
-            self._slots_in_use += call.count
+        # The arrays page-locked in place that the run copies from and into are
+        # held meanwhile (the page locks' bounds unlock none under a copy).
+        holds: list[Any] = []
         try:
-            call.shelved = self._shelf.take(call.input_shape, call.count, self.max_in_flight)
-            with self._engine.on_device():
-                call.execute()
-            # Only after a run that ended well: a failed one leaves nothing behind.
-            self._shelf.put(call.shelved + call.finished, self.max_in_flight)
-        finally:
-            # A failed call lives on in its error's traceback: let its buffers go now.
-            call.shelved = call.finished = []
+            output = _Output(self._engine, data.shape[0], out, holds)
+            call = _Call(self, data, _rows_per_chunk(data, self.chunk_bytes), output, serial, holds)
             with self._lock:
-                self._slots_in_use -= call.count
+                self._slots_in_use += call.count
+            try:
+                call.shelved = self._shelf.take(call.input_shape, call.count, self.max_in_flight)
+                with self._engine.on_device():
+                    call.execute()
+                # Only after a run that ended well: a failed one leaves nothing behind.
+                self._shelf.put(call.shelved + call.finished, self.max_in_flight)
+            finally:
+                # A failed call lives on in its error's traceback: let its buffers go now.
+                call.shelved = call.finished = []
+                with self._lock:
+                    self._slots_in_use -= call.count
+        finally:
+            self._engine.release(holds)  # every copy is done (or drained, after a failure)
         assert output.array is not None  # every chunk was copied out
         return output.array
 
@@ -512,6 +553,7 @@ class _Call:
         "fn",
         "graph_results",
         "group_count",
+        "holds",
         "input_shape",
         "output",
         "per_group",
@@ -525,9 +567,16 @@ class _Call:
     )
 
     def __init__(
-        self, pipe: Pipeline, data: np.ndarray, step: int, output: _Output, serial: bool
+        self,
+        pipe: Pipeline,
+        data: np.ndarray,
+        step: int,
+        output: _Output,
+        serial: bool,
+        holds: list[Any],
     ) -> None:
         self.pool = pipe.pool
+        self.holds = holds  # where direct_address() adds its holds on page-locked arrays
         self.fn = pipe.fn
         self.engine = pipe._engine
         self.data = data
@@ -702,7 +751,7 @@ class _Call:
     def _loop(self, leases: _Leases) -> None:
         engine, data = self.engine, self.data
         rows_per_group = self.input_shape.rows
-        address = engine.direct_address(data)
+        address = engine.direct_address(data, self.holds)
         direct_in = address is not None
         # Addresses by arithmetic: direct arrays are C-contiguous.
         base, row_bytes = (address, data.strides[0]) if address is not None else (0, 0)
@@ -741,11 +790,13 @@ class _Call:
         last = self.group_count
         for slot in [self.slots[i % self.count] for i in range(last - len(self.slots), last)]:
             self._retire(slot)
-            self.slots.remove(slot)
             output_shape = self.output_shape()
             assert output_shape is not None  # the first group, home first, made the output
             self.finished.append(slot.shelve(self.input_shape, output_shape))
+            # Freed while still listed: an interrupt in between leaves it to
+            # execute()'s cleanup, which frees every listed slot (again: a no-op).
             slot.free(self.pool.events)
+            self.slots.remove(slot)
 
     def _chunk_view(self, slot: _Slot, index: int, first: int, last: int) -> Any:
         """Rows ``first:last`` of the slot's input buffer: a group's ``index``-th chunk."""
@@ -866,6 +917,12 @@ class _Call:
         engine.record(slot.ev_out, copy_out)
 
 
+def _rows_per_chunk(data: np.ndarray, chunk_bytes: int) -> int:
+    """Whole rows of ``data`` in ``chunk_bytes``, at least one."""
+    row_bytes = data.itemsize * math.prod(data.shape[1:])
+    return max(1, chunk_bytes // max(1, row_bytes))
+
+
 def _rows(chunk: tuple[int, int], start: int) -> tuple[int, int]:
     """A chunk's rows in its group's buffer, which starts at row ``start``."""
     return chunk[0] - start, chunk[1] - start
@@ -902,10 +959,12 @@ class PipelineGraph:
     _pipe: Pipeline | None  # None once closed
     _data: np.ndarray
     _out: np.ndarray
-    _lock: threading.Lock  # guards _pipe, _graph, _kept, _memory, and serializes replays
+    _lock: threading.Lock  # guards _pipe, _graph, _kept, _memory, _holds; serializes replays
     _graph: CapturedGraph | None  # None once closed
     _kept: list[Any]  # the device buffers the graph reads and writes
     _memory: Any  # the private CuPy memory pool fn allocated from during the capture
+    _holds: list[Any]  # holds on data and out where they are page-locked in place
+    _state: RunState  # the run's, which the host backend's recorded stages report into
 
     def __new__(cls, *_: object) -> PipelineGraph:
         raise TypeError("PipelineGraph has no public constructor; use pipe.capture(data, out)")
@@ -918,29 +977,42 @@ class PipelineGraph:
         self._graph = None
         self._kept = []
         self._memory = None
+        self._holds = []
         engine = pipe._engine
         for argument, array in (("data", data), ("out", out)):
-            # The graph copies straight from and into host memory.
+            # The graph copies straight from and into host memory. (A pageable
+            # array is page-locked the second time the page locks see it: the
+            # first run was the first time, unless it was staged.)
             if not (engine.make_direct(array) or engine.make_direct(array)):
                 raise ValueError(
                     f"{argument} is pageable memory that could not be page-locked; a graph "
                     "copies straight from host memory: pass an array from pipe.empty_host()"
                 )
-        row_bytes = data.itemsize * math.prod(data.shape[1:])
-        step = max(1, pipe.chunk_bytes // max(1, row_bytes))
-        output = _Output(engine, data.shape[0], out)
-        call = _Call(pipe, data, step, output, serial=False)
+        # The graph copies from and into data and out at every replay: they are
+        # held for its life (the page locks' bounds never unlock them under it).
+        output = _Output(engine, data.shape[0], out, self._holds)
+        call = _Call(
+            pipe, data, _rows_per_chunk(data, pipe.chunk_bytes), output, False, self._holds
+        )
         # The graph keeps buffers of its own for its life: those the first run
         # left on the shelf would only double them.
         pipe.release_buffers()
+        self._state = call.state
         try:
             with engine.on_device(), engine.graph_memory() as self._memory:
                 self._graph, self._kept = call.capture_graph()
+        except (PoolError, MemoryError):
+            engine.release(self._holds)
+            raise  # the pool's state or the device's memory, not fn: their own errors say why
         except Exception as exc:
+            engine.release(self._holds)
             raise ValueError(
                 f"this pipeline's run cannot be captured as a CUDA graph: {exc} (fn must queue "
                 "its work without waiting on the host, and allocate with CuPy)"
             ) from exc
+        except BaseException:
+            engine.release(self._holds)
+            raise
         return self
 
     @property
@@ -958,6 +1030,8 @@ class PipelineGraph:
         Raises:
             ValueError: ``data`` or ``out`` is another array.
             PoolError: The graph was closed.
+            Exception: On the host backend, whatever ``fn`` raised during the
+                replay (the replay's later stages are skipped).
         """
         for argument, given, captured in (("data", data, self._data), ("out", out, self._out)):
             if given is not None and not _same_array(given, captured):
@@ -967,26 +1041,29 @@ class PipelineGraph:
                     f"again with pipe.capture(data, out)"
                 )
         with self._lock:
-            pipe = self._pipe
-            if pipe is None:
+            pipe, graph = self._pipe, self._graph
+            if pipe is None or graph is None:
                 raise PoolError("this PipelineGraph was closed; capture again with pipe.capture()")
-            if self._graph is None:
-                raise PoolError("this PipelineGraph was closed; capture again with pipe.capture()")
+            self._state.error = None  # a failed replay's error was raised; this one starts clean
             with pipe.pool.acquire_compute() as lease:
-                self._graph.launch(lease)
+                graph.launch(lease)
                 lease.synchronize()
+            self._state.check()  # the host backend's recorded stages run fn again
         return self._out
 
     def close(self) -> None:
         """Free the graph, its device buffers and ``fn``'s results (idempotent)."""
         with self._lock:
-            graph, memory = self._graph, self._memory
+            pipe, graph, memory = self._pipe, self._graph, self._memory
             self._pipe = self._graph = self._memory = None
             self._kept = []
+            holds, self._holds = self._holds, []
         if graph is not None:
             graph.close()
         if memory is not None:
             memory.free_all_blocks()  # a CuPy memory pool of the graph's own
+        if pipe is not None:
+            pipe._engine.release(holds)  # data and out may be unlocked again
 
     def __enter__(self) -> PipelineGraph:
         return self

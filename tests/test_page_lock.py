@@ -40,6 +40,13 @@ def make(driver: FakeDriver, **bounds: int) -> PageLocks:
     return PageLocks(driver.register, driver.unregister, **bounds)
 
 
+def lock(locks: PageLocks, *arrays: np.ndarray) -> None:
+    """Show each array to ``locks`` twice: the second sighting locks it."""
+    for array in arrays:
+        locks.make_direct(array)
+        locks.make_direct(array)
+
+
 def test_an_array_is_locked_the_second_time_it_is_seen() -> None:
     driver = FakeDriver()
     locks = make(driver)
@@ -72,8 +79,7 @@ def test_the_bounds_hold_and_evict_the_least_recently_used() -> None:
     locks = make(driver, max_arrays=2)
     arrays = [np.ones(1024, np.float32) * i for i in range(3)]
     for array in arrays:
-        locks.make_direct(array)
-        locks.make_direct(array)
+        lock(locks, array)
     assert len(driver.locked) == 2
     assert arrays[0].ctypes.data not in driver.locked  # the oldest went
     small = make(FakeDriver(), max_bytes=4096)
@@ -85,8 +91,7 @@ def test_eviction_and_the_finalizer_unlock_once() -> None:
     driver = FakeDriver()
     locks = make(driver, max_arrays=1)
     first = np.ones(1024, np.float32)
-    locks.make_direct(first)
-    locks.make_direct(first)
+    lock(locks, first)
     second = np.ones(1024, np.float32)
     locks.make_direct(second)
     before = live_unlocks()
@@ -104,8 +109,7 @@ def test_eviction_and_the_finalizer_unlock_once() -> None:
 def test_a_dead_arrays_unlock_is_not_counted() -> None:
     locks = make(FakeDriver())
     data = np.ones(1024, np.float32)
-    locks.make_direct(data)
-    locks.make_direct(data)
+    lock(locks, data)
     before = live_unlocks()
     del data
     gc.collect()
@@ -194,3 +198,41 @@ def test_pageable_runs_lock_on_the_second_run_and_unlock_when_freed() -> None:
         del data, out
         gc.collect()
         assert locks.locked() == [], "an array freed while locked"
+
+
+def test_an_array_in_use_is_never_unlocked_to_make_room() -> None:
+    driver = FakeDriver()
+    locks = make(driver, max_arrays=1)
+    first = np.ones(1024, np.float32)
+    lock(locks, first)
+    held = locks.hold(first)
+    assert held is not None and held.holds == 1
+    second = np.ones(1024, np.float32)
+    locks.make_direct(second)
+    before = live_unlocks()
+    assert not locks.make_direct(second)  # no room but first's, which is in use: staged
+    assert locks.locked() == [(first.ctypes.data, first.nbytes)] and driver.unlocks == 0
+    assert live_unlocks() == before
+    held.release()
+    assert locks.make_direct(second)  # tried again at its next sighting: first goes now
+    assert locks.locked() == [(second.ctypes.data, second.nbytes)] and driver.unlocks == 1
+    assert not held.hold()  # unlocked since: nothing to hold
+    assert locks.hold(first) is None and locks.hold(np.ones(4)) is None  # not locked here
+    assert locks.hold(second) is not None
+    locks.clear()  # clear() too leaves an array in use
+    assert locks.locked() == [(second.ctypes.data, second.nbytes)]
+
+
+def test_room_is_made_only_when_it_can_be_made() -> None:
+    """No array is unlocked for nothing: if the arrays nobody holds cannot make
+    room, none of them is unlocked."""
+    driver = FakeDriver()
+    locks = make(driver, max_arrays=4, max_bytes=4 << 12)
+    small = [np.ones(1024, np.float32) for _ in range(3)]  # 4 KiB each
+    for array in small:
+        lock(locks, array)
+    assert locks.hold(small[1]) is not None and locks.hold(small[2]) is not None
+    big = np.ones(3 * 1024, np.float32)  # 12 KiB: fits only if two of the small ones go
+    locks.make_direct(big)
+    assert not locks.make_direct(big)
+    assert driver.unlocks == 0 and len(locks.locked()) == 3

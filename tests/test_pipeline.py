@@ -773,3 +773,48 @@ def test_gpu_numba_fn(gpu_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch)
     data = sample()
     pipe = Pipeline(gpu_pool, fn, chunk_bytes=64 * ROW_BYTES)
     assert np.array_equal(pipe.run(data), data * 2 + 1)
+
+
+def test_a_failed_staging_copy_leaves_no_piece_still_writing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A staging copy split over host threads raises only once no piece writes
+    any more: the buffer it wrote into may be freed, or handed back, at once."""
+    from cupystreams import _pipeline_engines as engines
+
+    monkeypatch.setattr(engines, "_COPY_THREADS", 2)
+    monkeypatch.setattr(engines, "_copier", None)  # a copier of two threads
+    second_started = threading.Event()
+    writes: list[float] = []
+    copyto = np.copyto
+
+    def piece(dst: np.ndarray, src: np.ndarray) -> None:
+        if src[0] == 0:
+            second_started.wait(5)
+            raise RuntimeError("the first piece failed")
+        second_started.set()
+        time.sleep(0.05)  # still copying when the first piece fails
+        copyto(dst, src)
+        writes.append(time.monotonic())
+
+    monkeypatch.setattr(np, "copyto", piece)
+    src = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: two pieces
+    with pytest.raises(RuntimeError, match="the first piece failed"):
+        engines.host_copy(np.empty_like(src), src)
+    raised = time.monotonic()
+    time.sleep(0.1)
+    assert len(writes) == 1 and writes[0] <= raised, "a piece wrote after host_copy raised"
+
+
+def test_the_sizes_may_change_between_runs_and_are_checked_as_they_are_set() -> None:
+    with CudaStreamPool(2, 2, 0, backend="host") as pool:
+        pipe = Pipeline(pool, lambda x: x + 1, chunk_bytes=400)
+        data = np.arange(1000, dtype=np.float32)
+        for name, bad in (("max_in_flight", 0), ("chunk_bytes", 0), ("min_copy_bytes", -1)):
+            with pytest.raises(ValueError, match=name):
+                setattr(pipe, name, bad)
+        assert (pipe.max_in_flight, pipe.chunk_bytes, pipe.min_copy_bytes) == (4, 400, 8 << 20)
+        pipe.max_in_flight, pipe.chunk_bytes = 2, 800
+        assert np.array_equal(pipe.run(data), data + 1)
+        with pytest.raises(AttributeError):
+            pipe.page_lock = False  # type: ignore[misc]  # the engine is made with it

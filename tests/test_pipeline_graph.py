@@ -90,7 +90,7 @@ def test_a_capture_whose_buffers_cannot_be_allocated_holds_nothing(
     pipe.run(data, out)
     # The second allocation, before the capture: the first slot's gathered results.
     fail_capture_on_call(monkeypatch, pipe, "device_empty", 2, MemoryError("out of device memory"))
-    with pytest.raises(ValueError, match="out of device memory"):
+    with pytest.raises(MemoryError, match="out of device memory"):  # its own error, not fn's
         pipe.capture(data, out)
     monkeypatch.undo()
     check_nothing_held(big_pool, pipe)
@@ -157,3 +157,69 @@ def test_a_capture_that_fails_leaves_no_lease_and_no_capture(
     monkeypatch.undo()
     check_nothing_held(big_pool, pipe)
     assert np.array_equal(pipe.run(data, out), data + 1)  # nothing left capturing
+
+
+def test_a_host_replay_raises_what_fn_raised_and_the_next_replay_runs_again() -> None:
+    """On the host backend a replay calls fn again: its failure is the replay's
+    (not a silent skip of the stages after it), and a later replay starts clean."""
+    failing = [False]
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        if failing[0]:
+            raise RuntimeError("fn failed during the replay")
+        return x * 2
+
+    with CudaStreamPool(2, 2, 0, backend="host") as pool:
+        pipe = Pipeline(pool, fn, chunk_bytes=64 * ROW_BYTES)
+        data, out = host_arrays(pipe, "host")
+        with pipe.capture(data, out) as graph:
+            failing[0] = True
+            with pytest.raises(RuntimeError, match="fn failed during the replay"):
+                graph.run()
+            failing[0] = False
+            data[:] = 5.0
+            out[:] = 0
+            graph.run()
+            assert np.all(out == 10.0)
+        check_nothing_held(pool, pipe)
+
+
+@pytest.mark.gpu
+def test_a_graphs_pageable_arrays_stay_locked_while_it_lives() -> None:
+    """A graph copies from and into fixed addresses at every replay: the page
+    locks' bounds must never unlock its arrays under it; arrays that find no
+    room meanwhile are staged, and the graph's go once it is closed."""
+    import cupy
+
+    from cupystreams._page_lock import cupy_page_locks
+
+    locks = cupy_page_locks(cupy.cuda.runtime.getDevice())
+    locks.clear()
+    bound = locks.max_arrays
+    locks.max_arrays = 2
+    try:
+        with CudaStreamPool(4, 2, 0, backend="cupy") as pool:
+            pipe = Pipeline(pool, lambda x: x * 2 + 1, chunk_bytes=64 * ROW_BYTES)
+            data = np.random.default_rng(5).random((ROWS, COLS), dtype=np.float32)  # pageable
+            out = np.zeros_like(data)
+            pipe.run(data, out)  # the first sighting: staged
+            graph = pipe.capture(data, out)  # its run locks both
+            graph_ranges = sorted(locks.locked())
+            assert len(graph_ranges) == 2
+            other = Pipeline(pool, lambda x: x - 1, chunk_bytes=64 * ROW_BYTES)
+            more = np.full((ROWS, COLS), 4.0, np.float32)
+            more_out = np.zeros_like(more)
+            for _ in range(3):  # would lock these, evicting the graph's, if they were not held
+                other.run(more, more_out)
+                assert np.all(more_out == 3.0)
+            assert sorted(locks.locked()) == graph_ranges
+            data[:] = 1.0
+            graph.run()
+            assert np.all(out == 3.0)
+            graph.close()
+            other.run(more, more_out)  # room now: the graph's arrays go, these are locked
+            assert sorted(n for _, n in locks.locked()) == [more.nbytes, more_out.nbytes]
+            assert np.all(more_out == 3.0)
+    finally:
+        locks.max_arrays = bound
+        locks.clear()

@@ -96,8 +96,11 @@ class ModelEngine:
     def make_direct(self, array: np.ndarray) -> bool:
         return self._host.make_direct(array)
 
-    def direct_address(self, array: np.ndarray) -> int | None:
-        return self._host.direct_address(array)
+    def direct_address(self, array: np.ndarray, holds: list[Any]) -> int | None:
+        return self._host.direct_address(array, holds)
+
+    def release(self, holds: list[Any]) -> None:
+        self._host.release(holds)
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._host.device_empty(shape, dtype)
