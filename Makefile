@@ -2,7 +2,8 @@
 #                  (built with warnings as errors, its examples run), pytest.
 # make docs      — the manual, docs/ -> docs/_build/html (Sphinx; warnings are errors).
 # make doctest   — run the manual's examples on the host backend.
-# make gpu-test  — on a GPU machine whose Python already has CuPy (no registry needed).
+# make gpu-test  — on a GPU machine whose Python already has CuPy, setuptools>=77 and the
+#                  test extra (pytest, hypothesis, rich, matplotlib): no registry needed.
 # make demo      — the main job: overlap, priority and memory, on the GPU or the host backend.
 #                  Installs only the cli extra, and CuPy for CUDA 12 where nvidia-smi
 #                  finds a GPU (make demo GPU_EXTRA=,cuda13 for CUDA 13).

@@ -394,8 +394,10 @@ class CudaStreamPool:
           a capture capturing until the capture ends, and serves the next
           acquire of its kind on this thread; the pool gets it back when the
           capture has ended.
-        * A joined lease cannot be synchronized or queried, nor wait for work
-          outside the capture (``LeaseError``): CUDA would invalidate the capture.
+        * A joined lease cannot be synchronized or queried, nor wait for a
+          lease or stream outside the capture (``LeaseError``): CUDA would
+          invalidate the capture (as it does, unchecked, for a wait on an
+          event recorded outside it).
         * The pool creates and destroys no stream and no event on its device
           (before it begins, a capture fills the idle events up to
           ``event_pool_size``; past them, acquiring an event raises
