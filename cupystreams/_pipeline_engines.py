@@ -159,12 +159,9 @@ class Engine(Protocol):
         """A host array the copies can use directly (page-locked on a GPU)."""
         ...
 
-    def is_direct(self, array: np.ndarray) -> bool:
-        """Whether the copies can use ``array`` without a staging buffer."""
-        ...
-
     def make_direct(self, array: np.ndarray) -> bool:
-        """``is_direct``, after page-locking ``array`` in place where the engine would."""
+        """Whether the copies can use ``array`` without a staging buffer, after
+        page-locking it in place where the engine would."""
         ...
 
     def direct_address(self, array: np.ndarray, holds: list[Any]) -> int | None:
@@ -333,6 +330,7 @@ class CupyEngine:
         return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
 
     def is_direct(self, array: np.ndarray) -> bool:
+        """Whether the copies can use ``array`` as it is: page-locked now, by anyone."""
         if array.nbytes == 0 or not array.flags.c_contiguous:
             return False
         attributes = self._cupy.cuda.runtime.pointerGetAttributes(array.ctypes.data)
@@ -502,11 +500,8 @@ class HostEngine:
     def host_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         return np.empty(shape, dtype)
 
-    def is_direct(self, array: np.ndarray) -> bool:
-        return True  # host "copies" read any numpy array
-
     def make_direct(self, array: np.ndarray) -> bool:
-        return True
+        return True  # host "copies" read any numpy array
 
     def direct_address(self, array: np.ndarray, holds: list[Any]) -> int | None:
         return int(array.ctypes.data)

@@ -90,9 +90,6 @@ class ModelEngine:
     def host_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         return self._host.host_empty(shape, dtype)
 
-    def is_direct(self, array: np.ndarray) -> bool:
-        return self._host.is_direct(array)
-
     def make_direct(self, array: np.ndarray) -> bool:
         return self._host.make_direct(array)
 
