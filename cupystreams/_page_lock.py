@@ -14,13 +14,16 @@ the least recently used array out. (A pipeline asks only about arrays it
 does not know to be page-locked, so of its arrays that is the one locked
 earliest.)
 
-Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked``, ``_bytes`` and
-each entry's ``holds``; it is never held during a CUDA call.
+Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked``, ``_bytes``,
+``_unlocking`` and each entry's ``unlocking``, and is taken to add a hold
+(so that the bounds see every hold they must respect); it is never held
+during a CUDA call, and is taken before an entry's ``guard``, never after.
+``_Locked.guard`` (re-entrant) guards one array's ``registered`` flag, which
+is cleared before the unlock call, so the finalizer and an eviction that
+meet (even on one thread, the finalizer running inside the eviction) unlock
+the memory once; and its ``holds``, which are given back under it alone.
 ``_live_unlocks_lock`` guards the count of ``live_unlocks()`` (read without
-it). ``_Locked.guard`` (re-entrant) guards one array's ``registered`` flag,
-which is cleared before the unlock call, so the finalizer and an eviction
-that meet (even on one thread, the finalizer running inside the eviction)
-unlock the memory once.
+it); nothing is taken while it is held.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["PageLocks", "cupy_page_locks", "hold", "live_unlocks", "memory_owner"]
+__all__ = ["PageLocks", "cupy_page_locks", "hold", "live_unlocks", "memory_owner", "release"]
 
 # cudaHostRegisterPortable: locked for every CUDA context, as CuPy's pinned
 # memory is, so a pool of any device can copy from it.
@@ -71,29 +74,43 @@ def memory_owner(array: np.ndarray) -> np.ndarray | None:
 class _Locked:
     """One page-locked range, whether it still is, and who uses it now."""
 
-    __slots__ = ("__weakref__", "guard", "holds", "locks", "nbytes", "ptr", "registered")
+    __slots__ = (
+        "__weakref__",
+        "guard",
+        "holds",
+        "locks",
+        "nbytes",
+        "ptr",
+        "registered",
+        "unlocking",
+    )
 
     def __init__(self, ptr: int, nbytes: int, locks: PageLocks) -> None:
         self.ptr = ptr
         self.nbytes = nbytes
         self.registered = True
         self.guard = threading.RLock()
-        # Runs and graphs copying from or into it now (guarded by locks._lock):
-        # the bounds never unlock it under them.
+        # Runs and graphs copying from or into it now: the bounds never unlock
+        # it under them. Taken under locks._lock (as the bounds decide) and
+        # guard, given back under guard alone (a graph's finalizer may give it
+        # back inside a section that holds locks._lock).
         self.holds = 0
+        # Taken off the table to be unlocked (under locks._lock): no new holds.
+        self.unlocking = False
         self.locks = locks
 
     def hold(self) -> bool:
-        """One more user, if it is still locked (False: it was unlocked meanwhile)."""
+        """One more user, if it is still locked (False: it is being, or was, unlocked)."""
         with self.locks._lock:
-            if not self.registered:
+            if self.unlocking or not self.registered:
                 return False
-            self.holds += 1
+            with self.guard:
+                self.holds += 1
             return True
 
     def release(self) -> None:
         """Undo one ``hold``."""
-        with self.locks._lock:
+        with self.guard:
             self.holds -= 1
 
 
@@ -137,11 +154,18 @@ class PageLocks:
             OrderedDict()
         )
         self._bytes = 0
+        # (pointer, size) of ranges taken off the table and being unlocked now.
+        self._unlocking: set[tuple[int, int]] = set()
 
     def locked(self) -> list[tuple[int, int]]:
         """(pointer, bytes) of every range locked now."""
         with self._lock:
             return [(e.ptr, e.nbytes) for _, e in self._locked.values() if e.registered]
+
+    def in_use(self) -> list[tuple[int, int]]:
+        """(pointer, bytes) of every range locked now that a run or a graph holds."""
+        with self._lock:
+            return [(e.ptr, e.nbytes) for _, e in self._locked.values() if e.holds]
 
     def make_direct(self, array: np.ndarray) -> bool:
         """True when ``array``'s memory is page-locked (now, or already by this object).
@@ -173,23 +197,48 @@ class PageLocks:
                 # again at its next sighting.
                 self._seen[key] = seen
                 return False
-        _count_live_unlocks(len(evicted))  # counted before any is unlocked
-        for entry in evicted:
-            _unlock(entry, self._unregister)
+            self._taken_off_locked(evicted)
+        self._unlock_all(evicted)
         return self._lock_owner(owner, key)
 
-    def hold(self, array: np.ndarray) -> _Locked | None:
-        """Keep ``array``'s pages locked until the returned entry's ``release()``;
-        None when this object did not lock them (nothing to hold here)."""
+    def hold(self, array: np.ndarray) -> tuple[bool, _Locked | None]:
+        """Keep ``array``'s pages locked until the returned entry's ``release()``.
+
+        Returns (True, the entry) when this object locked them; (True, None)
+        when it did not (nothing to hold here); (False, None) while it is
+        unlocking them: copy the array staged.
+        """
         owner = memory_owner(array)
         if owner is None:
-            return None
+            return True, None
+        key = (owner.ctypes.data, owner.nbytes)
         with self._lock:
-            known = self._locked.get((owner.ctypes.data, owner.nbytes))
+            if key in self._unlocking:
+                return False, None
+            known = self._locked.get(key)
             if known is None or known[0]() is not owner or not known[1].registered:
-                return None
-            known[1].holds += 1
-            return known[1]
+                return True, None
+            with known[1].guard:
+                known[1].holds += 1
+            return True, known[1]
+
+    def _taken_off_locked(self, entries: list[_Locked]) -> None:
+        """Mark ``entries``, just taken off the table, as being unlocked: no new
+        holds, and counted before anyone could see them unlocked."""
+        for entry in entries:
+            entry.unlocking = True
+            self._unlocking.add((entry.ptr, entry.nbytes))
+        _count_live_unlocks(len(entries))
+
+    def _unlock_all(self, entries: list[_Locked]) -> None:
+        """Unlock ``entries`` (outside the lock: a CUDA call each), then forget them."""
+        try:
+            for entry in entries:
+                _unlock(entry, self._unregister)
+        finally:
+            with self._lock:
+                for entry in entries:
+                    self._unlocking.discard((entry.ptr, entry.nbytes))
 
     def _make_room_locked(self, nbytes: int) -> list[_Locked] | None:
         """Forget dead arrays, then take the least recently used ones that nobody
@@ -239,9 +288,8 @@ class PageLocks:
             )
             self._seen.clear()
             self._bytes = sum(entry.nbytes for _, entry in self._locked.values())
-        _count_live_unlocks(len(entries))
-        for entry in entries:
-            _unlock(entry, self._unregister)
+            self._taken_off_locked(entries)
+        self._unlock_all(entries)
 
 
 def cupy_page_locks(device: int) -> PageLocks:
@@ -261,16 +309,24 @@ def cupy_page_locks(device: int) -> PageLocks:
         return locks
 
 
-def hold(array: np.ndarray) -> _Locked | None:
-    """Keep ``array``'s pages locked until the returned entry's ``release()``, if
-    the page locks of any device locked them (a lock is every device's)."""
+def hold(array: np.ndarray) -> tuple[bool, _Locked | None]:
+    """``PageLocks.hold`` of the page locks of every device (a lock is every
+    device's): held by the one that locked ``array``, if any."""
     with _registry_lock:
         registries = list(_registries.values())
     for locks in registries:
-        held = locks.hold(array)
-        if held is not None:
-            return held
-    return None
+        usable, held = locks.hold(array)
+        if not usable or held is not None:
+            return usable, held
+    return True, None
+
+
+def release(holds: list[_Locked]) -> None:
+    """Give back every hold in ``holds``, and empty it."""
+    taken = holds[:]
+    holds.clear()
+    for entry in taken:
+        entry.release()
 
 
 _registry_lock = threading.Lock()  # guards _registries

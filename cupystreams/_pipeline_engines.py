@@ -344,7 +344,7 @@ class CupyEngine:
         return self._page_locks.make_direct(array)
 
     def direct_address(self, array: np.ndarray, holds: list[Any]) -> int | None:
-        unlocks = live_unlocks()  # read before this call locks anything
+        unlocks = live_unlocks()  # read before anything below: see the last check
         known = self._known_direct.get(array, unlocks)
         if known is not None:
             address, locked = known
@@ -353,12 +353,18 @@ class CupyEngine:
             if locked.hold():
                 holds.append(locked)
                 return address
-            # Unlocked since: asked again below.
-        if not self.make_direct(array):
+            # Being unlocked, or unlocked since: asked again below.
+        # Held first where this process locked it in place (a held array stays
+        # locked), so that what make_direct says stays true while it is used.
+        usable, locked = _page_lock.hold(array)
+        if usable and locked is None:
+            if not self.make_direct(array):
+                return None
+            usable, locked = _page_lock.hold(array)  # locked just now, perhaps
+        if not usable or (locked is None and live_unlocks() != unlocks):
+            # Being unlocked; or an array was unlocked meanwhile, perhaps this
+            # one while the driver was asked about it: staged this time.
             return None
-        # Locked in place by this process's page locks: held while in use, so
-        # that their bounds unlock no array under a copy.
-        locked = _page_lock.hold(array)
         if locked is not None:
             holds.append(locked)
         address = array.ctypes.data
@@ -366,10 +372,7 @@ class CupyEngine:
         return address
 
     def release(self, holds: list[Any]) -> None:
-        taken = holds[:]
-        holds.clear()
-        for locked in taken:
-            locked.release()
+        _page_lock.release(holds)
 
     def device_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         return self._cupy.empty(shape, dtype)  # within on_device()

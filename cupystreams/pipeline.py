@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -989,16 +990,18 @@ class PipelineGraph:
                     "copies straight from host memory: pass an array from pipe.empty_host()"
                 )
         # The graph copies from and into data and out at every replay: they are
-        # held for its life (the page locks' bounds never unlock them under it).
-        output = _Output(engine, data.shape[0], out, self._holds)
-        call = _Call(
-            pipe, data, _rows_per_chunk(data, pipe.chunk_bytes), output, False, self._holds
-        )
-        # The graph keeps buffers of its own for its life: those the first run
-        # left on the shelf would only double them.
-        pipe.release_buffers()
-        self._state = call.state
+        # held for its life (the page locks' bounds never unlock them under
+        # it), and given back by close(), or when the graph is collected.
+        weakref.finalize(self, engine.release, self._holds)
         try:
+            output = _Output(engine, data.shape[0], out, self._holds)
+            call = _Call(
+                pipe, data, _rows_per_chunk(data, pipe.chunk_bytes), output, False, self._holds
+            )
+            # The graph keeps buffers of its own for its life: those the first
+            # run left on the shelf would only double them.
+            pipe.release_buffers()
+            self._state = call.state
             with engine.on_device(), engine.graph_memory() as self._memory:
                 self._graph, self._kept = call.capture_graph()
         except (PoolError, MemoryError):
@@ -1057,13 +1060,16 @@ class PipelineGraph:
             pipe, graph, memory = self._pipe, self._graph, self._memory
             self._pipe = self._graph = self._memory = None
             self._kept = []
-            holds, self._holds = self._holds, []
-        if graph is not None:
-            graph.close()
-        if memory is not None:
-            memory.free_all_blocks()  # a CuPy memory pool of the graph's own
-        if pipe is not None:
-            pipe._engine.release(holds)  # data and out may be unlocked again
+        try:
+            if graph is not None:
+                graph.close()
+            if memory is not None:
+                memory.free_all_blocks()  # a CuPy memory pool of the graph's own
+        finally:
+            if pipe is not None:
+                # data and out may be unlocked again. (The list is emptied in
+                # place: the finalizer that would give them back has it too.)
+                pipe._engine.release(self._holds)
 
     def __enter__(self) -> PipelineGraph:
         return self

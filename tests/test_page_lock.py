@@ -7,6 +7,8 @@ locked; the GPU tests run the pipeline on real pageable arrays.
 from __future__ import annotations
 
 import gc
+import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,6 +197,7 @@ def test_pageable_runs_lock_on_the_second_run_and_unlock_when_freed() -> None:
         pipe.run(data, out)
         assert sorted(n for _, n in locks.locked()) == [data.nbytes, out.nbytes]
         assert np.all(out == 9.0)
+        assert locks.in_use() == [], "a run left an array held"
         del data, out
         gc.collect()
         assert locks.locked() == [], "an array freed while locked"
@@ -205,8 +208,8 @@ def test_an_array_in_use_is_never_unlocked_to_make_room() -> None:
     locks = make(driver, max_arrays=1)
     first = np.ones(1024, np.float32)
     lock(locks, first)
-    held = locks.hold(first)
-    assert held is not None and held.holds == 1
+    usable, held = locks.hold(first)
+    assert usable and held is not None and held.holds == 1
     second = np.ones(1024, np.float32)
     locks.make_direct(second)
     before = live_unlocks()
@@ -217,8 +220,9 @@ def test_an_array_in_use_is_never_unlocked_to_make_room() -> None:
     assert locks.make_direct(second)  # tried again at its next sighting: first goes now
     assert locks.locked() == [(second.ctypes.data, second.nbytes)] and driver.unlocks == 1
     assert not held.hold()  # unlocked since: nothing to hold
-    assert locks.hold(first) is None and locks.hold(np.ones(4)) is None  # not locked here
-    assert locks.hold(second) is not None
+    assert locks.hold(first) == (True, None)  # not locked here any more: nothing to hold
+    assert locks.hold(np.ones(4)) == (True, None)
+    assert locks.hold(second)[1] is not None
     locks.clear()  # clear() too leaves an array in use
     assert locks.locked() == [(second.ctypes.data, second.nbytes)]
 
@@ -231,8 +235,81 @@ def test_room_is_made_only_when_it_can_be_made() -> None:
     small = [np.ones(1024, np.float32) for _ in range(3)]  # 4 KiB each
     for array in small:
         lock(locks, array)
-    assert locks.hold(small[1]) is not None and locks.hold(small[2]) is not None
+    assert locks.hold(small[1])[1] is not None and locks.hold(small[2])[1] is not None
     big = np.ones(3 * 1024, np.float32)  # 12 KiB: fits only if two of the small ones go
     locks.make_direct(big)
     assert not locks.make_direct(big)
     assert driver.unlocks == 0 and len(locks.locked()) == 3
+
+
+def fake_engine(monkeypatch: pytest.MonkeyPatch, driver: FakeDriver, locks: PageLocks) -> Any:
+    """The cupy engine's memo and holds over ``locks``, with ``driver`` as CUDA:
+    an array is page-locked when the driver holds its owner's range."""
+    from cupystreams import _page_lock
+    from cupystreams._pipeline_engines import CupyEngine
+
+    engine = object.__new__(CupyEngine)
+    engine._page_locks = locks
+    engine._known_direct = _KnownDirect()
+    engine.asked = 0
+
+    def is_direct(array: np.ndarray) -> bool:
+        engine.asked += 1
+        owner = memory_owner(array)
+        return owner is not None and owner.ctypes.data in driver.locked
+
+    engine.is_direct = is_direct
+    monkeypatch.setattr(_page_lock, "_registries", {0: locks})
+    return engine
+
+
+def test_a_run_holds_what_it_copies_directly_and_asks_the_driver_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    driver = FakeDriver()
+    locks = make(driver, max_arrays=1)
+    engine = fake_engine(monkeypatch, driver, locks)
+    data = np.ones(1024, np.float32)
+    holds: list[Any] = []
+    assert engine.direct_address(data, holds) is None and holds == []  # first sighting
+    assert engine.direct_address(data, holds) == data.ctypes.data  # locked now, and held
+    assert locks.in_use() == [(data.ctypes.data, data.nbytes)]
+    other = np.ones(1024, np.float32)
+    lock(locks, other)  # no room: data is in use
+    assert locks.locked() == [(data.ctypes.data, data.nbytes)]
+    engine.release(holds)
+    assert holds == [] and locks.in_use() == []
+    asked = engine.asked
+    assert engine.direct_address(data, holds) == data.ctypes.data  # known: held again
+    assert engine.asked == asked and locks.in_use() == [(data.ctypes.data, data.nbytes)]
+    engine.release(holds)
+
+
+def test_an_array_being_unlocked_is_staged_not_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between taking an array off the table and the driver's unlock, a run that
+    knew the array must not hold it (nor copy from it directly)."""
+    unlocking, go_on = threading.Event(), threading.Event()
+
+    class SlowDriver(FakeDriver):
+        def unregister(self, ptr: int) -> None:
+            unlocking.set()
+            go_on.wait(5)
+            super().unregister(ptr)
+
+    driver = SlowDriver()
+    locks = make(driver)
+    engine = fake_engine(monkeypatch, driver, locks)
+    data = np.ones(1024, np.float32)
+    holds: list[Any] = []
+    engine.direct_address(data, holds)
+    assert engine.direct_address(data, holds) == data.ctypes.data
+    engine.release(holds)
+    clearing = threading.Thread(target=locks.clear)
+    clearing.start()
+    try:
+        assert unlocking.wait(5)  # data is off the table; the driver has not unlocked it yet
+        assert engine.direct_address(data, holds) is None and holds == []
+    finally:
+        go_on.set()
+        clearing.join()
+    assert driver.locked == {} and locks.in_use() == []

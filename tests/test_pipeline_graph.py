@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import numpy as np
 import pytest
 from test_pipeline import check_nothing_held, fail_on_call
 
-from cupystreams import CudaStreamPool, PoolError
+from cupystreams import CudaStreamPool, PoolClosedError, PoolError
 from cupystreams.pipeline import Pipeline, PipelineGraph
 
 ROWS, COLS = 1000, 7
@@ -80,8 +81,11 @@ def test_a_capture_spreads_a_groups_chunks_over_idle_compute_leases(
         assert sum(taken) == 1
 
 
+@pytest.mark.parametrize(
+    "error", [MemoryError("out of device memory"), PoolClosedError("the pool was closed")]
+)
 def test_a_capture_whose_buffers_cannot_be_allocated_holds_nothing(
-    big_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch
+    big_pool: CudaStreamPool, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
     pipe = Pipeline(
         big_pool, lambda x: x * 2, chunk_bytes=64 * ROW_BYTES, min_copy_bytes=300 * ROW_BYTES
@@ -89,8 +93,8 @@ def test_a_capture_whose_buffers_cannot_be_allocated_holds_nothing(
     data, out = host_arrays(pipe, big_pool.backend)
     pipe.run(data, out)
     # The second allocation, before the capture: the first slot's gathered results.
-    fail_capture_on_call(monkeypatch, pipe, "device_empty", 2, MemoryError("out of device memory"))
-    with pytest.raises(MemoryError, match="out of device memory"):  # its own error, not fn's
+    fail_capture_on_call(monkeypatch, pipe, "device_empty", 2, error)
+    with pytest.raises(type(error), match=str(error)):  # its own error, not a ValueError on fn
         pipe.capture(data, out)
     monkeypatch.undo()
     check_nothing_held(big_pool, pipe)
@@ -205,7 +209,7 @@ def test_a_graphs_pageable_arrays_stay_locked_while_it_lives() -> None:
             pipe.run(data, out)  # the first sighting: staged
             graph = pipe.capture(data, out)  # its run locks both
             graph_ranges = sorted(locks.locked())
-            assert len(graph_ranges) == 2
+            assert len(graph_ranges) == 2 and sorted(locks.in_use()) == graph_ranges
             other = Pipeline(pool, lambda x: x - 1, chunk_bytes=64 * ROW_BYTES)
             more = np.full((ROWS, COLS), 4.0, np.float32)
             more_out = np.zeros_like(more)
@@ -217,9 +221,15 @@ def test_a_graphs_pageable_arrays_stay_locked_while_it_lives() -> None:
             graph.run()
             assert np.all(out == 3.0)
             graph.close()
+            assert locks.in_use() == []  # the runs' holds went with them, the graph's now
             other.run(more, more_out)  # room now: the graph's arrays go, these are locked
             assert sorted(n for _, n in locks.locked()) == [more.nbytes, more_out.nbytes]
             assert np.all(more_out == 3.0)
+            dropped = other.capture(more, more_out)  # holds more and more_out
+            assert len(locks.in_use()) == 2
+            del dropped  # never closed: its holds go when it is collected
+            gc.collect()
+            assert locks.in_use() == []
     finally:
         locks.max_arrays = bound
         locks.clear()
