@@ -15,7 +15,7 @@ does not know to be page-locked, so of its arrays that is the one locked
 earliest.)
 
 Locking: ``PageLocks._lock`` guards ``_seen``, ``_locked``, ``_bytes``,
-``_unlocking`` and each entry's ``unlocking``, and is taken to add a hold
+``_busy`` and each entry's ``unlocking``, and is taken to add a hold
 (so that the bounds see every hold they must respect); it is never held
 during a CUDA call, and is taken before an entry's ``guard``, never after.
 ``_Locked.guard`` (re-entrant) guards one array's ``registered`` flag, which
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -154,8 +154,10 @@ class PageLocks:
             OrderedDict()
         )
         self._bytes = 0
-        # (pointer, size) of ranges taken off the table and being unlocked now.
-        self._unlocking: set[tuple[int, int]] = set()
+        # (pointer, size) of ranges being locked or unlocked now, each with how
+        # many calls are at it: their state in the driver is changing, so
+        # nobody may take them for locked (or for not ours) meanwhile.
+        self._busy: Counter[tuple[int, int]] = Counter()
 
     def locked(self) -> list[tuple[int, int]]:
         """(pointer, bytes) of every range locked now."""
@@ -198,6 +200,7 @@ class PageLocks:
                 self._seen[key] = seen
                 return False
             self._taken_off_locked(evicted)
+            self._busy[key] += 1  # being locked: see _lock_owner
         self._unlock_all(evicted)
         return self._lock_owner(owner, key)
 
@@ -213,7 +216,7 @@ class PageLocks:
             return True, None
         key = (owner.ctypes.data, owner.nbytes)
         with self._lock:
-            if key in self._unlocking:
+            if self._busy[key]:
                 return False, None
             known = self._locked.get(key)
             if known is None or known[0]() is not owner or not known[1].registered:
@@ -227,18 +230,29 @@ class PageLocks:
         holds, and counted before anyone could see them unlocked."""
         for entry in entries:
             entry.unlocking = True
-            self._unlocking.add((entry.ptr, entry.nbytes))
+            self._busy[(entry.ptr, entry.nbytes)] += 1
         _count_live_unlocks(len(entries))
 
     def _unlock_all(self, entries: list[_Locked]) -> None:
-        """Unlock ``entries`` (outside the lock: a CUDA call each), then forget them."""
-        try:
-            for entry in entries:
+        """Unlock ``entries`` (outside the lock: a CUDA call each; every one, even
+        if one fails, which is raised last), then mark them no longer busy."""
+        failure: Exception | None = None
+        for entry in entries:
+            try:
                 _unlock(entry, self._unregister)
-        finally:
-            with self._lock:
-                for entry in entries:
-                    self._unlocking.discard((entry.ptr, entry.nbytes))
+            except Exception as exc:
+                failure = failure or exc
+        self._done([(entry.ptr, entry.nbytes) for entry in entries])
+        if failure is not None:
+            raise failure
+
+    def _done(self, keys: list[tuple[int, int]]) -> None:
+        """The driver is done locking or unlocking ``keys``."""
+        with self._lock:
+            for key in keys:
+                self._busy[key] -= 1
+                if self._busy[key] <= 0:
+                    del self._busy[key]
 
     def _make_room_locked(self, nbytes: int) -> list[_Locked] | None:
         """Forget dead arrays, then take the least recently used ones that nobody
@@ -266,18 +280,23 @@ class PageLocks:
         return evicted
 
     def _lock_owner(self, owner: np.ndarray, key: tuple[int, int]) -> bool:
+        """Lock ``owner``'s pages (``key``, marked busy by the caller: between the
+        driver's lock and the table's entry, nobody takes them for not ours)."""
         try:
-            self._register(*key)
-        except Exception:
-            return False  # already locked by someone else, or the driver says no: stage
-        entry = _Locked(*key, self)
-        # Runs before numpy frees the memory: the owner's weak references are
-        # cleared first thing in its deallocation.
-        weakref.finalize(owner, _unlock, entry, self._unregister)
-        with self._lock:
-            self._locked[key] = (weakref.ref(owner), entry)
-            self._bytes += entry.nbytes
-        return True
+            try:
+                self._register(*key)
+            except Exception:
+                return False  # already locked by someone else, or the driver says no: stage
+            entry = _Locked(*key, self)
+            # Runs before numpy frees the memory: the owner's weak references
+            # are cleared first thing in its deallocation.
+            weakref.finalize(owner, _unlock, entry, self._unregister)
+            with self._lock:
+                self._locked[key] = (weakref.ref(owner), entry)
+                self._bytes += entry.nbytes
+            return True
+        finally:
+            self._done([key])
 
     def clear(self) -> None:
         """Unlock every array that nobody holds (tests; and a device being given up)."""

@@ -313,3 +313,37 @@ def test_an_array_being_unlocked_is_staged_not_held(monkeypatch: pytest.MonkeyPa
         go_on.set()
         clearing.join()
     assert driver.locked == {} and locks.in_use() == []
+
+
+def test_an_array_being_locked_is_staged_not_taken_for_not_ours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between the driver's lock and the table's entry, the pages look locked
+    but nobody holds them: a run then must stage the array, not remember it
+    as locked by someone else (it would never hold it, and could see it
+    unlocked under a copy)."""
+    registered, go_on = threading.Event(), threading.Event()
+
+    class SlowDriver(FakeDriver):
+        def register(self, ptr: int, nbytes: int) -> None:
+            super().register(ptr, nbytes)  # the driver has locked it now
+            registered.set()
+            go_on.wait(5)
+
+    driver = SlowDriver()
+    locks = make(driver, max_arrays=1)
+    engine = fake_engine(monkeypatch, driver, locks)
+    data = np.ones(1024, np.float32)
+    locks.make_direct(data)  # first sighting
+    locking = threading.Thread(target=locks.make_direct, args=(data,))
+    locking.start()
+    holds: list[Any] = []
+    try:
+        assert registered.wait(5)
+        assert engine.direct_address(data, holds) is None and holds == []
+    finally:
+        go_on.set()
+        locking.join()
+    assert engine.direct_address(data, holds) == data.ctypes.data  # locked: held now
+    assert locks.in_use() == [(data.ctypes.data, data.nbytes)]
+    engine.release(holds)
