@@ -254,8 +254,10 @@ class _KnownDirect:
     again. An array found direct stays so while it lives (its pages are CuPy's
     pinned memory, or locked in place until it dies), unless page locks of
     this process unlock it to make room: ``live_unlocks()`` changes then, and
-    every array is asked about again. (Memory a caller unlocks behind our back
-    is still copied right, by the driver's own staging, only slower.)
+    every array is asked about again; and one locked in place is remembered
+    with its page locks' entry, which every run holds while it copies (so
+    that they cannot unlock it meanwhile). (Memory a caller unlocks behind
+    our back is still copied right, by the driver's own staging, only slower.)
 
     An array is known by its id and a weak reference to it (so that a new
     array under a dead one's id is not taken for it), with its shape and
