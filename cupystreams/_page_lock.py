@@ -102,11 +102,15 @@ class _Locked:
     def hold(self) -> bool:
         """One more user, if it is still locked (False: it is being, or was, unlocked)."""
         with self.locks._lock:
-            if self.unlocking or not self.registered:
-                return False
-            with self.guard:
-                self.holds += 1
-            return True
+            return self._hold_locked()
+
+    def _hold_locked(self) -> bool:
+        """``hold``, with ``locks._lock`` held by the caller."""
+        if self.unlocking or not self.registered:
+            return False
+        with self.guard:
+            self.holds += 1
+        return True
 
     def release(self) -> None:
         """Undo one ``hold``."""
@@ -219,10 +223,8 @@ class PageLocks:
             if self._busy[key]:
                 return False, None
             known = self._locked.get(key)
-            if known is None or known[0]() is not owner or not known[1].registered:
+            if known is None or known[0]() is not owner or not known[1]._hold_locked():
                 return True, None
-            with known[1].guard:
-                known[1].holds += 1
             return True, known[1]
 
     def _taken_off_locked(self, entries: list[_Locked]) -> None:

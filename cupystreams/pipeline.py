@@ -960,11 +960,14 @@ class PipelineGraph:
     _pipe: Pipeline | None  # None once closed
     _data: np.ndarray
     _out: np.ndarray
-    _lock: threading.Lock  # guards _pipe, _graph, _kept, _memory, _holds; serializes replays
+    _lock: threading.Lock  # guards _pipe, _graph, _kept, _memory; serializes replays
     _graph: CapturedGraph | None  # None once closed
     _kept: list[Any]  # the device buffers the graph reads and writes
     _memory: Any  # the private CuPy memory pool fn allocated from during the capture
-    _holds: list[Any]  # holds on data and out where they are page-locked in place
+    # Holds on data and out where they are page-locked in place: taken by the
+    # capture, given back (the list emptied) by the close() that frees the
+    # graph, or by the finalizer of a graph never closed.
+    _holds: list[Any]
     _state: RunState  # the run's, which the host backend's recorded stages report into
 
     def __new__(cls, *_: object) -> PipelineGraph:
@@ -1004,18 +1007,14 @@ class PipelineGraph:
             self._state = call.state
             with engine.on_device(), engine.graph_memory() as self._memory:
                 self._graph, self._kept = call.capture_graph()
-        except (PoolError, MemoryError):
-            engine.release(self._holds)
-            raise  # the pool's state or the device's memory, not fn: their own errors say why
-        except Exception as exc:
-            engine.release(self._holds)
+        except BaseException as exc:
+            engine.release(self._holds)  # a graph that failed holds nothing
+            if isinstance(exc, (PoolError, MemoryError)) or not isinstance(exc, Exception):
+                raise  # the pool's state, the device's memory, an interrupt: not fn
             raise ValueError(
                 f"this pipeline's run cannot be captured as a CUDA graph: {exc} (fn must queue "
                 "its work without waiting on the host, and allocate with CuPy)"
             ) from exc
-        except BaseException:
-            engine.release(self._holds)
-            raise
         return self
 
     @property
